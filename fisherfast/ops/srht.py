@@ -1,0 +1,133 @@
+"""Subsampled randomized Hadamard transform (DESIGN.md §7).
+
+A plan fixes, from its seed alone, the padded size N = 2^⌈log₂ n_in⌉, random
+signs D and m gathered output indices. The features are
+
+    srht(x)_j = (H_N D_b x̃)[i_j],     x̃ = x zero-padded to N,
+
+i.e. r_j·x with r_j = D_b H_N e_{i_j}, a ±1 vector, so E[(r_j·x)(r_j·y)] = x·y
+for every j. When m > N the plan stacks ⌈m/N⌉ blocks with independent signs
+D_b and draws the m indices without replacement from all blocks' outputs, so no
+feature repeats. The one-hot case has a closed form (no transform at all):
+
+    (H_N D_b e_y)[i] = D_b[y] · (−1)^popcount(i & y).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from fisherfast.ops import _backends
+from fisherfast.ops._checks import check_tensor, compute_dtype
+from fisherfast.ops.fwht import fwht
+
+
+class SRHTPlan:
+    """Deterministic random structure of one SRHT: sizes, signs and indices.
+
+    Args:
+        n_in: input size (the transform acts on the last dimension).
+        m: number of output features.
+        seed: the plan is a pure function of (n_in, m, seed).
+
+    Attributes:
+        N: padded transform size, the smallest power of two ≥ n_in.
+        n_blocks: ⌈m / N⌉ independent sign blocks.
+        signs: (n_blocks, N) float32 tensor of ±1 (D).
+        idx: (m,) int64 indices into the flattened (n_blocks·N) outputs.
+    """
+
+    def __init__(self, n_in: int, m: int, seed: int = 0):
+        for name, value in (("n_in", n_in), ("m", m)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.n_in, self.m, self.seed = n_in, m, seed
+        self.N = 1 << (n_in - 1).bit_length()
+        self.n_blocks = math.ceil(m / self.N)
+        generator = torch.Generator().manual_seed(seed)
+        self.signs = torch.randint(0, 2, (self.n_blocks, self.N), generator=generator).float().mul_(2).sub_(1)
+        self.idx = torch.randperm(self.n_blocks * self.N, generator=generator)[:m].contiguous()
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.n_in, self.m, self.seed)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SRHTPlan) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def __repr__(self) -> str:
+        return f"SRHTPlan(n_in={self.n_in}, m={self.m}, seed={self.seed}; N={self.N}, n_blocks={self.n_blocks})"
+
+    @functools.lru_cache(maxsize=8)
+    def tensors(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signs, idx) on ``device``, signs in ``dtype``; cached per device."""
+        return self.signs.to(device=device, dtype=dtype), self.idx.to(device)
+
+
+def srht_reference(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    """Pad, sign, transform, gather. x: (R, n_in) contiguous compute-dtype rows."""
+    n_blocks, n = signs.shape
+    padded = x.new_zeros(x.shape[0], n_blocks, n)
+    padded[:, :, : x.shape[1]] = x.unsqueeze(1) * signs[:, : x.shape[1]]
+    fwht(padded, inplace=True, backend=backend)
+    return padded.view(x.shape[0], n_blocks * n).index_select(1, idx)
+
+
+_IMPLS = {name: functools.partial(srht_reference, backend=name) for name in _backends.BACKENDS}
+
+
+@torch.library.custom_op("fisherfast::srht", mutates_args=())
+def _srht_op(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor, backend: str) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).to(compute_dtype(x.dtype)).contiguous()
+    impl = _backends.select("srht", _IMPLS, x.device, backend or None)
+    out = impl(rows, signs.to(rows.dtype), idx)
+    return out.view(*x.shape[:-1], idx.shape[0]).to(x.dtype)
+
+
+@_srht_op.register_fake
+def _(x, signs, idx, backend):
+    return x.new_empty(*x.shape[:-1], idx.shape[0])
+
+
+def srht(x: torch.Tensor, plan: SRHTPlan, *, backend: str | None = None) -> torch.Tensor:
+    """SRHT features of ``x`` over its last dimension: (..., n_in) → (..., m).
+
+    Each feature is r_j·x with r_j a ±1 vector fixed by ``plan`` (see the module
+    docstring); E[srht(x)·srht(y)] = m·(x·y) over the plan's randomness.
+    Cost per row: ⌈m/N⌉ transforms of size N."""
+    if not isinstance(plan, SRHTPlan):
+        raise TypeError(f"plan must be an SRHTPlan, got {type(plan).__name__}")
+    check_tensor("x", x, min_ndim=1)
+    if x.shape[-1] != plan.n_in:
+        raise ValueError(f"x.shape[-1] must equal plan.n_in = {plan.n_in}, got {x.shape[-1]}")
+    signs, idx = plan.tensors(x.device)
+    return torch.ops.fisherfast.srht(x, signs, idx, backend or "")
+
+
+def parity(v: torch.Tensor) -> torch.Tensor:
+    """popcount(v) mod 2 for non-negative int64 tensors (XOR folding)."""
+    for shift in (32, 16, 8, 4, 2, 1):
+        v = v ^ (v >> shift)
+    return v & 1
+
+
+def srht_onehot(y: torch.Tensor, plan: SRHTPlan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """srht(e_y) for integer labels y (any shape) in closed form: (..., m).
+
+    (H_N D_b e_y)[i] = D_b[y] · (−1)^popcount(i & y); no transform is run."""
+    check_tensor("y", y, float_only=False)
+    if y.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"y must be an int32/int64 tensor of labels, got {y.dtype}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= plan.n_in):
+        raise ValueError(f"y must hold labels in [0, {plan.n_in}), got range [{int(y.min())}, {int(y.max())}]")
+    signs, idx = plan.tensors(y.device, dtype)
+    block, i = idx // plan.N, idx % plan.N
+    y = y.long().unsqueeze(-1)
+    d_y = signs[block, y]  # (..., m): D_b[y] for each feature's block
+    return d_y * (1 - 2 * parity(i & y)).to(dtype)
