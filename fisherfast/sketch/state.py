@@ -1,0 +1,162 @@
+"""Streaming FisherSketch state: running sums and sums of squares of the
+features, mergeable exactly across shards (DESIGN.md §7)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
+
+KINDS = ("joint", "activation", "error")
+FORMAT = "fisherfast.sketch.state"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+class SketchState:
+    """Per kind (joint, activation, error): Σψ and Σψ² over samples (float64, (m,))
+    and the sample count n. ``signature = Σψ / n``; states add exactly.
+
+    Args:
+        spec: the SketchSpec the features were drawn under.
+        count: number of samples n.
+        sums, sumsqs: {kind: (m,) float64}; zeros when omitted.
+        device: where zero buffers are allocated (default CPU).
+    """
+
+    def __init__(self, spec: SketchSpec, count: int = 0, sums: dict | None = None, sumsqs: dict | None = None,
+                 device=None):
+        if not isinstance(spec, SketchSpec):
+            raise TypeError(f"spec must be a SketchSpec, got {type(spec).__name__}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        self.spec, self.count = spec, count
+        self.sums = self._buffers("sums", sums, device)
+        self.sumsqs = self._buffers("sumsqs", sumsqs, device)
+
+    def _buffers(self, name: str, given: dict | None, device) -> dict[str, torch.Tensor]:
+        if given is None:
+            return {kind: torch.zeros(self.spec.m, dtype=torch.float64, device=device) for kind in KINDS}
+        if not isinstance(given, dict) or set(given) != set(KINDS):
+            raise ValueError(f"{name} must be a dict with keys {KINDS}")
+        for kind, t in given.items():
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or tuple(t.shape) != (self.spec.m,):
+                raise ValueError(f"{name}[{kind!r}] must be a float64 tensor of shape (m = {self.spec.m},)")
+        return dict(given)
+
+    # -- algebra -------------------------------------------------------------------------------------------------
+    def merge(self, other: "SketchState") -> "SketchState":
+        """Exact, order-independent merge of two shards (sums add). Specs must match."""
+        if not isinstance(other, SketchState):
+            raise TypeError(f"can only merge a SketchState, got {type(other).__name__}")
+        if other.spec != self.spec:
+            raise ValueError(f"cannot merge states of different specs: {self.spec} vs {other.spec}")
+        device = self.sums["joint"].device
+        return SketchState(self.spec, self.count + other.count,
+                           {k: self.sums[k] + other.sums[k].to(device) for k in KINDS},
+                           {k: self.sumsqs[k] + other.sumsqs[k].to(device) for k in KINDS})
+
+    __add__ = merge
+
+    def as_tensor(self) -> torch.Tensor:
+        """(6, m) float64: sums of (joint, activation, error), then their sums of squares
+        (e.g. for one torch.distributed all-reduce)."""
+        return torch.stack([self.sums[k] for k in KINDS] + [self.sumsqs[k] for k in KINDS])
+
+    @classmethod
+    def from_tensor(cls, spec: SketchSpec, count: int, buffers: torch.Tensor) -> "SketchState":
+        """Inverse of :meth:`as_tensor`."""
+        if not isinstance(buffers, torch.Tensor) or tuple(buffers.shape) != (2 * len(KINDS), spec.m) \
+                or buffers.dtype != torch.float64:
+            raise ValueError(f"buffers must be a float64 tensor of shape (6, m = {spec.m})")
+        n = len(KINDS)
+        return cls(spec, count, {k: buffers[i].clone() for i, k in enumerate(KINDS)},
+                   {k: buffers[n + i].clone() for i, k in enumerate(KINDS)})
+
+    def to(self, device) -> "SketchState":
+        return SketchState(self.spec, self.count, {k: v.to(device) for k, v in self.sums.items()},
+                           {k: v.to(device) for k, v in self.sumsqs.items()})
+
+    # -- statistics ----------------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the float64 buffers: 3 kinds × (sum, sumsq) × 8 B × m (196,608 at m = 4096)."""
+        return sum(t.numel() * t.element_size() for t in (*self.sums.values(), *self.sumsqs.values()))
+
+    def _need_samples(self, at_least: int) -> None:
+        if self.count < at_least:
+            raise ValueError(f"the state holds {self.count} samples; need at least {at_least}")
+
+    def signature(self, kind: str = "joint") -> torch.Tensor:
+        """μ = Σψ / n as float32 (m,): the 16 KB signature at m = 4096."""
+        _check_kind(kind)
+        self._need_samples(1)
+        return (self.sums[kind] / self.count).float()
+
+    def variance(self, kind: str = "joint") -> torch.Tensor:
+        """Per-feature sample variance (Σψ² − nμ²)/(n − 1), float64 (m,)."""
+        _check_kind(kind)
+        self._need_samples(2)
+        n = self.count
+        return ((self.sumsqs[kind] - self.sums[kind].square() / n) / (n - 1)).clamp_(min=0)
+
+    def stderr(self, kind: str = "joint") -> torch.Tensor:
+        """Standard error of each signature coordinate, √(variance / n), float64 (m,)."""
+        return (self.variance(kind) / self.count).sqrt()
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file; spec, version and count go in the metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {f"sum.{k}": self.sums[k].detach().cpu().contiguous() for k in KINDS}
+        tensors.update({f"sumsq.{k}": self.sumsqs[k].detach().cpu().contiguous() for k in KINDS})
+        save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "version": str(SKETCH_VERSION),
+                                                      "spec": self.spec.to_json(), "count": str(self.count)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, spec: SketchSpec | None = None, device=None) -> "SketchState":
+        """Read a file written by :meth:`save`. With ``spec``, the file's spec must equal it.
+
+        Raises ValueError for a file of another format, version or spec, or a
+        corrupted one; FileNotFoundError when absent. Never unpickles."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no sketch state at {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as err:  # safetensors raises several types for damaged headers/data
+            raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a fisherfast sketch state (format {meta.get('format')!r})")
+        if meta.get("version") != str(SKETCH_VERSION):
+            raise ValueError(f"{path} holds sketch version {meta.get('version')!r}; this fisherfast reads "
+                             f"version {SKETCH_VERSION}")
+        try:
+            file_spec = SketchSpec.from_json(meta["spec"])
+            count = int(meta["count"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path} has a corrupted sketch header: {err}") from None
+        if spec is not None and file_spec != spec:
+            raise ValueError(f"{path} was sketched under {file_spec}, expected {spec}")
+        expected = {f"{part}.{k}" for part in ("sum", "sumsq") for k in KINDS}
+        if set(tensors) != expected:
+            raise ValueError(f"{path} is corrupted: tensors {sorted(tensors)}, expected {sorted(expected)}")
+        for name, t in tensors.items():
+            if t.dtype != torch.float64 or tuple(t.shape) != (file_spec.m,) or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path} is corrupted: {name} must be finite float64 of shape ({file_spec.m},)")
+        if count < 0 or any(bool((tensors[f"sumsq.{k}"] < 0).any()) for k in KINDS):
+            raise ValueError(f"{path} is corrupted: negative count or sum of squares")
+        return cls(file_spec, count, {k: tensors[f"sum.{k}"].to(device) for k in KINDS},
+                   {k: tensors[f"sumsq.{k}"].to(device) for k in KINDS})
+
+    def __repr__(self) -> str:
+        return f"SketchState({self.spec}, count={self.count})"

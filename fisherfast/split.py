@@ -1,0 +1,440 @@
+"""Split a Hugging Face causal LM at layer ℓ (DESIGN.md §2, §4).
+
+The upper map f_ℓ sends the hidden state h ∈ R^d at layer ℓ, position t, to the
+head input a (after the final norm N) and to the logits z = W a + b, with the
+context held fixed: every position < t, at every layer, is what the model
+computed for the prompt. Causality makes this exact: positions < t never see
+position t, so their keys and values in the upper blocks do not depend on h.
+
+Layer convention: h at layer ℓ is the input of decoder block ℓ (ℓ = 0: the
+embedding output, after any positional embedding or embedding scale; this is
+``hidden_states[ℓ]`` of Hugging Face's ``output_hidden_states`` for ℓ < L).
+ℓ = L is the output of the last block *before* the final norm, so the upper
+map is the norm alone. The upper map is
+
+    r_L = blocks_{L-1} ∘ … ∘ blocks_ℓ (h)        (the last residual)
+    a   = N(r_L)                                  (the head input)
+    z   = W a + b, then whatever the model applies to its logits
+          (Gemma3's final soft-capping c·tanh(z/c)).
+
+and B = ∂a/∂h = J_N A with A = ∂r_L/∂h, J_N = ∂N/∂r at r_L (DESIGN.md §2).
+
+How the context is held fixed: ``SplitModel.context`` runs the model once on
+the prompt up to position t (the lower pass, the model's own forward, stopped
+at block ℓ) and then runs blocks ℓ..L-1 over the prefix 0..t-1, recording
+their keys and values. The upper map then runs position t alone through
+blocks ℓ..L-1, attending to the recorded prefix keys/values plus its own. Cost
+per candidate h: one token through L-ℓ blocks (O((L-ℓ)·(d·d_ff + t·d))) plus
+the head; the prefix is never recomputed.
+
+The model is not mutated: its parameters are used detached (through
+``torch.func.functional_call``), so torch.func transforms never build graphs
+for them whatever their ``requires_grad``; attention runs with the eager
+implementation during the upper map (forward-mode AD needs it, DESIGN.md §9):
+``config._attn_implementation`` is switched to "eager" for the duration of
+each call and restored afterwards (not thread-safe for one model shared across
+threads). The model must be in eval mode (dropout would make f_ℓ random).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
+
+__all__ = ["SplitModel", "SplitContext", "SUPPORTED_MODEL_TYPES"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+    base: str            # attribute of the *ForCausalLM holding the decoder stack
+    blocks: str          # attribute of base: the ModuleList of decoder blocks
+    norm: str            # attribute of base: the final norm
+    head: str            # attribute of the *ForCausalLM: the unembedding Linear
+    cache_kwarg: str     # keyword under which a block takes its KV cache
+    rotary: str | None   # attribute of base: the rotary embedding module, if any
+    rotary_per_layer_type: bool = False  # Gemma3: rotary_emb(x, pos, layer_type)
+
+
+_ARCHS: dict[str, _Arch] = {
+    "llama": _Arch("model", "layers", "norm", "lm_head", "past_key_values", "rotary_emb"),
+    "qwen2": _Arch("model", "layers", "norm", "lm_head", "past_key_values", "rotary_emb"),
+    "gpt2": _Arch("transformer", "h", "ln_f", "lm_head", "past_key_values", None),
+    "gpt_neox": _Arch("gpt_neox", "layers", "final_layer_norm", "embed_out", "layer_past", "rotary_emb"),
+    "gemma3_text": _Arch("model", "layers", "norm", "lm_head", "past_key_values", "rotary_emb",
+                         rotary_per_layer_type=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(_ARCHS)
+
+
+class _Stop(Exception):
+    """Raised by the lower-pass hook once block ℓ's input is captured."""
+
+
+class _PrefixKV:
+    """A read-only stand-in for a transformers Cache.
+
+    ``update(k, v, layer_idx)`` returns the recorded prefix keys/values of that
+    layer concatenated with the new ones, without storing anything, so the
+    upper map is a pure function of h (safe under vmap/jvp/vjp). With
+    ``record=True`` it instead stores k, v (the prefix pass) and returns them.
+    """
+
+    def __init__(self, kv: dict | None = None, record: bool = False):
+        self.kv = {} if kv is None else kv
+        self.record = record
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.record:
+            self.kv[layer_idx] = (key_states, value_states)
+            return key_states, value_states
+        k0, v0 = self.kv[layer_idx]
+        n = key_states.shape[0]
+        k0 = k0.expand(n, *k0.shape[1:])
+        v0 = v0.expand(n, *v0.shape[1:])
+        return torch.cat([k0, key_states], dim=-2), torch.cat([v0, value_states], dim=-2)
+
+
+@dataclasses.dataclass
+class SplitContext:
+    """What the upper map needs for one prompt and position, computed once.
+
+    Attributes:
+        h: (d,) the model's own hidden state at layer ℓ, position t.
+        position: t, the non-negative index into the prompt.
+        layer: ℓ.
+        input_ids: (t+1,) the prompt up to and including position t.
+        kv: {layer_idx: (K, V)} keys/values of positions < t in blocks ℓ..L-1,
+            each (1, heads, t, head_dim).
+        block_kwargs: per upper block, the keyword arguments (mask, rotary
+            embeddings) for a single query at position t.
+    """
+
+    h: torch.Tensor
+    position: int
+    layer: int
+    input_ids: torch.Tensor
+    kv: dict
+    block_kwargs: list
+    owner_id: int
+
+
+class SplitModel:
+    """A Hugging Face causal LM split at layer ℓ (see the module docstring).
+
+    Args:
+        model: a ``*ForCausalLM`` of one of ``SUPPORTED_MODEL_TYPES`` (GPT-2,
+            Llama — covers SmolLM2 and Llama-3 —, Qwen2, GPT-NeoX, Gemma3 text).
+        layer: ℓ ∈ [0, L]; h at layer ℓ is the input of block ℓ (ℓ = L: the
+            last block's output before the final norm).
+
+    Attributes:
+        model_type, num_layers (L), d, V, layer,
+        W: (V, d) unembedding (detached), b: (V,) bias or None,
+        logit_softcap: Gemma3's final soft-capping constant c or None.
+    """
+
+    def __init__(self, model, layer: int):
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in _ARCHS:
+            raise ValueError(
+                f"model: unsupported architecture {model_type!r} ({type(model).__name__}); "
+                f"SplitModel supports the causal LMs of model_type {', '.join(SUPPORTED_MODEL_TYPES)}")
+        arch = _ARCHS[model_type]
+        if not hasattr(model, arch.base) or not hasattr(model, arch.head):
+            raise ValueError(
+                f"model: expected a {model_type} *ForCausalLM with attributes {arch.base!r} and {arch.head!r}, "
+                f"got {type(model).__name__}")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise ValueError("model: bidirectional attention is not causal; the context cannot be held fixed")
+        self.model = model
+        self.model_type = model_type
+        self._arch = arch
+        self._base = getattr(model, arch.base)
+        self._blocks = getattr(self._base, arch.blocks)
+        self.num_layers = len(self._blocks)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer: expected an int in [0, {self.num_layers}], got {type(layer).__name__}")
+        if not 0 <= layer <= self.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.num_layers}] (L = {self.num_layers}), got {layer}")
+        self.layer = layer
+        self._norm = getattr(self._base, arch.norm)
+        head = getattr(model, arch.head)
+        self.W = head.weight.detach()
+        self.b = None if getattr(head, "bias", None) is None else head.bias.detach()
+        self.V, self.d = self.W.shape
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
+        self._upper = list(range(layer, self.num_layers))
+        self._params = [{k: p.detach() for k, p in self._blocks[i].named_parameters()} for i in self._upper]
+        self._norm_params = {k: p.detach() for k, p in self._norm.named_parameters()}
+        self._configs = self._attention_configs()
+
+    # ------------------------------------------------------------------ context
+    def context(self, input_ids, attention_mask=None, position: int = -1) -> SplitContext:
+        """Run the lower pass once and cache what the upper map needs.
+
+        Args:
+            input_ids: (T,) or (1, T) token ids (a list of ints is accepted).
+            attention_mask: optional (T,) or (1, T) 0/1 padding mask; position t
+                must be a real token.
+            position: t ∈ [-T, T-1] (negative counts from the end). Position
+                ids are 0..T-1, as in ``model(input_ids)``.
+
+        Returns:
+            SplitContext with ``h`` the model's own (d,) state at (ℓ, t).
+
+        Cost: one forward of the model through blocks 0..ℓ-1 on positions
+        0..t, and one pass of blocks ℓ..L-1 over positions 0..t-1.
+        """
+        ids = self._check_ids(input_ids, "input_ids")
+        T = ids.shape[1]
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise TypeError(f"position: expected an int, got {type(position).__name__}")
+        if not -T <= position < T:
+            raise ValueError(f"position: expected an int in [{-T}, {T - 1}] for a prompt of length {T}, got {position}")
+        t = position % T
+        mask = None
+        if attention_mask is not None:
+            mask = self._check_ids(attention_mask, "attention_mask")
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask: expected shape {tuple(ids.shape)} like input_ids, "
+                                 f"got {tuple(mask.shape)}")
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("attention_mask: expected 0/1 entries")
+            if int(mask[0, t]) != 1:
+                raise ValueError(f"attention_mask: position {t} is padding; choose a real token")
+            mask = mask[:, : t + 1]
+        if self.model.training:
+            raise ValueError("model: is in training mode (dropout makes the upper map random); call model.eval()")
+        ids = ids[:, : t + 1]
+        x = self._lower(ids, mask)                                  # (1, t+1, d): input of block ℓ
+        dtype, device = x.dtype, x.device
+        keep = torch.ones(t + 1, dtype=torch.bool, device=device) if mask is None else mask[0].bool()
+        prefix = _PrefixKV(record=True)
+        with torch.no_grad(), self._eager():
+            if t > 0:
+                y = x[:, :t]
+                pos = torch.arange(t, device=device)
+                for j, i in enumerate(self._upper):
+                    kw = self._block_kwargs(i, y, pos, keep[:t], t)
+                    y = functional_call(self._blocks[i], self._params[j], (y,), {**kw, self._arch.cache_kwarg: prefix})
+            block_kwargs = [self._block_kwargs(i, x[:, t:], torch.tensor([t], device=device), keep, t + 1)
+                            for i in self._upper]
+        # block i's attention records under its layer_idx, which is i
+        kv = {i: (k.detach(), v.detach()) for i, (k, v) in prefix.kv.items()}
+        return SplitContext(h=x[0, t].detach().clone(), position=t, layer=self.layer, input_ids=ids[0].clone(),
+                            kv=kv, block_kwargs=block_kwargs, owner_id=id(self))
+
+    def contexts(self, prompts_ids: Sequence, position: int = -1) -> list[SplitContext]:
+        """``[self.context(ids, position=position) for ids in prompts_ids]``."""
+        if isinstance(prompts_ids, torch.Tensor) and prompts_ids.ndim == 1:
+            raise TypeError("prompts_ids: expected a sequence of prompts (a list of id tensors or lists), "
+                            "got a single 1-D tensor; use context() for one prompt")
+        return [self.context(ids, position=position) for ids in prompts_ids]
+
+    # --------------------------------------------------------------- upper map
+    def residual(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
+        """r_L: h (..., d) → the last residual (..., d) before the final norm."""
+        h = self._check_h(ctx, h, "h", batched=True)
+        with self._eager():
+            return self._residual(ctx, h)
+
+    def head_input(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
+        """a = N(r_L(h)): h (..., d), any batch of candidates for ``ctx`` → (..., d)."""
+        h = self._check_h(ctx, h, "h", batched=True)
+        return self._head_input(ctx, h)
+
+    def logits(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
+        """z = W a + b (then Gemma3's soft-cap c·tanh(z/c)): h (..., d) → (..., V)."""
+        h = self._check_h(ctx, h, "h", batched=True)
+        return self.logits_from_head_input(self._head_input(ctx, h))
+
+    def logits_from_head_input(self, a: torch.Tensor) -> torch.Tensor:
+        """z = W a + b, then the model's own post-processing of its logits."""
+        z = a @ self.W.T
+        if self.b is not None:
+            z = z + self.b
+        if self.logit_softcap is not None:
+            c = self.logit_softcap
+            z = torch.tanh(z / c) * c
+        return z
+
+    def jvp(self, ctx: SplitContext, h: torch.Tensor, tangents: torch.Tensor, chunk: int | None = 64):
+        """Forward mode: (a, Bt) with a = f(h) (d,) and Bt[i] = B tangents[i], B = ∂a/∂h = J_N A.
+
+        Args:
+            h: (d,); tangents: (k, d); chunk: tangents per vmapped batch (None: all).
+        Cost: k JVPs of one token through L-ℓ blocks, batched with vmap.
+        """
+        h = self._check_h(ctx, h, "h", batched=False)
+        V_in = self._check_vectors(tangents, "tangents")
+        chunk = self._check_chunk(chunk)
+        f = self._fn(ctx)
+        with self._eager():
+            a, Bt = vmap(lambda v: _jvp(f, (h,), (v,)), chunk_size=chunk)(V_in)
+        return a[0], Bt
+
+    def vjp(self, ctx: SplitContext, h: torch.Tensor, cotangents: torch.Tensor, chunk: int | None = 64):
+        """Reverse mode: rows Bᵀ c_i, i.e. c_i @ B, for cotangents c (k, d) → (k, d)."""
+        h = self._check_h(ctx, h, "h", batched=False)
+        C = self._check_vectors(cotangents, "cotangents")
+        chunk = self._check_chunk(chunk)
+        with self._eager():
+            _, pullback = _vjp(self._fn(ctx), h)
+            return vmap(lambda c: pullback(c)[0], chunk_size=chunk)(C)
+
+    def jacobian(self, ctx: SplitContext, h: torch.Tensor | None = None, chunk: int | None = 64) -> torch.Tensor:
+        """B = ∂a/∂h (d, d) at h (default ``ctx.h``) from d forward-mode JVPs (vmap, ``chunk`` at a time)."""
+        if h is None:
+            h = ctx.h
+        h = self._check_h(ctx, h, "h", batched=False)
+        eye = torch.eye(self.d, dtype=h.dtype, device=h.device)
+        _, Bt = self.jvp(ctx, h, eye, chunk=chunk)
+        return Bt.T
+
+    def norm_jacobian(self, ctx: SplitContext, r: torch.Tensor) -> torch.Tensor:
+        """J_N = ∂N/∂r (d, d) of the final norm at the last residual r (d,)."""
+        r = self._check_h(ctx, r, "r", batched=False)
+        return torch.func.jacfwd(self._apply_norm)(r)
+
+    # ----------------------------------------------------------------- private
+    def _fn(self, ctx) -> Callable:
+        """h ↦ a for torch.func transforms; the caller holds ``self._eager()``."""
+        def f(h):
+            return self._apply_norm(self._residual(ctx, h))
+        return f
+
+    def _apply_norm(self, r):
+        return functional_call(self._norm, self._norm_params, (r,))
+
+    def _head_input(self, ctx, h):
+        with self._eager():
+            return self._apply_norm(self._residual(ctx, h))
+
+    def _residual(self, ctx, h):
+        """Blocks ℓ..L-1 on one token per candidate: h (..., d) → r_L (..., d); eager attention needed."""
+        lead = h.shape[:-1]
+        y = h.reshape(-1, 1, self.d)
+        cache = _PrefixKV(ctx.kv) if ctx.position > 0 else None
+        for j, i in enumerate(self._upper):
+            kw = dict(ctx.block_kwargs[j])
+            if cache is not None:
+                kw[self._arch.cache_kwarg] = cache
+            y = functional_call(self._blocks[i], self._params[j], (y,), kw)
+        return y.reshape(*lead, self.d)
+
+    def _lower(self, ids, mask):
+        """The model's own forward up to the input of block ℓ (or the final norm at ℓ = L)."""
+        target = self._blocks[self.layer] if self.layer < self.num_layers else self._norm
+        captured = {}
+
+        def hook(module, args, kwargs):
+            captured["x"] = args[0] if args else kwargs["hidden_states"]
+            raise _Stop
+
+        handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self._base(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "x" not in captured:
+            raise RuntimeError(f"the lower pass of {type(self.model).__name__} never reached layer {self.layer}")
+        return captured["x"].detach()
+
+    def _block_kwargs(self, i, x, pos, keep, n_keys):
+        """Keyword arguments of block i for queries at positions ``pos`` against keys 0..n_keys-1.
+
+        The additive mask (1, 1, q, n_keys) is 0 where key j is visible to query
+        p: j ≤ p (causal), key j not padding, and p − j < window on sliding-
+        window layers (transformers' sliding_window_overlay); else the dtype's
+        min, as transformers' eager masks.
+        """
+        config = self.model.config
+        kpos = torch.arange(n_keys, device=x.device)
+        visible = (kpos[None, :] <= pos[:, None]) & keep[None, :n_keys]
+        layer_types = getattr(config, "layer_types", None)
+        layer_type = layer_types[i] if layer_types is not None else "full_attention"
+        if layer_type == "sliding_attention":
+            visible = visible & (kpos[None, :] > pos[:, None] - config.sliding_window)
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~visible, torch.finfo(x.dtype).min)[None, None]
+        kw = {"attention_mask": mask}
+        if self._arch.rotary is not None:
+            rot = getattr(self._base, self._arch.rotary)
+            args = (x, pos[None]) + ((layer_type,) if self._arch.rotary_per_layer_type else ())
+            kw["position_embeddings"] = tuple(e.detach() for e in rot(*args))
+        return kw
+
+    def _attention_configs(self):
+        seen = {}
+        for i in self._upper:
+            for m in self._blocks[i].modules():
+                c = getattr(m, "config", None)
+                if c is not None and hasattr(c, "_attn_implementation"):
+                    seen[id(c)] = c
+        return list(seen.values())
+
+    @contextlib.contextmanager
+    def _eager(self):
+        saved = [(c, c._attn_implementation) for c in self._configs]
+        try:
+            for c, impl in saved:
+                if impl != "eager":
+                    c._attn_implementation = "eager"
+            yield
+        finally:
+            for c, impl in saved:
+                if c._attn_implementation != impl:
+                    c._attn_implementation = impl
+
+    def _check_ids(self, ids, name):
+        if isinstance(ids, (list, tuple)):
+            ids = torch.tensor(ids, dtype=torch.long)
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor or list of ints, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise TypeError(f"{name}: expected integer ids, got dtype {ids.dtype}")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(f"{name}: expected shape (T,) or (1, T) with T ≥ 1, got {tuple(ids.shape)}")
+        return ids.to(self.W.device)
+
+    def _check_h(self, ctx, h, name, batched):
+        if not isinstance(ctx, SplitContext):
+            raise TypeError(f"ctx: expected a SplitContext from SplitModel.context(), got {type(ctx).__name__}")
+        if ctx.owner_id != id(self):
+            raise ValueError("ctx: was made by another SplitModel (a different model or layer)")
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(h).__name__}")
+        if h.dtype != self.W.dtype:
+            raise TypeError(f"{name}: expected dtype {self.W.dtype} (the model's), got {h.dtype}")
+        if batched:
+            if h.ndim < 1 or h.shape[-1] != self.d:
+                raise ValueError(f"{name}: expected shape (..., {self.d}), got {tuple(h.shape)}")
+        elif tuple(h.shape) != (self.d,):
+            raise ValueError(f"{name}: expected shape ({self.d},), got {tuple(h.shape)}")
+        return h
+
+    def _check_vectors(self, v, name):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(v).__name__}")
+        if v.dtype != self.W.dtype:
+            raise TypeError(f"{name}: expected dtype {self.W.dtype} (the model's), got {v.dtype}")
+        if v.ndim != 2 or v.shape[1] != self.d or v.shape[0] == 0:
+            raise ValueError(f"{name}: expected shape (k, {self.d}) with k ≥ 1, got {tuple(v.shape)}")
+        return v
+
+    @staticmethod
+    def _check_chunk(chunk):
+        if chunk is None:
+            return None
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
+        return chunk
