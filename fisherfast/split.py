@@ -24,16 +24,21 @@ the prompt up to position t (the lower pass, the model's own forward, stopped
 at block ℓ) and then runs blocks ℓ..L-1 over the prefix 0..t-1, recording
 their keys and values. The upper map then runs position t alone through
 blocks ℓ..L-1, attending to the recorded prefix keys/values plus its own. Cost
-per candidate h: one token through L-ℓ blocks (O((L-ℓ)·(d·d_ff + t·d))) plus
-the head; the prefix is never recomputed.
+per candidate h or per tangent: one token through L-ℓ blocks,
+O((L-ℓ)·(d·d_ff + d² + t·d)), plus the head; the prefix is never recomputed.
 
 The model is not mutated: its parameters are used detached (through
 ``torch.func.functional_call``), so torch.func transforms never build graphs
-for them whatever their ``requires_grad``; attention runs with the eager
-implementation during the upper map (forward-mode AD needs it, DESIGN.md §9):
-``config._attn_implementation`` is switched to "eager" for the duration of
-each call and restored afterwards (not thread-safe for one model shared across
-threads). The model must be in eval mode (dropout would make f_ℓ random).
+for them whatever their ``requires_grad``. Attention: forward-mode AD needs
+an eager (plain matmul/softmax) attention (DESIGN.md §9), so whatever the
+model was loaded with, ``config._attn_implementation`` is switched for the
+duration of each call and restored afterwards (not thread-safe for one model
+shared across threads): to "eager" for the prefix pass, and to
+"fisherfast_split" (registered once with transformers' AttentionInterface) for
+the upper map. That function is eager attention of one query against
+[K_prefix; k_t], written so the cached prefix is never copied per candidate
+or per tangent. The model must be in eval mode (dropout would make f_ℓ
+random).
 """
 from __future__ import annotations
 
@@ -52,18 +57,18 @@ class _Arch:
     base: str            # attribute of the *ForCausalLM holding the decoder stack
     blocks: str          # attribute of base: the ModuleList of decoder blocks
     norm: str            # attribute of base: the final norm
-    head: str            # attribute of the *ForCausalLM: the unembedding Linear
     cache_kwarg: str     # keyword under which a block takes its KV cache
     rotary: str | None   # attribute of base: the rotary embedding module, if any
     rotary_per_layer_type: bool = False  # Gemma3: rotary_emb(x, pos, layer_type)
+    softmax_fp32: bool = True  # the model's eager attention takes its softmax in float32
 
 
 _ARCHS: dict[str, _Arch] = {
-    "llama": _Arch("model", "layers", "norm", "lm_head", "past_key_values", "rotary_emb"),
-    "qwen2": _Arch("model", "layers", "norm", "lm_head", "past_key_values", "rotary_emb"),
-    "gpt2": _Arch("transformer", "h", "ln_f", "lm_head", "past_key_values", None),
-    "gpt_neox": _Arch("gpt_neox", "layers", "final_layer_norm", "embed_out", "layer_past", "rotary_emb"),
-    "gemma3_text": _Arch("model", "layers", "norm", "lm_head", "past_key_values", "rotary_emb",
+    "llama": _Arch("model", "layers", "norm", "past_key_values", "rotary_emb"),
+    "qwen2": _Arch("model", "layers", "norm", "past_key_values", "rotary_emb"),
+    "gpt2": _Arch("transformer", "h", "ln_f", "past_key_values", None, softmax_fp32=False),
+    "gpt_neox": _Arch("gpt_neox", "layers", "final_layer_norm", "layer_past", "rotary_emb"),
+    "gemma3_text": _Arch("model", "layers", "norm", "past_key_values", "rotary_emb",
                          rotary_per_layer_type=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(_ARCHS)
@@ -73,28 +78,70 @@ class _Stop(Exception):
     """Raised by the lower-pass hook once block ℓ's input is captured."""
 
 
-class _PrefixKV:
-    """A read-only stand-in for a transformers Cache.
+class _RecordKV:
+    """A stand-in for a transformers Cache during the prefix pass.
 
-    ``update(k, v, layer_idx)`` returns the recorded prefix keys/values of that
-    layer concatenated with the new ones, without storing anything, so the
-    upper map is a pure function of h (safe under vmap/jvp/vjp). With
-    ``record=True`` it instead stores k, v (the prefix pass) and returns them.
+    ``update(k, v, layer_idx)`` stores k, v (the keys/values of positions < t
+    in that block) and returns them unchanged.
     """
 
-    def __init__(self, kv: dict | None = None, record: bool = False):
-        self.kv = {} if kv is None else kv
-        self.record = record
+    def __init__(self):
+        self.kv = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.record:
-            self.kv[layer_idx] = (key_states, value_states)
-            return key_states, value_states
-        k0, v0 = self.kv[layer_idx]
-        n = key_states.shape[0]
-        k0 = k0.expand(n, *k0.shape[1:])
-        v0 = v0.expand(n, *v0.shape[1:])
-        return torch.cat([k0, key_states], dim=-2), torch.cat([v0, value_states], dim=-2)
+        self.kv[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+_ATTN_NAME = "fisherfast_split"
+
+
+def _split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                     split_prefix=None, split_softmax_fp32=True, **kwargs):
+    """Attention of one query (position t) against the cached prefix and itself.
+
+    Registered with transformers' AttentionInterface and selected only while
+    SplitModel runs the upper map, so the model's own attention modules (their
+    projections, rotary, q/k norms) compute q, k, v for position t and this
+    function replaces the eager score/softmax/sum. It equals eager attention
+    over the keys [K_prefix; k_t] but never expands the prefix per candidate:
+    the prefix products are one matmul with the (unbatched) cache, so vmap over
+    d tangents costs O(d·t·heads·head_dim), not d copies of the cache.
+
+    query (n, H, 1, hd); key, value (n, Hkv, 1, hd); split_prefix: (K, V), each
+    (1, Hkv, t, hd), or None at t = 0; attention_mask (1, 1, 1, t+1) additive.
+    """
+    n, H, q_len, hd = query.shape
+    Hkv = key.shape[1]
+    g = H // Hkv  # query head j uses kv head j // g, as transformers' repeat_kv
+    if scaling is None:
+        scaling = hd ** -0.5
+    q = query.reshape(n, Hkv, g, hd)
+    s_self = (q * key).sum(-1, keepdim=True) * scaling                   # (n, Hkv, g, 1)
+    if split_prefix is not None:
+        K, V = split_prefix
+        s = torch.cat([torch.einsum("nkgd,ktd->nkgt", q, K[0]) * scaling, s_self], dim=-1)
+    else:
+        s = s_self
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if attention_mask is not None:
+        s = s + attention_mask
+    if split_softmax_fp32:
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
+    else:
+        p = torch.softmax(s, dim=-1).to(value.dtype)
+    out = p[..., -1:] * value                                          # (n, Hkv, g, hd)
+    if split_prefix is not None:
+        out = out + torch.einsum("nkgt,ktd->nkgd", p[..., :-1], V[0])
+    return out.reshape(n, H, q_len, hd).transpose(1, 2), None
+
+
+def _register_attention():
+    from transformers import AttentionInterface
+
+    if _ATTN_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_ATTN_NAME, _split_attention)
 
 
 @dataclasses.dataclass
@@ -144,10 +191,11 @@ class SplitModel:
                 f"model: unsupported architecture {model_type!r} ({type(model).__name__}); "
                 f"SplitModel supports the causal LMs of model_type {', '.join(SUPPORTED_MODEL_TYPES)}")
         arch = _ARCHS[model_type]
-        if not hasattr(model, arch.base) or not hasattr(model, arch.head):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not hasattr(model, arch.base) or not isinstance(head, torch.nn.Linear):
             raise ValueError(
-                f"model: expected a {model_type} *ForCausalLM with attributes {arch.base!r} and {arch.head!r}, "
-                f"got {type(model).__name__}")
+                f"model: expected a {model_type} *ForCausalLM (attribute {arch.base!r} and a Linear output "
+                f"embedding), got {type(model).__name__}")
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("model: bidirectional attention is not causal; the context cannot be held fixed")
         self.model = model
@@ -162,7 +210,6 @@ class SplitModel:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}] (L = {self.num_layers}), got {layer}")
         self.layer = layer
         self._norm = getattr(self._base, arch.norm)
-        head = getattr(model, arch.head)
         self.W = head.weight.detach()
         self.b = None if getattr(head, "bias", None) is None else head.bias.detach()
         self.V, self.d = self.W.shape
@@ -171,6 +218,7 @@ class SplitModel:
         self._params = [{k: p.detach() for k, p in self._blocks[i].named_parameters()} for i in self._upper]
         self._norm_params = {k: p.detach() for k, p in self._norm.named_parameters()}
         self._configs = self._attention_configs()
+        _register_attention()
 
     # ------------------------------------------------------------------ context
     def context(self, input_ids, attention_mask=None, position: int = -1) -> SplitContext:
@@ -213,8 +261,8 @@ class SplitModel:
         x = self._lower(ids, mask)                                  # (1, t+1, d): input of block ℓ
         dtype, device = x.dtype, x.device
         keep = torch.ones(t + 1, dtype=torch.bool, device=device) if mask is None else mask[0].bool()
-        prefix = _PrefixKV(record=True)
-        with torch.no_grad(), self._eager():
+        prefix = _RecordKV()
+        with torch.no_grad(), self._attn("eager"):
             if t > 0:
                 y = x[:, :t]
                 pos = torch.arange(t, device=device)
@@ -223,8 +271,12 @@ class SplitModel:
                     y = functional_call(self._blocks[i], self._params[j], (y,), {**kw, self._arch.cache_kwarg: prefix})
             block_kwargs = [self._block_kwargs(i, x[:, t:], torch.tensor([t], device=device), keep, t + 1)
                             for i in self._upper]
-        # block i's attention records under its layer_idx, which is i
-        kv = {i: (k.detach(), v.detach()) for i, (k, v) in prefix.kv.items()}
+        # block i's attention records under its layer_idx, which is i. Padded
+        # prefix keys are masked out, but their rows can hold NaN (a query
+        # with every key masked); zero them so NaN·0 cannot leak into f_ℓ.
+        real = keep[:t].view(1, 1, t, 1)
+        kv = {i: (torch.where(real, k, 0.0).detach(), torch.where(real, v, 0.0).detach())
+              for i, (k, v) in prefix.kv.items()}
         return SplitContext(h=x[0, t].detach().clone(), position=t, layer=self.layer, input_ids=ids[0].clone(),
                             kv=kv, block_kwargs=block_kwargs, owner_id=id(self))
 
@@ -239,7 +291,7 @@ class SplitModel:
     def residual(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
         """r_L: h (..., d) → the last residual (..., d) before the final norm."""
         h = self._check_h(ctx, h, "h", batched=True)
-        with self._eager():
+        with self._attn(_ATTN_NAME):
             return self._residual(ctx, h)
 
     def head_input(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
@@ -262,32 +314,41 @@ class SplitModel:
             z = torch.tanh(z / c) * c
         return z
 
-    def jvp(self, ctx: SplitContext, h: torch.Tensor, tangents: torch.Tensor, chunk: int | None = 64):
+    def jvp(self, ctx: SplitContext, h: torch.Tensor, tangents: torch.Tensor, chunk: int | None = None):
         """Forward mode: (a, Bt) with a = f(h) (d,) and Bt[i] = B tangents[i], B = ∂a/∂h = J_N A.
 
         Args:
-            h: (d,); tangents: (k, d); chunk: tangents per vmapped batch (None: all).
-        Cost: k JVPs of one token through L-ℓ blocks, batched with vmap.
+            h: (d,); tangents: (k, d); chunk: tangents per vmapped batch (None: all
+                k at once, the fastest; an int bounds memory to about
+                chunk·(d_ff + heads·t) floats per intermediate).
+        Cost: k JVPs of one token through L-ℓ blocks, batched with vmap (one
+        (k×d)·(d×d_ff)-sized matmul per weight matrix).
         """
         h = self._check_h(ctx, h, "h", batched=False)
         V_in = self._check_vectors(tangents, "tangents")
         chunk = self._check_chunk(chunk)
         f = self._fn(ctx)
-        with self._eager():
+        with self._attn(_ATTN_NAME):
             a, Bt = vmap(lambda v: _jvp(f, (h,), (v,)), chunk_size=chunk)(V_in)
         return a[0], Bt
 
-    def vjp(self, ctx: SplitContext, h: torch.Tensor, cotangents: torch.Tensor, chunk: int | None = 64):
-        """Reverse mode: rows Bᵀ c_i, i.e. c_i @ B, for cotangents c (k, d) → (k, d)."""
+    def vjp(self, ctx: SplitContext, h: torch.Tensor, cotangents: torch.Tensor, chunk: int | None = None):
+        """Reverse mode: rows Bᵀ c_i, i.e. c_i @ B, for cotangents c (k, d) → (k, d).
+
+        One forward of h, then k reverse passes batched with vmap (``chunk`` as in jvp).
+        """
         h = self._check_h(ctx, h, "h", batched=False)
         C = self._check_vectors(cotangents, "cotangents")
         chunk = self._check_chunk(chunk)
-        with self._eager():
+        with self._attn(_ATTN_NAME):
             _, pullback = _vjp(self._fn(ctx), h)
             return vmap(lambda c: pullback(c)[0], chunk_size=chunk)(C)
 
-    def jacobian(self, ctx: SplitContext, h: torch.Tensor | None = None, chunk: int | None = 64) -> torch.Tensor:
-        """B = ∂a/∂h (d, d) at h (default ``ctx.h``) from d forward-mode JVPs (vmap, ``chunk`` at a time)."""
+    def jacobian(self, ctx: SplitContext, h: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+        """B = ∂a/∂h = J_N A (d, d) at h (default ``ctx.h``): d forward-mode JVPs, vmapped ``chunk`` at a time.
+
+        Column i is B e_i. Cost: d JVPs of one token through L-ℓ blocks.
+        """
         if h is None:
             h = ctx.h
         h = self._check_h(ctx, h, "h", batched=False)
@@ -302,7 +363,7 @@ class SplitModel:
 
     # ----------------------------------------------------------------- private
     def _fn(self, ctx) -> Callable:
-        """h ↦ a for torch.func transforms; the caller holds ``self._eager()``."""
+        """h ↦ a for torch.func transforms; the caller holds ``self._attn(_ATTN_NAME)``."""
         def f(h):
             return self._apply_norm(self._residual(ctx, h))
         return f
@@ -311,18 +372,15 @@ class SplitModel:
         return functional_call(self._norm, self._norm_params, (r,))
 
     def _head_input(self, ctx, h):
-        with self._eager():
+        with self._attn(_ATTN_NAME):
             return self._apply_norm(self._residual(ctx, h))
 
     def _residual(self, ctx, h):
         """Blocks ℓ..L-1 on one token per candidate: h (..., d) → r_L (..., d); eager attention needed."""
         lead = h.shape[:-1]
         y = h.reshape(-1, 1, self.d)
-        cache = _PrefixKV(ctx.kv) if ctx.position > 0 else None
         for j, i in enumerate(self._upper):
-            kw = dict(ctx.block_kwargs[j])
-            if cache is not None:
-                kw[self._arch.cache_kwarg] = cache
+            kw = dict(ctx.block_kwargs[j], split_prefix=ctx.kv.get(i), split_softmax_fp32=self._arch.softmax_fp32)
             y = functional_call(self._blocks[i], self._params[j], (y,), kw)
         return y.reshape(*lead, self.d)
 
@@ -381,12 +439,13 @@ class SplitModel:
         return list(seen.values())
 
     @contextlib.contextmanager
-    def _eager(self):
+    def _attn(self, name):
+        """Select attention implementation ``name`` for the upper blocks, restoring it afterwards."""
         saved = [(c, c._attn_implementation) for c in self._configs]
         try:
             for c, impl in saved:
-                if impl != "eager":
-                    c._attn_implementation = "eager"
+                if impl != name:
+                    c._attn_implementation = name
             yield
         finally:
             for c, impl in saved:

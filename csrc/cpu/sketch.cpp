@@ -1,5 +1,216 @@
-// Placeholder: filled in by the sketch work.
+// Fused FisherSketch update on the CPU (DESIGN.md §7): per row of logits,
+// softmax → signs → FWHT → gather → one-hot correction → feature products →
+// float64 accumulation. Rows run in parallel (OpenMP); each thread owns the
+// transform scratch of one row (2·n_blocks·N floats per side) and its own
+// float64 partial sums, reduced in thread order at the end. The caller
+// allocates that scratch (torch tensors), so the kernel itself allocates nothing.
 #include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fisherfast/fwht.h"
+#include "fisherfast/sketch.h"
+
 namespace fisherfast {
-void bind_sketch(pybind11::module_& m) {}
+namespace {
+
+constexpr int kKinds = 3;
+
+// exp(x) for x ≤ 0 (softmax after the max shift), Cephes-style: x = n ln2 + r,
+// |r| ≤ ln2/2, degree-6 polynomial, 2^n by exponent bits; ≤ 2 ulp. Plain,
+// branch-free arithmetic so the loop vectorizes (libm expf does not without
+// -ffast-math). x < −87 is clamped (exp(−87) ≈ 1.6e−38, negligible next to Z ≥ 1).
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.0f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5·2^23 trick)
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Scratch {
+  float *a_r, *a_s, *e_r, *e_s;  // transform buffers of one row
+  double* acc;                   // (2·kKinds, m): Σψ then Σψ²
+};
+
+// Signs then FWHT of every block: buf = ⊕_b H_N D_b x̃ (x zero-padded to N).
+__attribute__((always_inline)) inline void signed_transform(const float* x, std::int64_t n_in,
+                                                            const SketchPlanView& plan, float* buf) {
+  for (std::int64_t b = 0; b < plan.n_blocks; ++b) {
+    float* out = buf + b * plan.N;
+    const float* sign = plan.signs + b * plan.N;
+#pragma omp simd
+    for (std::int64_t i = 0; i < n_in; ++i) out[i] = x[i] * sign[i];
+    std::memset(out + n_in, 0, (plan.N - n_in) * sizeof(float));
+    fwht_cpu::row<float>(out, out, plan.N, 1.0f);
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void sketch_row(
+    const float* a, const float* z, std::int64_t y_given, double u, std::int64_t d, std::int64_t K, std::int64_t m,
+    const SketchPlanView& ra, const SketchPlanView& sa, const SketchPlanView& re, const SketchPlanView& se,
+    Scratch& s) {
+  signed_transform(a, d, ra, s.a_r);
+  signed_transform(a, d, sa, s.a_s);
+
+  // Unnormalized softmax q = exp(z − max z) written signed into block 0 of both
+  // error buffers; the transform is linear, so 1/Z is applied after the gather.
+  float z_max = z[0];
+#pragma omp simd reduction(max : z_max)
+  for (std::int64_t k = 0; k < K; ++k) z_max = std::max(z_max, z[k]);
+  float* __restrict er = s.e_r;
+  float* __restrict es = s.e_s;
+  for (std::int64_t k = 0; k < K; ++k) {
+    const float q = exp_nonpositive(z[k] - z_max);
+    er[k] = q * re.signs[k];
+    es[k] = q * se.signs[k];
+  }
+  // Z = Σ q: float partial sums over short chunks (vectorized), added in float64.
+  constexpr std::int64_t kChunk = 2048;
+  double Z = 0.0;
+  for (std::int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const std::int64_t k1 = std::min(K, k0 + kChunk);
+    float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+    for (std::int64_t k = k0; k < k1; ++k) part += std::fabs(er[k]);
+    Z += part;
+  }
+  std::int64_t y = y_given;
+  if (y < 0) {  // y ∼ p by inverse CDF: the first k with Σ_{i≤k} q_i > u·Z
+    const double target = u * Z;
+    double c = 0.0;
+    y = K - 1;
+    for (std::int64_t k = 0; k < K; ++k) {
+      c += std::fabs(er[k]);
+      if (c > target) {
+        y = k;
+        break;
+      }
+    }
+  }
+  for (std::int64_t b = 1; b < re.n_blocks; ++b)  // further sign blocks share q
+    for (std::int64_t k = 0; k < K; ++k) er[b * re.N + k] = std::fabs(er[k]) * re.signs[b * re.N + k];
+  for (std::int64_t b = 1; b < se.n_blocks; ++b)
+    for (std::int64_t k = 0; k < K; ++k) es[b * se.N + k] = std::fabs(es[k]) * se.signs[b * se.N + k];
+  for (std::int64_t b = 0; b < re.n_blocks; ++b) {
+    std::memset(er + b * re.N + K, 0, (re.N - K) * sizeof(float));
+    fwht_cpu::row<float>(er + b * re.N, er + b * re.N, re.N, 1.0f);
+  }
+  for (std::int64_t b = 0; b < se.n_blocks; ++b) {
+    std::memset(es + b * se.N + K, 0, (se.N - K) * sizeof(float));
+    fwht_cpu::row<float>(es + b * se.N, es + b * se.N, se.N, 1.0f);
+  }
+
+  const float inv_Z = static_cast<float>(1.0 / Z);
+  const double inv_root_m = 1.0 / std::sqrt(static_cast<double>(m));
+  double* sum = s.acc;
+  double* sq = sum + kKinds * m;
+  for (std::int64_t j = 0; j < m; ++j) {
+    const float u_a = s.a_r[ra.idx[j]], v_a = s.a_s[sa.idx[j]];
+    const float u_e = er[re.idx[j]] * inv_Z - onehot_feature(re, re.idx[j], y);
+    const float v_e = es[se.idx[j]] * inv_Z - onehot_feature(se, se.idx[j], y);
+    const SketchFeatures f = sketch_features(u_a, v_a, u_e, v_e, inv_root_m);
+    sum[j] += f.joint;
+    sum[m + j] += f.act;
+    sum[2 * m + j] += f.err;
+    sq[j] += f.joint * f.joint;
+    sq[m + j] += f.act * f.act;
+    sq[2 * m + j] += f.err * f.err;
+  }
+}
+
+SketchPlanView plan_view(std::uintptr_t signs, std::uintptr_t idx, std::int64_t n_blocks, std::int64_t N) {
+  if (!is_power_of_two(N)) throw std::invalid_argument("plan N must be a power of two");
+  return {as_ptr<const float>(signs), as_ptr<const std::int64_t>(idx), n_blocks, N, log2_exact(N)};
+}
+
+std::int64_t scratch_floats(const SketchPlanView& ra, const SketchPlanView& sa, const SketchPlanView& re,
+                            const SketchPlanView& se) {
+  return ra.n_blocks * ra.N + sa.n_blocks * sa.N + re.n_blocks * re.N + se.n_blocks * se.N;
+}
+
+void fisher_sketch_update(std::uintptr_t sums_p, std::uintptr_t sumsqs_p, std::uintptr_t a_p, std::uintptr_t z_p,
+                          std::uintptr_t y_p, std::uintptr_t u_p, std::int64_t rows, std::int64_t d, std::int64_t K,
+                          std::int64_t m, std::uintptr_t ra_s, std::uintptr_t ra_i, std::int64_t ra_b,
+                          std::int64_t ra_n, std::uintptr_t sa_s, std::uintptr_t sa_i, std::int64_t sa_b,
+                          std::int64_t sa_n, std::uintptr_t re_s, std::uintptr_t re_i, std::int64_t re_b,
+                          std::int64_t re_n, std::uintptr_t se_s, std::uintptr_t se_i, std::int64_t se_b,
+                          std::int64_t se_n, std::uintptr_t scratch_p, std::uintptr_t acc_p, int threads) {
+  if ((y_p == 0) == (u_p == 0)) throw std::invalid_argument("give exactly one of y or u");
+  if (threads < 1) throw std::invalid_argument("threads must be ≥ 1");
+  const SketchPlanView ra = plan_view(ra_s, ra_i, ra_b, ra_n), sa = plan_view(sa_s, sa_i, sa_b, sa_n);
+  const SketchPlanView re = plan_view(re_s, re_i, re_b, re_n), se = plan_view(se_s, se_i, se_b, se_n);
+  if (ra.N < d || sa.N < d || re.N < K || se.N < K) throw std::invalid_argument("plan N smaller than its input");
+  const float* a = as_ptr<const float>(a_p);
+  const float* z = as_ptr<const float>(z_p);
+  const std::int64_t* y = y_p ? as_ptr<const std::int64_t>(y_p) : nullptr;
+  const double* u = u_p ? as_ptr<const double>(u_p) : nullptr;
+  double* sums = as_ptr<double>(sums_p);
+  double* sumsqs = as_ptr<double>(sumsqs_p);
+  float* scratch = as_ptr<float>(scratch_p);
+  double* acc = as_ptr<double>(acc_p);
+  const std::int64_t per_thread = scratch_floats(ra, sa, re, se);
+
+  pybind11::gil_scoped_release release;
+#pragma omp parallel num_threads(threads)
+  {
+    int t = 0;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+#endif
+    Scratch s;
+    s.a_r = scratch + t * per_thread;
+    s.a_s = s.a_r + ra.n_blocks * ra.N;
+    s.e_r = s.a_s + sa.n_blocks * sa.N;
+    s.e_s = s.e_r + re.n_blocks * re.N;
+    s.acc = acc + t * 2 * kKinds * m;
+    std::fill(s.acc, s.acc + 2 * kKinds * m, 0.0);
+#pragma omp for schedule(static)
+    for (std::int64_t r = 0; r < rows; ++r)
+      sketch_row(a + r * d, z + r * K, y ? y[r] : -1, u ? u[r] : 0.0, d, K, m, ra, sa, re, se, s);
+  }
+  for (int t = 0; t < threads; ++t) {  // thread order: deterministic for a fixed thread count
+    const double* part = acc + t * 2 * kKinds * m;
+    for (std::int64_t j = 0; j < kKinds * m; ++j) {
+      sums[j] += part[j];
+      sumsqs[j] += part[kKinds * m + j];
+    }
+  }
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+void bind_sketch(pybind11::module_& m) {
+  m.def("fisher_sketch_update", &fisher_sketch_update,
+        "Fused FisherSketch update of float64 sums/sumsqs (3, m) from a (rows, d) and logits (rows, K), "
+        "float32; labels y (int64) or uniforms u (float64) for y ∼ p. Scratch: threads × (Σ n_blocks·N over the "
+        "four plans) float32 and threads × 6 × m float64. Pointers are data addresses.");
+  m.def("fisher_sketch_max_threads", &max_threads, "OpenMP threads a fisher_sketch_update call may use.");
+}
+
 }  // namespace fisherfast

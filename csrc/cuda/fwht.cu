@@ -1,5 +1,119 @@
-// Placeholder: filled in by the fwht work.
+// CUDA Walsh–Hadamard transform (DESIGN.md §7), for N up to kTile² (2^26 float32, 2^24 float64).
+//
+// One kernel transforms tiles in shared memory: a tile is P×CC values at
+// base + k·stride + c (k < P, c < CC) and gets H_P along k (radix-2
+// butterflies, one __syncthreads per stage). With H_N = (H_{N/C} ⊗ I_C)(I_{N/C} ⊗ H_C):
+//   pass 1: contiguous chunks of C = min(N, kTile) values (stride 1, CC = 1):
+//           one block per row when the row fits, else one per chunk;
+//   pass 2: only when N > kTile: P = N/C along stride C, CC columns per block.
+// Tiles are read whole into shared memory before any write, so dst may be src.
+// Memory: one read and one write per pass; shared memory: kTile·sizeof(T) per block.
+#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "fisherfast/fwht.h"
+
+namespace py = pybind11;
+
 namespace fisherfast {
-void bind_fwht_cuda(pybind11::module_& m) {}
+namespace {
+
+using std::int64_t;
+
+// Tile size: 32 KiB of shared memory, under the 48 KiB available without opt-in.
+template <typename T>
+constexpr int64_t kTile = 32768 / sizeof(T);
+
+template <typename T>
+__global__ void fwht_tile_kernel(const T* __restrict__ src, T* dst, int64_t stride, int log2_p, int log2_cc,
+                                 int64_t col_blocks, T scale) {
+  extern __shared__ unsigned char smem_raw[];
+  T* s = reinterpret_cast<T*>(smem_raw);
+  const int64_t P = int64_t(1) << log2_p, CC = int64_t(1) << log2_cc, size = P << log2_cc;
+  const int64_t group = blockIdx.x / col_blocks, col_block = blockIdx.x % col_blocks;
+  const int64_t base = group * (P * stride) + col_block * CC;
+  for (int64_t e = threadIdx.x; e < size; e += blockDim.x) {
+    const int64_t k = e >> log2_cc, c = e & (CC - 1);
+    s[e] = src[base + k * stride + c];
+  }
+  for (int log2_h = 0; log2_h < log2_p; ++log2_h) {
+    __syncthreads();
+    const int64_t h = int64_t(1) << log2_h;
+    for (int64_t q = threadIdx.x; q < (size >> 1); q += blockDim.x) {
+      const int64_t c = q & (CC - 1), pk = q >> log2_cc;
+      const int64_t i = ((pk >> log2_h) << (log2_h + 1)) + (pk & (h - 1));
+      const T a = s[(i << log2_cc) + c], b = s[((i + h) << log2_cc) + c];
+      s[(i << log2_cc) + c] = a + b;
+      s[((i + h) << log2_cc) + c] = a - b;
+    }
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < size; e += blockDim.x) {
+    const int64_t k = e >> log2_cc, c = e & (CC - 1);
+    dst[base + k * stride + c] = s[e] * scale;
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fwht (cuda): ") + what + ": " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+}
+
+// P×CC tiles over all rows (total values = rows·n), stride between k's.
+template <typename T>
+void launch_tiles(const T* src, T* dst, int64_t total, int64_t stride, int log2_p, int log2_cc, T scale,
+                  cudaStream_t stream) {
+  const int64_t P = int64_t(1) << log2_p, CC = int64_t(1) << log2_cc;
+  const int64_t col_blocks = stride / CC, blocks = total / (P * stride) * col_blocks;
+  const int threads = static_cast<int>(std::clamp<int64_t>((P * CC) / 2, 32, 256));
+  const size_t smem = static_cast<size_t>(P * CC) * sizeof(T);
+  if (blocks > 0x7fffffff) throw std::invalid_argument("fwht (cuda): too many tiles for one launch");
+  fwht_tile_kernel<T><<<static_cast<unsigned>(blocks), threads, smem, stream>>>(src, dst, stride, log2_p, log2_cc,
+                                                                                col_blocks, scale);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+template <typename T>
+void fwht_rows(const T* src, T* dst, int64_t rows, int64_t n, T scale, cudaStream_t stream) {
+  const int L = log2_exact(n), lt = log2_exact(kTile<T>);
+  if (L > 2 * lt)
+    throw std::invalid_argument("fwht (cuda): n must be <= 2^" + std::to_string(2 * lt) + " for this dtype");
+  const int l1 = std::min(L, lt);
+  const int64_t total = rows * n;
+  if (L == l1) return launch_tiles<T>(src, dst, total, 1, l1, 0, scale, stream);
+  launch_tiles<T>(src, dst, total, 1, l1, 0, T(1), stream);
+  const int l2 = L - l1;  // H_{N/C} along stride C = 2^l1, as many columns as fit one tile
+  launch_tiles<T>(dst, dst, total, int64_t(1) << l1, l2, lt - l2, scale, stream);
+}
+
+void fwht(std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t n, const std::string& dtype, double scale,
+          std::uintptr_t stream) {
+  if (rows < 0) throw std::invalid_argument("fwht (cuda): rows must be >= 0, got " + std::to_string(rows));
+  if (!is_power_of_two(n)) throw std::invalid_argument("fwht (cuda): n must be a power of two, got " + std::to_string(n));
+  if (rows == 0) return;
+  py::gil_scoped_release release;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (dtype == "float32")
+    fwht_rows<float>(as_ptr<const float>(src), as_ptr<float>(dst), rows, n, static_cast<float>(scale), s);
+  else if (dtype == "float64")
+    fwht_rows<double>(as_ptr<const double>(src), as_ptr<double>(dst), rows, n, scale, s);
+  else
+    throw std::invalid_argument("fwht (cuda): dtype must be float32 or float64, got " + dtype);
+}
+
+}  // namespace
+
+void bind_fwht_cuda(py::module_& m) {
+  m.def("fwht", &fwht, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("n"), py::arg("dtype"),
+        py::arg("scale"), py::arg("stream"),
+        "Walsh–Hadamard transform of rows × n contiguous device values at src into dst (may equal src), times "
+        "scale, on the given cudaStream_t (an integer). dtype: 'float32' or 'float64'. Asynchronous.");
+}
+
 }  // namespace fisherfast

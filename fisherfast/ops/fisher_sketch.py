@@ -33,6 +33,7 @@ import torch
 
 from fisherfast.ops import _backends
 from fisherfast.ops._checks import check_same_device, check_tensor
+from fisherfast.ops.fwht import fwht
 from fisherfast.ops.srht import SRHTPlan, parity, srht_reference
 
 N_KINDS = 3  # rows of the state buffers: joint, activation, error
@@ -73,38 +74,79 @@ def fisher_sketch_reference(sums, sumsqs, a, logits, y, u, ra_signs, ra_idx, sa_
         sumsqs[k] += psi.square().sum(0)
 
 
+def _plan_args(plan_tensors) -> list:
+    args = []
+    for signs, idx in zip(plan_tensors[::2], plan_tensors[1::2]):
+        args += [signs.data_ptr(), idx.data_ptr(), signs.shape[0], signs.shape[1]]
+    return args
+
+
 def _fisher_sketch_cpu(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
     ext = _backends.cpu_extension()
-    addr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    rows, d = a.shape
-    K = logits.shape[1]
-    ra_s, ra_i, sa_s, sa_i, re_s, re_i, se_s, se_i = plan_tensors
+    (rows, d), K, m = a.shape, logits.shape[1], plan_tensors[1].shape[0]
+    threads = max(1, min(ext.fisher_sketch_max_threads(), rows))
+    per_thread = sum(signs.numel() for signs in plan_tensors[::2])  # one row's transform buffers
+    scratch = torch.empty(threads, per_thread, dtype=torch.float32)
+    acc = torch.empty(threads, 2 * N_KINDS, m, dtype=torch.float64)
     ext.fisher_sketch_update(
-        addr(sums), addr(sumsqs), addr(a), addr(logits), addr(y), addr(u), rows, d, K, ra_i.shape[0],
-        addr(ra_s), addr(ra_i), ra_s.shape[0], ra_s.shape[1], addr(sa_s), addr(sa_i), sa_s.shape[0], sa_s.shape[1],
-        addr(re_s), addr(re_i), re_s.shape[0], re_s.shape[1], addr(se_s), addr(se_i), se_s.shape[0], se_s.shape[1])
+        sums.data_ptr(), sumsqs.data_ptr(), a.data_ptr(), logits.data_ptr(), 0 if y is None else y.data_ptr(),
+        0 if u is None else u.data_ptr(), rows, d, K, m, *_plan_args(plan_tensors), scratch.data_ptr(),
+        acc.data_ptr(), threads)
+
+
+def _signed_padded(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """(R, n_blocks·N): D_b x̃ for every sign block (x zero-padded to N), ready for the FWHT."""
+    n_blocks, n = signs.shape
+    out = x.new_zeros(x.shape[0], n_blocks, n)
+    out[:, :, : x.shape[1]] = x.unsqueeze(1) * signs[:, : x.shape[1]]
+    return out.view(x.shape[0], n_blocks * n)
+
+
+def _staged(backend: str, prepare, features, sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
+    """GPU pipeline of one chunk: prepare (softmax → signed error buffers, Z) → FWHT (the fwht op,
+    same backend) → sample y ∼ p when given u → features (gather, one-hot, ψ, float64 sums)."""
+    ra_s, ra_i, sa_s, sa_i, re_s, re_i, se_s, se_i = plan_tensors
+    rows, K = logits.shape
+    er = logits.new_zeros(rows, re_s.numel())
+    es = logits.new_zeros(rows, se_s.numel())
+    Z = logits.new_empty(rows)
+    prepare(logits, re_s, se_s, er, es, Z)
+    if y is None:  # before the transform, block 0 of er holds ±q = ±exp(z − z_max)
+        y = sample_labels(er[:, :K].abs(), u)
+    a_r, a_s = _signed_padded(a, ra_s), _signed_padded(a, sa_s)
+    for buf, n in ((a_r, ra_s.shape[1]), (a_s, sa_s.shape[1]), (er, re_s.shape[1]), (es, se_s.shape[1])):
+        fwht(buf.view(-1, n), inplace=True, backend=backend)
+    features(sums, sumsqs, a_r, a_s, er, es, Z, y, ra_i, sa_i, re_i, se_i, re_s, se_s)
 
 
 def _fisher_sketch_cuda(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
     ext = _backends.cuda_extension()
-    addr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    rows, d = a.shape
-    K = logits.shape[1]
-    ra_s, ra_i, sa_s, sa_i, re_s, re_i, se_s, se_i = plan_tensors
-    ext.fisher_sketch_update(
-        addr(sums), addr(sumsqs), addr(a), addr(logits), addr(y), addr(u), rows, d, K, ra_i.shape[0],
-        addr(ra_s), addr(ra_i), ra_s.shape[0], ra_s.shape[1], addr(sa_s), addr(sa_i), sa_s.shape[0], sa_s.shape[1],
-        addr(re_s), addr(re_i), re_s.shape[0], re_s.shape[1], addr(se_s), addr(se_i), se_s.shape[0], se_s.shape[1],
-        torch.cuda.current_stream(a.device).cuda_stream)
+    stream = torch.cuda.current_stream(a.device).cuda_stream
+    addr = lambda t: t.data_ptr()  # noqa: E731
+
+    def prepare(logits, re_s, se_s, er, es, Z):
+        ext.fisher_sketch_prepare(addr(logits), logits.shape[0], logits.shape[1], addr(er), addr(es), addr(re_s),
+                                  re_s.shape[0], re_s.shape[1], addr(se_s), se_s.shape[0], se_s.shape[1], addr(Z),
+                                  stream)
+
+    def features(sums, sumsqs, a_r, a_s, er, es, Z, y, ra_i, sa_i, re_i, se_i, re_s, se_s):
+        ext.fisher_sketch_features(addr(sums), addr(sumsqs), addr(a_r), addr(a_s), addr(er), addr(es), addr(Z),
+                                   addr(y), addr(ra_i), addr(sa_i), addr(re_i), addr(se_i), addr(re_s), addr(se_s),
+                                   a_r.shape[1], a_s.shape[1], er.shape[1], es.shape[1], re_s.shape[1],
+                                   se_s.shape[1], Z.shape[0], ra_i.shape[0], stream)
+
+    with torch.cuda.device(a.device):
+        _staged("cuda", prepare, features, sums, sumsqs, a, logits, y, u, *plan_tensors)
 
 
-def _fisher_sketch_triton(*args) -> None:
-    from fisherfast.ops.fisher_sketch_triton import fisher_sketch_triton
+def _fisher_sketch_triton(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
+    from fisherfast.ops.fisher_sketch_triton import features_triton, prepare_triton
 
-    fisher_sketch_triton(*args)
+    _staged("triton", prepare_triton, features_triton, sums, sumsqs, a, logits, y, u, *plan_tensors)
 
 
-_IMPLS = {"reference": fisher_sketch_reference}
+_IMPLS = {"reference": fisher_sketch_reference, "cpu": _fisher_sketch_cpu, "triton": _fisher_sketch_triton,
+          "cuda": _fisher_sketch_cuda}
 
 
 @torch.library.custom_op("fisherfast::fisher_sketch_update_", mutates_args=("sums", "sumsqs"))

@@ -24,11 +24,14 @@ def _check_fwht_input(x: torch.Tensor) -> None:
         raise ValueError(f"x.shape[-1] must be a power of two, got {n} (pad to {1 << max(n - 1, 0).bit_length()})")
 
 
-def fwht_reference_(y: torch.Tensor, scale: float) -> None:
-    """In-place radix-2 butterflies on a contiguous float32/float64 tensor: pairs
-    (i, i + h) within blocks of 2h, h = 1, 2, …, N/2 (gives Sylvester order)."""
-    n = y.shape[-1]
-    rows = y.view(-1, n)
+def fwht_reference(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
+    """Radix-2 butterflies in pure PyTorch: pairs (i, i + h) within blocks of
+    2h, h = 1, 2, …, N/2 (Sylvester order). src, dst: contiguous, same shape
+    and float32/float64 dtype; dst may be src (in place)."""
+    if dst.data_ptr() != src.data_ptr():
+        dst.copy_(src)
+    n = dst.shape[-1]
+    rows = dst.view(-1, n)
     h = 1
     while h < n:
         blocks = rows.view(-1, n // (2 * h), 2, h)
@@ -39,19 +42,63 @@ def fwht_reference_(y: torch.Tensor, scale: float) -> None:
         rows.mul_(scale)
 
 
-_IMPLS = {"reference": fwht_reference_}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 
-def _run(y: torch.Tensor, scale: float, backend: str) -> None:
-    impl = _backends.select("fwht", _IMPLS, y.device, backend or None)
-    impl(y, scale)
+def fwht_cpu(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
+    """The C++ kernel (csrc/cpu/fwht.cpp): cache-blocked, OpenMP over rows
+    with torch's thread count, GIL released."""
+    n = src.shape[-1]
+    _backends.cpu_extension().fwht(src.data_ptr(), dst.data_ptr(), src.numel() // n, n, _DTYPE_NAMES[src.dtype],
+                                   scale, torch.get_num_threads())
+
+
+def fwht_triton(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
+    """The Triton kernel (fisherfast/ops/fwht_triton.py), imported on first use
+    so that TRITON_INTERPRET is read when the kernels are defined."""
+    from fisherfast.ops.fwht_triton import fwht_triton as launch
+
+    launch(src, dst, scale)
+
+
+def fwht_cuda(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
+    """The CUDA kernel (csrc/cuda/fwht.cu) on the tensors' current stream."""
+    n = src.shape[-1]
+    with torch.cuda.device(src.device):
+        stream = torch.cuda.current_stream(src.device).cuda_stream
+        _backends.cuda_extension().fwht(src.data_ptr(), dst.data_ptr(), src.numel() // n, n,
+                                        _DTYPE_NAMES[src.dtype], scale, stream)
+
+
+# Every impl: (src, dst, scale) on contiguous float32/float64 tensors of one
+# shape, dst may be src; writes scale · H_N src into dst.
+_IMPLS = {"reference": fwht_reference, "cpu": fwht_cpu, "triton": fwht_triton, "cuda": fwht_cuda}
+
+
+def resolve_backend(op: str, impls, device: torch.device, backend: str | None) -> str:
+    """Name of the backend that will run ``op`` on ``device``; a forced one that
+    cannot run raises ValueError with every reason, before any work."""
+    try:
+        impl = _backends.select(op, impls, device, backend or None)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    return next(name for name, f in impls.items() if f is impl)
+
+
+def _scale(n: int, normalized: bool) -> float:
+    return 1.0 / math.sqrt(n) if normalized else 1.0
 
 
 @torch.library.custom_op("fisherfast::fwht", mutates_args=())
 def _fwht_op(x: torch.Tensor, normalized: bool, backend: str) -> torch.Tensor:
-    y = x.to(compute_dtype(x.dtype), copy=True, memory_format=torch.contiguous_format).contiguous()
-    _run(y, 1.0 / math.sqrt(x.shape[-1]) if normalized else 1.0, backend)
-    return y.to(x.dtype)
+    impl = _IMPLS[resolve_backend("fwht", _IMPLS, x.device, backend)]
+    src = x.to(compute_dtype(x.dtype)).contiguous()
+    # A converted copy is ours to overwrite; otherwise write a fresh output, so
+    # the transform reads x once and writes once.
+    dst = src if src.data_ptr() != x.data_ptr() else torch.empty_like(src)
+    if x.numel():
+        impl(src, dst, _scale(x.shape[-1], normalized))
+    return dst.to(x.dtype)
 
 
 @_fwht_op.register_fake
@@ -59,14 +106,29 @@ def _(x, normalized, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _fwht_setup_context(ctx, inputs, output):
+    _, ctx.normalized, ctx.backend = inputs
+
+
+def _fwht_backward(ctx, grad):
+    # H_N is symmetric, so the vector-Jacobian product is the same transform.
+    return torch.ops.fisherfast.fwht(grad, ctx.normalized, ctx.backend), None, None
+
+
+_fwht_op.register_autograd(_fwht_backward, setup_context=_fwht_setup_context)
+
+
 @torch.library.custom_op("fisherfast::fwht_", mutates_args=("x",))
 def _fwht_inplace_op(x: torch.Tensor, normalized: bool, backend: str) -> None:
-    scale = 1.0 / math.sqrt(x.shape[-1]) if normalized else 1.0
-    if x.is_contiguous() and x.dtype in (torch.float32, torch.float64):
-        _run(x, scale, backend)
+    impl = _IMPLS[resolve_backend("fwht", _IMPLS, x.device, backend)]
+    if not x.numel():
+        return
+    scale = _scale(x.shape[-1], normalized)
+    if x.is_contiguous() and x.dtype in _DTYPE_NAMES:
+        impl(x, x, scale)
         return
     y = x.to(compute_dtype(x.dtype), memory_format=torch.contiguous_format).contiguous()
-    _run(y, scale, backend)
+    impl(y, y, scale)
     x.copy_(y)
 
 
@@ -81,7 +143,8 @@ def fwht(x: torch.Tensor, *, normalized: bool = False, inplace: bool = False, ba
     Args:
         x: (..., N) floating tensor, N a power of two; any strides.
         normalized: scale by 1/√N (orthonormal transform, self-inverse).
-        inplace: overwrite ``x`` and return it.
+        inplace: overwrite ``x`` and return it (not differentiable; the
+            out-of-place op is, its backward being the same transform).
         backend: force "reference", "cpu", "triton" or "cuda" (default: the
             fastest available; FISHERFAST_BACKEND overrides too).
 
@@ -89,6 +152,8 @@ def fwht(x: torch.Tensor, *, normalized: bool = False, inplace: bool = False, ba
         H_N x (times 1/√N if normalized), same shape and dtype as ``x``.
     """
     _check_fwht_input(x)
+    # The op bodies pick the backend (first thing, before any work), so that
+    # torch.compile sees one opaque op whatever the backend.
     if inplace:
         torch.ops.fisherfast.fwht_(x, normalized, backend or "")
         return x

@@ -21,7 +21,7 @@ import torch
 
 from fisherfast.ops import _backends
 from fisherfast.ops._checks import check_tensor, compute_dtype
-from fisherfast.ops.fwht import fwht
+from fisherfast.ops.fwht import _DTYPE_NAMES, fwht, resolve_backend
 
 
 class SRHTPlan:
@@ -51,6 +51,7 @@ class SRHTPlan:
         generator = torch.Generator().manual_seed(seed)
         self.signs = torch.randint(0, 2, (self.n_blocks, self.N), generator=generator).float().mul_(2).sub_(1)
         self.idx = torch.randperm(self.n_blocks * self.N, generator=generator)[:m].contiguous()
+        self._tensors: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def key(self) -> tuple[int, int, int]:
         return (self.n_in, self.m, self.seed)
@@ -64,14 +65,17 @@ class SRHTPlan:
     def __repr__(self) -> str:
         return f"SRHTPlan(n_in={self.n_in}, m={self.m}, seed={self.seed}; N={self.N}, n_blocks={self.n_blocks})"
 
-    @functools.lru_cache(maxsize=8)
     def tensors(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(signs, idx) on ``device``, signs in ``dtype``; cached per device."""
-        return self.signs.to(device=device, dtype=dtype), self.idx.to(device)
+        """(signs, idx) on ``device``, signs in ``dtype``; cached per (device, dtype) on the plan."""
+        key = (torch.device(device), dtype)
+        if key not in self._tensors:
+            self._tensors[key] = (self.signs.to(device=device, dtype=dtype), self.idx.to(device))
+        return self._tensors[key]
 
 
 def srht_reference(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor, backend: str = "reference") -> torch.Tensor:
-    """Pad, sign, transform, gather. x: (R, n_in) contiguous compute-dtype rows."""
+    """Pad, sign, transform (with ``backend``'s fwht), gather.
+    x: (R, n_in) contiguous compute-dtype rows; memory (R, n_blocks, N)."""
     n_blocks, n = signs.shape
     padded = x.new_zeros(x.shape[0], n_blocks, n)
     padded[:, :, : x.shape[1]] = x.unsqueeze(1) * signs[:, : x.shape[1]]
@@ -79,20 +83,60 @@ def srht_reference(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor, back
     return padded.view(x.shape[0], n_blocks * n).index_select(1, idx)
 
 
-_IMPLS = {name: functools.partial(srht_reference, backend=name) for name in _backends.BACKENDS}
+def srht_cpu(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Fused C++ kernel (csrc/cpu/fwht.cpp): per row and sign block, pad and
+    sign into a per-thread scratch row of N, transform there, gather; memory
+    (R, m) plus one row of N per thread."""
+    n_blocks, n = signs.shape
+    out = x.new_empty(x.shape[0], idx.shape[0])
+    _backends.cpu_extension().srht(x.data_ptr(), signs.data_ptr(), idx.data_ptr(), out.data_ptr(), x.shape[0],
+                                   x.shape[1], n, n_blocks, idx.shape[0], _DTYPE_NAMES[x.dtype],
+                                   torch.get_num_threads())
+    return out
+
+
+# Every impl: (x (R, n_in), signs (n_blocks, N) in x's dtype, idx (m,) int64),
+# all contiguous on one device, x float32/float64 → (R, m).
+_IMPLS = {
+    "reference": srht_reference,
+    "cpu": srht_cpu,
+    "triton": functools.partial(srht_reference, backend="triton"),
+    "cuda": functools.partial(srht_reference, backend="cuda"),
+}
 
 
 @torch.library.custom_op("fisherfast::srht", mutates_args=())
 def _srht_op(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor, backend: str) -> torch.Tensor:
+    impl = _IMPLS[resolve_backend("srht", _IMPLS, x.device, backend)]
     rows = x.reshape(-1, x.shape[-1]).to(compute_dtype(x.dtype)).contiguous()
-    impl = _backends.select("srht", _IMPLS, x.device, backend or None)
-    out = impl(rows, signs.to(rows.dtype), idx)
+    out = impl(rows, signs.to(rows.dtype).contiguous(), idx.contiguous())
     return out.view(*x.shape[:-1], idx.shape[0]).to(x.dtype)
 
 
 @_srht_op.register_fake
 def _(x, signs, idx, backend):
     return x.new_empty(*x.shape[:-1], idx.shape[0])
+
+
+def _srht_setup_context(ctx, inputs, output):
+    x, signs, idx, ctx.backend = inputs
+    ctx.save_for_backward(signs, idx)
+    ctx.n_in = x.shape[-1]
+
+
+def _srht_backward(ctx, grad):
+    """x̄ = Σ_b [D_b H_N ḡ_b]_{:n_in}, ḡ_b the features' gradients scattered to
+    their places in block b (the transpose of gather ∘ H_N ∘ D_b ∘ pad)."""
+    signs, idx = ctx.saved_tensors
+    n_blocks, n = signs.shape
+    g = grad.reshape(-1, idx.shape[0])
+    full = g.new_zeros(g.shape[0], n_blocks * n).index_copy_(1, idx, g)
+    full = torch.ops.fisherfast.fwht(full.view(-1, n_blocks, n), False, ctx.backend)
+    x_bar = (full * signs.to(full.dtype)).sum(1)[:, : ctx.n_in]
+    return x_bar.reshape(*grad.shape[:-1], ctx.n_in), None, None, None
+
+
+_srht_op.register_autograd(_srht_backward, setup_context=_srht_setup_context)
 
 
 def srht(x: torch.Tensor, plan: SRHTPlan, *, backend: str | None = None) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""Bench of the softmax-Fisher contractions (issue 3, DESIGN.md §3).
+
+Side by side on the same inputs, per op:
+  naive      PyTorch formula that materializes the logits (B×V) and W·U
+             (B×V×k weighted copy), G U = Wᵀ(p ⊙ WU) − μ (pᵀWU);
+  reference  chunked two-pass PyTorch backend;
+  cpu        one-pass backend (MKL GEMMs + fused C++ moments);
+  floor      one plain GEMM Wᵀ X of the op's FLOP count (2·V·d·n with n the
+             number of right-hand columns the op needs: B logits, k
+             projections, B(k+1) accumulated columns for matmat).
+Shapes: (V, d, B, k) = (49152, 576, 64, 8) and (128256, 4096, 16, 4); peak
+extra torch memory at the second; gram exact vs tail_tol=1e-3 on peaked
+distributions at (49152, 576) with B=8 (the exact per-token gram costs
+2·V·d² per token: 33 GFLOP at d=576 and 4.3 TFLOP at d=4096, so the big shape
+is left out to keep the bench within minutes on 2 cores). GPU rows say "no
+CUDA device" when none is present.
+
+Run: python bench/bench_softmax_fisher.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import NO_CUDA, has_cuda, markdown_table, peak_memory, timeit, write_results  # noqa: E402
+
+from fisherfast.ops import (available_backends, lm_logsumexp, softmax_fisher_gram, softmax_fisher_matmat,  # noqa: E402
+                            softmax_fisher_quad)
+
+
+def naive_lse(h, W):
+    return torch.logsumexp(h @ W.T, dim=1)
+
+
+def naive_matmat(h, W, U):
+    p = torch.softmax(h @ W.T, dim=1)
+    X = p[:, :, None] * (W @ U)[None]  # (B,V,k)
+    return torch.einsum("bvk,vd->bdk", X, W) - (p @ W)[:, :, None] * X.sum(1)[:, None, :]
+
+
+def naive_quad(h, W, U):
+    p = torch.softmax(h @ W.T, dim=1)
+    Y = W @ U
+    s = p @ Y
+    return torch.einsum("bv,vi,vj->bij", p, Y, Y) - s[:, :, None] * s[:, None, :]
+
+
+def naive_gram(h, W):
+    p = torch.softmax(h @ W.T, dim=1)
+    mu = p @ W
+    return torch.stack([(W * p_i[:, None]).T @ W for p_i in p]) - mu[:, :, None] * mu[:, None, :]
+
+
+def make_inputs(V, d, B, k, seed=0, peaked=False):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, d, generator=g) / d ** 0.5
+    h = torch.randn(B, d, generator=g) * (12.0 if peaked else 2.0)
+    U = torch.randn(d, k, generator=g)
+    return h, W, U
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
+    args = parser.parse_args(argv)
+    shapes = [(49152, 576, 64, 8), (128256, 4096, 16, 4)]
+    if args.quick:
+        shapes = [(8192, 256, 16, 4), (16384, 512, 8, 4)]
+    backends = [name for name in ("reference", "cpu") if available_backends()[name].available]
+    rows = []
+    for V, d, B, k in shapes:
+        h, W, U = make_inputs(V, d, B, k)
+        repeat = 3 if V * d < 5e7 else 2
+        ops = {
+            "lm_logsumexp": (B, lambda: naive_lse(h, W), lambda be: lm_logsumexp(h, W, backend=be)),
+            "matmat": (B * (k + 2) + k, lambda: naive_matmat(h, W, U),
+                       lambda be: softmax_fisher_matmat(h, W, U, backend=be)),
+            "quad": (B + k, lambda: naive_quad(h, W, U), lambda be: softmax_fisher_quad(h, W, U, backend=be)),
+        }
+        for op, (n, naive, ours) in ops.items():
+            X = torch.randn(V, n)
+            t_floor = timeit(lambda: W.T @ X, repeat=repeat)
+            del X
+            t_naive = timeit(naive, repeat=repeat)
+            row = {"op": op, "V": V, "d": d, "B": B, "k": k, "floor_s": t_floor, "naive_s": t_naive}
+            for be in backends:
+                t = timeit(lambda: ours(be), repeat=repeat)
+                row[f"{be}_s"] = t
+                row[f"{be}_vs_naive"] = t_naive / t  # speed-up (goal ≥ 1)
+                row[f"{be}_vs_floor"] = t / t_floor  # goal ≤ 1.3
+            row["gpu"] = NO_CUDA if not has_cuda() else "not timed here"
+            rows.append(row)
+            print(markdown_table([row], list(row)), flush=True)
+        if (V, d) == shapes[-1][:2]:
+            mem = {"op": "matmat peak extra memory (MiB)", "V": V, "d": d, "B": B, "k": k}
+            mem["naive_MiB"] = peak_memory(lambda: naive_matmat(h, W, U)) / 2 ** 20
+            for be in backends:
+                mem[f"{be}_MiB"] = peak_memory(lambda: softmax_fisher_matmat(h, W, U, backend=be)) / 2 ** 20
+                mem[f"{be}_vs_naive"] = mem[f"{be}_MiB"] / mem["naive_MiB"]  # goal ≤ 0.1
+            rows.append(mem)
+            print(markdown_table([mem], list(mem)), flush=True)
+        del h, W, U
+
+    # gram: exact vs tail_tol=1e-3 on peaked distributions.
+    V, d, B = (8192, 256, 4) if args.quick else (49152, 576, 8)
+    h, W, _ = make_inputs(V, d, B, 1, peaked=True)
+    t_naive = timeit(lambda: naive_gram(h, W), repeat=2)
+    t_exact = timeit(lambda: softmax_fisher_gram(h, W, backend=backends[-1]), repeat=2)
+    t_mean = timeit(lambda: softmax_fisher_gram(h, W, reduce="mean", backend=backends[-1]), repeat=2)
+    trunc = softmax_fisher_gram(h, W, tail_tol=1e-3, backend=backends[-1])
+    t_tail = timeit(lambda: softmax_fisher_gram(h, W, tail_tol=1e-3, backend=backends[-1]), repeat=3)
+    G = softmax_fisher_gram(h, W, backend=backends[-1])
+    err = float(torch.linalg.matrix_norm(G - trunc.G, 2).max() / torch.linalg.matrix_norm(G, 2).max())
+    grow = {"op": "gram (peaked)", "V": V, "d": d, "B": B, "naive_s": t_naive, "exact_s": t_exact,
+            "mean_s": t_mean, "tail1e-3_s": t_tail, "tail_speedup": t_exact / t_tail,
+            "mean_n_kept": float(trunc.n_kept.double().mean()), "max_tau": float(trunc.tau.max()),
+            "rel_err_2norm": err, "backend": backends[-1]}
+    rows.append(grow)
+    print(markdown_table([grow], list(grow)), flush=True)
+    write_results("softmax_fisher", rows, meta={"quick": args.quick})
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Streaming FisherSketch of a head Fisher (DESIGN.md §7).
+
+Per sample: head input a ∈ R^d, logit error e = p − e_y ∈ R^K, gradient
+g = e ⊗ a. The joint feature ψ_j(g) = (r_jᵃ·a)(r_jᵉ·e)(s_jᵃ·a)(s_jᵉ·e)/√m has
+E[ψ(g)·ψ(g′)] = (g·g′)² = (a·a′)²(e·e′)², so mean ψ over a task's samples
+sketches its empirical head Fisher F̂ = (1/n) Σ g gᵀ and cosines of signatures
+estimate ⟨F̂_i, F̂_j⟩ / (‖F̂_i‖‖F̂_j‖).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fisherfast.ops import fisher_sketch_update, srht, srht_onehot
+from fisherfast.ops._checks import check_tensor
+from fisherfast.sketch.spec import SketchSpec
+from fisherfast.sketch.state import KINDS, SketchState
+
+
+class FisherSketcher:
+    """Accumulates the FisherSketch state of one task, batch by batch.
+
+    Args:
+        spec: the SketchSpec (d, K, m, seed).
+        device: where the state lives (default: the device of the first batch).
+        generator_seed: seed of the generator that draws y ∼ p for
+            ``update(..., sample=True)`` (default: ``spec.seed``).
+        backend: force an op backend ("reference", "cpu", "triton", "cuda").
+
+    The state is 3 × 2 × m float64 (192 KB at m = 4096) whatever the data size.
+    """
+
+    def __init__(self, spec: SketchSpec, *, device=None, generator_seed: int | None = None,
+                 backend: str | None = None):
+        if not isinstance(spec, SketchSpec):
+            raise TypeError(f"spec must be a SketchSpec, got {type(spec).__name__}")
+        if generator_seed is not None and (not isinstance(generator_seed, int) or generator_seed < 0):
+            raise ValueError(f"generator_seed must be a non-negative int, got {generator_seed!r}")
+        self.spec, self.backend = spec, backend
+        self.device = None if device is None else torch.device(device)
+        self.count = 0
+        self._sums = self._sumsqs = None
+        self._generator = torch.Generator().manual_seed(spec.seed if generator_seed is None else generator_seed)
+        if self.device is not None:
+            self._allocate(self.device)
+
+    def _allocate(self, device: torch.device) -> None:
+        self._sums = torch.zeros(len(KINDS), self.spec.m, dtype=torch.float64, device=device)
+        self._sumsqs = torch.zeros_like(self._sums)
+
+    def update(self, a: torch.Tensor, *, logits: torch.Tensor | None = None, W: torch.Tensor | None = None,
+               b: torch.Tensor | None = None, y: torch.Tensor | None = None, sample: bool = False,
+               chunk_rows: int | None = None) -> None:
+        """Add a batch: a (B, d) and logits (B, K) or the head (W (K, d), b (K,));
+        labels y (B,) for the empirical Fisher, or ``sample=True`` to draw
+        y ∼ softmax(logits) (true Fisher) from this sketcher's seeded generator."""
+        check_tensor("a", a, ndim=2)
+        if a.shape[1] != self.spec.d:
+            raise ValueError(f"a must have shape (B, d = {self.spec.d}), got {tuple(a.shape)}")
+        if not isinstance(sample, bool):
+            raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+        if sample == (y is not None):
+            raise ValueError("give labels y, or sample=True to draw y ∼ p (not both)")
+        K = logits.shape[-1] if isinstance(logits, torch.Tensor) else W.shape[0] if isinstance(W, torch.Tensor) else None
+        if K is not None and K != self.spec.K:
+            raise ValueError(f"the head must have K = {self.spec.K} classes (spec), got {K}")
+        if self._sums is None:
+            self.device = a.device
+            self._allocate(a.device)
+        if a.device != self.device:
+            raise ValueError(f"a is on {a.device} but the sketcher's state is on {self.device}")
+        u = torch.rand(a.shape[0], generator=self._generator, dtype=torch.float64).to(a.device) if sample else None
+        fisher_sketch_update(self._sums, self._sumsqs, a, self.spec.plans(), logits=logits, W=W, b=b, y=y, u=u,
+                             chunk_rows=chunk_rows, backend=self.backend)
+        self.count += a.shape[0]
+
+    @property
+    def state(self) -> SketchState:
+        """A snapshot of the current state (copies of the buffers)."""
+        if self._sums is None:
+            return SketchState(self.spec)
+        return SketchState(self.spec, self.count, {k: self._sums[i].clone() for i, k in enumerate(KINDS)},
+                           {k: self._sumsqs[i].clone() for i, k in enumerate(KINDS)})
+
+
+def sketch_features(a: torch.Tensor, e, spec: SketchSpec) -> dict[str, torch.Tensor]:
+    """Per-sample features {kind: (B, m) float64} from explicit errors.
+
+    ``e`` is either the error rows (B, K) (any vectors, e.g. per-position
+    backpropagated errors) or a pair (p, y) of probabilities (B, K) and labels
+    (B,), meaning e = p − e_y with the one-hot part in closed form. Unfused:
+    the rows of e are materialized; use FisherSketcher for streams."""
+    check_tensor("a", a, ndim=2)
+    if a.shape[1] != spec.d:
+        raise ValueError(f"a must have shape (B, d = {spec.d}), got {tuple(a.shape)}")
+    ra, sa, re, se = spec.plans()
+    if isinstance(e, tuple):
+        if len(e) != 2:
+            raise ValueError("e must be a (B, K) tensor or a pair (p, y)")
+        p, y = e
+        check_tensor("p", p, ndim=2)
+        if tuple(p.shape) != (a.shape[0], spec.K):
+            raise ValueError(f"p must have shape (B = {a.shape[0]}, K = {spec.K}), got {tuple(p.shape)}")
+        u_e = srht(p.float(), re) - srht_onehot(y, re)
+        v_e = srht(p.float(), se) - srht_onehot(y, se)
+    else:
+        check_tensor("e", e, ndim=2)
+        if tuple(e.shape) != (a.shape[0], spec.K):
+            raise ValueError(f"e must have shape (B = {a.shape[0]}, K = {spec.K}), got {tuple(e.shape)}")
+        u_e, v_e = srht(e.float(), re), srht(e.float(), se)
+    u_a, v_a = srht(a.float(), ra), srht(a.float(), sa)
+    root_m = math.sqrt(spec.m)
+    psi_act = u_a.double() * v_a.double() / root_m
+    psi_err = u_e.double() * v_e.double() / root_m
+    return {"joint": psi_act * psi_err * root_m, "activation": psi_act, "error": psi_err}

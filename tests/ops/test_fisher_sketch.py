@@ -1,0 +1,135 @@
+"""The fused FisherSketch update against its dense definition (explicit ±1
+feature matrices, explicit errors e = p − e_y, float64), and every backend
+against the reference (DESIGN.md §7)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.special
+import torch
+
+from fisherfast.ops import SRHTPlan, fisher_sketch_update
+
+
+def dense_features(plan: SRHTPlan) -> torch.Tensor:
+    """(m, n_in) float64: row j is r_j = D_b H_N e_i restricted to the input, (b, i) = divmod(idx_j, N)."""
+    H = torch.from_numpy(scipy.linalg.hadamard(plan.N)).double()
+    block, i = plan.idx // plan.N, plan.idx % plan.N
+    return (plan.signs.double()[block] * H[i])[:, : plan.n_in]
+
+
+def make_plans(d, K, m, seed=0):
+    return (SRHTPlan(d, m, seed), SRHTPlan(d, m, seed + 1), SRHTPlan(K, m, seed + 2), SRHTPlan(K, m, seed + 3))
+
+
+def dense_oracle(a, z, y, plans):
+    """(Σψ, Σψ²) per kind from the definition, in float64 with scipy's softmax."""
+    m = plans[0].m
+    Ra, Sa, Re, Se = (dense_features(p).numpy() for p in plans)
+    a = a.double().numpy()
+    e = scipy.special.softmax(z.double().numpy(), axis=1)
+    e[np.arange(len(y)), y.numpy()] -= 1.0
+    psi_act = (a @ Ra.T) * (a @ Sa.T) / math.sqrt(m)
+    psi_err = (e @ Re.T) * (e @ Se.T) / math.sqrt(m)
+    psi = np.stack([psi_act * psi_err * math.sqrt(m), psi_act, psi_err])  # (3, B, m)
+    return torch.from_numpy(psi.sum(1)), torch.from_numpy((psi**2).sum(1))
+
+
+def run(backend, a, plans, **kw):
+    m = plans[0].m
+    sums = torch.zeros(3, m, dtype=torch.float64, device=backend.device)
+    sumsqs = torch.zeros_like(sums)
+    moved = {k: (v.to(backend.device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    fisher_sketch_update(sums, sumsqs, a.to(backend.device), plans, backend=backend.name, **moved)
+    return sums.cpu(), sumsqs.cpu()
+
+
+def assert_close_sums(got, expected, rtol=2e-5):
+    """Sums of float32 features: relative to the largest |Σψ| of each kind."""
+    for g, e in zip(got, expected):
+        scale = e.abs().amax(dim=1, keepdim=True) + 1e-300
+        assert float(((g - e).abs() / scale).max()) <= rtol
+
+
+# (d, K, m): one block per side, several blocks (m > N) on either side, padding, K = 2.
+SHAPES = [(16, 64, 48), (7, 3, 40), (33, 100, 256), (64, 1000, 96), (5, 2, 8)]
+
+
+@pytest.mark.parametrize("d,K,m", SHAPES)
+def test_matches_dense_definition(backend, d, K, m):
+    torch.manual_seed(d + K)
+    plans = make_plans(d, K, m)
+    a, z, y = torch.randn(9, d), 3 * torch.randn(9, K), torch.randint(0, K, (9,))
+    assert_close_sums(run(backend, a, plans, logits=z, y=y), dense_oracle(a, z, y, plans))
+
+
+def test_head_weights_equal_logits_and_chunking_is_invisible(backend):
+    torch.manual_seed(1)
+    d, K, m, B = 24, 300, 128, 11
+    plans = make_plans(d, K, m, seed=5)
+    a, W, b, y = torch.randn(B, d), torch.randn(K, d) / 3, torch.randn(K), torch.randint(0, K, (B,))
+    expected = run(backend, a, plans, logits=a @ W.T + b, y=y)
+    for chunk_rows in (1, 4, None):
+        assert_close_sums(run(backend, a, plans, W=W, b=b, y=y, chunk_rows=chunk_rows), expected)
+    assert_close_sums(run(backend, a, plans, W=W, y=y, chunk_rows=3), run(backend, a, plans, logits=a @ W.T, y=y))
+
+
+def test_sampled_labels_follow_the_inverse_cdf(backend):
+    torch.manual_seed(2)
+    d, K, m, B = 8, 50, 64, 40
+    plans = make_plans(d, K, m, seed=9)
+    a, z = torch.randn(B, d), 2 * torch.randn(B, K)
+    u = torch.rand(B, dtype=torch.float64)
+    cdf = np.cumsum(scipy.special.softmax(z.double().numpy(), axis=1), axis=1)
+    y = torch.from_numpy(np.array([np.searchsorted(c, ui * c[-1], side="right") for c, ui in zip(cdf, u.numpy())]))
+    assert_close_sums(run(backend, a, plans, logits=z, u=u), dense_oracle(a, z, y, plans))
+
+
+def test_accumulates_into_existing_sums_and_half_inputs(backend):
+    torch.manual_seed(3)
+    plans = make_plans(12, 40, 32)
+    a, z, y = torch.randn(6, 12), torch.randn(6, 40), torch.randint(0, 40, (6,))
+    once = run(backend, a, plans, logits=z, y=y)
+    sums = torch.zeros(3, 32, dtype=torch.float64, device=backend.device)
+    sumsqs = torch.zeros_like(sums)
+    for rows in (slice(0, 2), slice(2, 6)):
+        fisher_sketch_update(sums, sumsqs, a[rows].to(backend.device), plans, logits=z[rows].to(backend.device),
+                             y=y[rows].to(backend.device), backend=backend.name)
+    assert_close_sums((sums.cpu(), sumsqs.cpu()), once, rtol=1e-12)
+    half = run(backend, a.half(), plans, logits=z.half(), y=y.int())
+    assert_close_sums(half, dense_oracle(a.half().float(), z.half().float(), y, plans))
+
+
+def test_bad_inputs_raise_before_work():
+    plans = make_plans(4, 6, 8)
+    a, z, y = torch.randn(3, 4), torch.randn(3, 6), torch.tensor([0, 1, 5])
+    sums, sumsqs = torch.zeros(3, 8, dtype=torch.float64), torch.zeros(3, 8, dtype=torch.float64)
+    cases = [
+        (dict(sums=sums.float()), TypeError, "sums"),
+        (dict(sumsqs=torch.zeros(3, 9, dtype=torch.float64)), ValueError, "sumsqs"),
+        (dict(a=torch.randn(3, 5)), ValueError, "n_in = d"),
+        (dict(logits=None), ValueError, "exactly one of logits"),
+        (dict(logits=torch.randn(2, 6)), ValueError, "logits"),
+        (dict(y=torch.tensor([0, 1, 6])), ValueError, "labels in"),
+        (dict(y=torch.tensor([0.0, 1.0, 2.0])), TypeError, "y"),
+        (dict(y=None), ValueError, "exactly one of y"),
+        (dict(y=None, u=torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64)), ValueError, r"\[0, 1\)"),
+        (dict(plans=plans[:3]), TypeError, "plans"),
+        (dict(plans=(*plans[:3], SRHTPlan(6, 16, 1))), ValueError, "one m"),
+        (dict(chunk_rows=0), ValueError, "chunk_rows"),
+        (dict(backend="nope"), RuntimeError, "unknown backend"),
+    ]
+    for change, error, message in cases:
+        kw = dict(sums=sums, sumsqs=sumsqs, a=a, plans=plans, logits=z, y=y)
+        kw.update(change)
+        before = sums.clone()
+        with pytest.raises(error, match=message):
+            fisher_sketch_update(kw.pop("sums"), kw.pop("sumsqs"), kw.pop("a"), kw.pop("plans"), **kw)
+        assert torch.equal(sums, before)
+    with pytest.raises(ValueError, match="W must have shape"):
+        fisher_sketch_update(sums, sumsqs, a, plans, W=torch.randn(6, 5), y=y)
+    with pytest.raises(ValueError, match="b is only used with W"):
+        fisher_sketch_update(sums, sumsqs, a, plans, logits=z, b=torch.zeros(6), y=y)

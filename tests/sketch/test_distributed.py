@@ -1,0 +1,97 @@
+"""all_reduce_state across 2 CPU processes (gloo on loopback) equals the
+single-process state over the union of the data."""
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fisherfast.sketch import FisherSketcher, SketchSpec, SketchState
+from fisherfast.sketch.distributed import all_reduce_state
+
+SPEC = SketchSpec(d=12, K=40, m=64, seed=5)
+WORLD = 2
+TIMEOUT_S = 120
+
+
+def shard(rank: int):
+    """Rank ``rank``'s data: a (n, d), logits (n, K), labels (n,); shards differ in size."""
+    n = 7 + 4 * rank
+    g = torch.Generator().manual_seed(100 + rank)
+    return (torch.randn(n, SPEC.d, generator=g), 3 * torch.randn(n, SPEC.K, generator=g),
+            torch.randint(0, SPEC.K, (n,), generator=g))
+
+
+def local_state(rank: int) -> SketchState:
+    a, logits, y = shard(rank)
+    sketcher = FisherSketcher(SPEC)
+    sketcher.update(a, logits=logits, y=y)
+    return sketcher.state
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        local = local_state(rank)
+        merged = all_reduce_state(local)
+        local.save(os.path.join(out, f"local{rank}.safetensors"))
+        merged.save(os.path.join(out, f"merged{rank}.safetensors"))
+        try:  # rank r sketches under seed r: every rank must refuse
+            all_reduce_state(SketchState(SketchSpec(d=12, K=40, m=64, seed=rank)))
+        except ValueError as err:
+            with open(os.path.join(out, f"mismatch{rank}.txt"), "w") as f:
+                f.write(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_equal_states(got: SketchState, want: SketchState, **tol):
+    assert got.spec == want.spec and got.count == want.count
+    for kind in ("joint", "activation", "error"):
+        torch.testing.assert_close(got.sums[kind], want.sums[kind], **tol)
+        torch.testing.assert_close(got.sumsqs[kind], want.sumsqs[kind], **tol)
+
+
+def test_all_reduce_two_processes_equals_single_process(tmp_path):
+    context = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} gloo workers did not finish within {TIMEOUT_S} s")
+
+    merged = [SketchState.load(tmp_path / f"merged{r}.safetensors") for r in range(WORLD)]
+    local = [SketchState.load(tmp_path / f"local{r}.safetensors") for r in range(WORLD)]
+    # every rank holds the same state: the exact sum of the shards
+    assert_equal_states(merged[1], merged[0], rtol=0, atol=0)
+    assert_equal_states(merged[0], local[0].merge(local[1]), rtol=0, atol=0)
+    # ... which is the one-pass state over the union (up to float64 summation order)
+    data = [shard(r) for r in range(WORLD)]
+    union = FisherSketcher(SPEC)
+    union.update(torch.cat([d[0] for d in data]), logits=torch.cat([d[1] for d in data]),
+                 y=torch.cat([d[2] for d in data]))
+    assert_equal_states(merged[0], union.state, rtol=1e-12, atol=1e-12)
+    assert merged[0].count == sum(len(d[2]) for d in data)
+    for r in range(WORLD):
+        assert "share one spec" in (tmp_path / f"mismatch{r}.txt").read_text()
+
+
+def test_bad_inputs_without_process_group():
+    with pytest.raises(TypeError, match="SketchState"):
+        all_reduce_state(torch.zeros(6, 64))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        all_reduce_state(SketchState(SPEC))

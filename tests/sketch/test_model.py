@@ -1,0 +1,249 @@
+"""sketch_model on tiny random-init causal LMs (nothing fetched).
+
+Oracle: the head input recomputed independently for each text run alone
+(unpadded) as final_norm(output of the last block), the logits as W a (+ b),
+and the labels by hand; these rows go through FisherSketcher directly."""
+import functools
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from fisherfast.sketch import FisherSketcher, SketchSpec, SketchState, alignment
+from fisherfast.sketch.model import sketch_model, sketch_task, sketch_tasks
+from fisherfast.sketch.tasks import PromptTask, verbalizer_tasks
+
+WORDS = ["[PAD]", "[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "Yes", "No",
+         "Good", "Bad", "is", "it", "good", "?", "Answer", ":", "very", "big", "small", "red", "blue", "sun"]
+V = len(WORDS)
+TEXTS = ["the cat sat on the mat", "a dog ran", "the red sun is very big and the blue sun is small",
+         "cat dog", "is it good ? Answer :", "the small dog sat on a mat far away"]
+
+
+def tiny_tokenizer():
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(arch: str):
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    elif arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                         bos_token_id=0, eos_token_id=0)
+    else:
+        config = transformers.Gemma2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                           final_logit_softcapping=0.01)
+    config._attn_implementation = "eager"
+    return transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+
+def head_inputs(model, ids: list[int]) -> torch.Tensor:
+    """final_norm(last block output) of one unpadded text: (T, d)."""
+    blocks, norm = (model.model.layers, model.model.norm) if hasattr(model, "model") else \
+        (model.transformer.h, model.transformer.ln_f)
+    out = {}
+    handle = blocks[-1].register_forward_hook(lambda mod, args, output: out.__setitem__("h", output))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+        h = out["h"][0] if isinstance(out["h"], tuple) else out["h"]
+        a = norm(h)[0]
+    handle.remove()
+    return a
+
+
+def manual_state(model, rows_per_batch, spec, sample=False):
+    """rows_per_batch: list (one per update) of lists of (token ids, position, label)."""
+    W = model.get_output_embeddings().weight
+    sketcher = FisherSketcher(spec, generator_seed=spec.seed)
+    for rows in rows_per_batch:
+        a = torch.stack([head_inputs(model, ids)[t] for ids, t, _ in rows])
+        logits = a @ W.T
+        if sample:
+            sketcher.update(a, logits=logits, sample=True)
+        else:
+            sketcher.update(a, logits=logits, y=torch.tensor([y for _, _, y in rows]))
+    return sketcher.state
+
+
+def assert_states_close(state, expected):
+    assert state.spec == expected.spec and state.count == expected.count
+    for kind in ("joint", "activation", "error"):
+        for got, want in ((state.sums[kind], expected.sums[kind]), (state.sumsqs[kind], expected.sumsqs[kind])):
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_next_token_state_equals_manual_features(arch, tokenizer):
+    model = tiny_model(arch)
+    spec = SketchSpec(d=16, K=V, m=64, seed=3)
+    state = sketch_model(model, tokenizer, TEXTS, spec=spec, batch_size=4, progress=False)
+    ids = tokenizer(TEXTS)["input_ids"]
+    batches = [[(x, t, x[t + 1]) for x in ids[s:s + 4] for t in range(len(x) - 1)] for s in (0, 4)]
+    assert_states_close(state, manual_state(model, batches, spec))
+    assert state.count == sum(len(x) - 1 for x in ids)
+
+
+def test_padding_is_ignored(tokenizer):
+    model = tiny_model("llama")
+    spec = SketchSpec(d=16, K=V, m=64)
+    one_by_one = sketch_model(model, tokenizer, TEXTS, spec=spec, batch_size=1, progress=False)
+    padded = sketch_model(model, tokenizer, TEXTS, spec=spec, batch_size=len(TEXTS), progress=False)
+    assert_states_close(padded, one_by_one)
+
+
+def test_verbalizer_labels_at_last_position(tokenizer):
+    model = tiny_model("llama")
+    spec = SketchSpec(d=16, K=V, m=64, seed=1)
+    labels = [WORDS.index(w) for w in ("Yes", "No", "Yes", "Good", "Bad", "No")]
+    state = sketch_model(model, tokenizer, TEXTS, spec=spec, labels=labels, batch_size=4, progress=False)
+    ids = tokenizer(TEXTS)["input_ids"]
+    batches = [[(x, len(x) - 1, y) for x, y in zip(ids[s:s + 4], labels[s:s + 4])] for s in (0, 4)]
+    assert_states_close(state, manual_state(model, batches, spec))
+    assert state.count == len(TEXTS)
+
+
+def test_sample_draws_seeded_labels(tokenizer):
+    model = tiny_model("llama")
+    spec = SketchSpec(d=16, K=V, m=64, seed=2)
+    state = sketch_model(model, tokenizer, TEXTS, spec=spec, sample=True, batch_size=3, progress=False)
+    ids = tokenizer(TEXTS)["input_ids"]
+    batches = [[(x, t, None) for x in ids[s:s + 3] for t in range(len(x) - 1)] for s in (0, 3)]
+    assert_states_close(state, manual_state(model, batches, spec, sample=True))
+    last = sketch_model(model, tokenizer, TEXTS, spec=spec, sample=True, labels=None, progress=False)
+    assert last.count == len(TEXTS)  # labels=None: the last position of each text
+
+
+def test_token_id_inputs_and_default_spec(tokenizer):
+    model = tiny_model("gpt2")
+    ids = tokenizer(TEXTS)["input_ids"]
+    from_ids = sketch_model(model, None, ids, batch_size=2, progress=False)
+    from_text = sketch_model(model, tokenizer, TEXTS, batch_size=2, progress=False)
+    assert from_ids.spec == SketchSpec(d=16, K=V)
+    assert_states_close(from_ids, from_text)
+
+
+def test_prompt_task_labels(tokenizer):
+    model = tiny_model("llama")
+    task = PromptTask("t", ("is it good ?", "the cat"), ("Yes", "No"))
+    assert task.label_ids(tokenizer) == [WORDS.index("Yes"), WORDS.index("No")]
+    spec = SketchSpec(d=16, K=V, m=32)
+    via_task = sketch_task(model, tokenizer, task, spec=spec, progress=False)
+    direct = sketch_model(model, tokenizer, list(task.prompts), labels=task.label_ids(tokenizer), spec=spec,
+                          progress=False)
+    assert_states_close(via_task, direct)
+    with pytest.raises(ValueError, match="exactly one"):
+        PromptTask("t", ("a",), ("very big",)).label_ids(tokenizer)
+
+
+def test_builtin_tasks_share_prompts_and_balance():
+    tasks = verbalizer_tasks(n=8)
+    assert [t.name for t in tasks] == ["yes_no", "no_yes", "good_bad", "a_b"]
+    assert len({t.prompts for t in tasks}) == 1
+    yes_no, no_yes = tasks[0], tasks[1]
+    assert yes_no.answers.count(" Yes") == 4 and all(a != b for a, b in zip(yes_no.answers, no_yes.answers))
+    assert set(verbalizer_tasks(n=8, offset=8)[0].prompts).isdisjoint(yes_no.prompts)
+    with pytest.raises(ValueError, match="names"):
+        verbalizer_tasks(["maybe"])
+    with pytest.raises(ValueError, match="n must"):
+        verbalizer_tasks(n=1000)
+
+
+def test_rejects_logit_softcapping(tokenizer):
+    with pytest.raises(ValueError, match="soft-capping"):
+        sketch_model(tiny_model("gemma2"), tokenizer, TEXTS[:2], spec=SketchSpec(d=16, K=V, m=16), progress=False)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(labels="tokens"), ValueError, "labels must be"),
+    (dict(labels=[1, 2]), ValueError, "one token id per prompt"),
+    (dict(labels=[1.0] * 6), TypeError, "int token ids"),
+    (dict(labels=[1] * 5 + [V]), ValueError, r"token ids in \[0"),
+    (dict(labels=[1] * 6, positions="all"), ValueError, "positions must be 'last'"),
+    (dict(labels=[1] * 6, sample=True), ValueError, "do not also give"),
+    (dict(labels=None), ValueError, "sample=True"),
+    (dict(positions="last"), ValueError, "no label after the last token"),
+    (dict(positions="every"), ValueError, "positions must be one of"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(max_length=0), ValueError, "max_length"),
+    (dict(spec=SketchSpec(d=8, K=V)), ValueError, "d = 16"),
+    (dict(spec=(16, V)), TypeError, "SketchSpec"),
+])
+def test_bad_arguments(kwargs, error, match, tokenizer):
+    model = tiny_model("llama")
+    with pytest.raises(error, match=match):
+        sketch_model(model, tokenizer, TEXTS, progress=False, **kwargs)
+
+
+def test_bad_data(tokenizer):
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="non-empty list"):
+        sketch_model(model, tokenizer, "the cat", progress=False)
+    with pytest.raises(TypeError, match="non-empty list"):
+        sketch_model(model, tokenizer, [], progress=False)
+    with pytest.raises(TypeError, match="all strings or all lists"):
+        sketch_model(model, tokenizer, ["the cat", [2, 3]], progress=False)
+    with pytest.raises(ValueError, match="tokenizer is required"):
+        sketch_model(model, None, ["the cat"], progress=False)
+    with pytest.raises(ValueError, match="fewer than 2 tokens"):
+        sketch_model(model, tokenizer, ["the cat", "dog"], progress=False)
+    with pytest.raises(TypeError, match="output embedding"):
+        sketch_model(torch.nn.Linear(2, 2), tokenizer, ["the cat"], progress=False)
+
+
+def test_sketch_tasks_shares_forward_passes(tokenizer):
+    model = tiny_model("llama")
+    spec = SketchSpec(d=16, K=V, m=32)
+    prompts, other = ("is it good ?", "the cat sat", "a dog"), ("the sun is red", "it is blue")
+    tasks = [PromptTask("yes_no", prompts, ("Yes", "No", "Yes")),
+             PromptTask("good_bad", prompts, ("Good", "Bad", "Good")), PromptTask("other", other, ("No", "Yes"))]
+    together = sketch_tasks(model, tokenizer, tasks, spec=spec, batch_size=2, progress=False)
+    assert list(together) == ["yes_no", "good_bad", "other"]
+    for task in tasks:
+        assert_states_close(together[task.name], sketch_task(model, tokenizer, task, spec=spec, progress=False))
+    with pytest.raises(ValueError, match="unique"):
+        sketch_tasks(model, tokenizer, [tasks[0], tasks[0]], spec=spec, progress=False)
+    with pytest.raises(ValueError, match=r"labels\['x'\] must hold one token id per prompt"):
+        sketch_model(model, tokenizer, list(prompts), labels={"x": [2]}, spec=spec, progress=False)
+
+
+def test_cli_sketch_and_align(tokenizer, tmp_path, capsys):
+    from fisherfast import cli
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "a.txt").write_text("\n".join(TEXTS[:3]) + "\n\n")
+    (tmp_path / "b.txt").write_text("\n".join(TEXTS[3:]))
+    for name in ("a", "b"):
+        assert cli.main(["sketch", "--model", str(tmp_path / "model"), "--texts", str(tmp_path / f"{name}.txt"),
+                         "--out", str(tmp_path / f"{name}.safetensors"), "--m", "32", "--no-progress"]) == 0
+    spec = SketchSpec(d=16, K=V, m=32)
+    a = SketchState.load(tmp_path / "a.safetensors", spec=spec)
+    assert_states_close(a, sketch_model(model, tokenizer, TEXTS[:3], spec=spec, progress=False))
+    capsys.readouterr()
+    png = tmp_path / "heat.png"
+    assert cli.main(["align", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                     "--out", str(png)]) == 0
+    printed = capsys.readouterr().out
+    b = SketchState.load(tmp_path / "b.safetensors")
+    result = alignment({"a": a, "b": b})
+    assert f"{float(result.A[0, 1]):.3f}±{float(result.stderr[0, 1]):.3f}" in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="cannot load"):
+        cli.main(["align", str(tmp_path / "a.txt")])
+    with pytest.raises(SystemExit, match="--model"):
+        cli.main(["sketch", "--model", str(tmp_path / "nowhere"), "--texts", str(tmp_path / "a.txt"),
+                  "--out", str(tmp_path / "x.safetensors")])
