@@ -10,8 +10,8 @@
   form H_N = H_64 ⊗ H_64 ⊗ … applied as one GEMM per factor (BLAS);
 - GPU rows (fisherfast triton and cuda, and clone on the GPU) when CUDA is present.
 
-Contenders are timed in interleaved rounds (one sample of each per round), so
-a noisy machine slows them alike. Goals at 2^17 (issue 2): cpu out of place
+Contenders are timed in interleaved rounds (one sample of each per round, a
+sample averaging calls over ≥ 20 ms), so a noisy machine slows them alike. Goals at 2^17 (issue 2): cpu out of place
 ≤ 1.5× clone, and ≥ 15× faster than hadamard-transform.
 
     python bench/bench_fwht.py [--quick] [--log2-n 12 17] [--rows 64]
@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
             for name, (_, fn, _) in contenders.items():
                 if name == "hadamard-transform" and L > 14 and r >= 3:
                     continue
-                samples[name].append(timeit(fn, repeat=1, warmup=1 if r == 0 else 0))
+                samples[name].append(timeit(fn, repeat=1, warmup=1 if r == 0 else 0, min_time=0.02))
         times = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
         t_clone, t_ht = times["torch.clone"], times.get("hadamard-transform")
         for name, (mode, fn, note) in contenders.items():

@@ -182,6 +182,9 @@ void srht(std::uintptr_t x, std::uintptr_t signs, std::uintptr_t idx, std::uintp
 
 }  // namespace
 
+void fwht_row(const float* src, float* dst, int64_t n, float scale) { row_f32(src, dst, n, scale); }
+void fwht_row(const double* src, double* dst, int64_t n, double scale) { row_f64(src, dst, n, scale); }
+
 void bind_fwht(py::module_& m) {
   m.def("fwht", &fwht, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("n"), py::arg("dtype"),
         py::arg("scale"), py::arg("threads"),

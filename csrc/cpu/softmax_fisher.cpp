@@ -7,7 +7,8 @@
 //
 // Threads split the tokens; every inner loop runs over the chunk with unit
 // stride. The per-token bodies are compiled three times (AVX-512, AVX2,
-// baseline) through target_clones; OpenMP stays outside the clones (an
+// baseline) through target_clones, with the header kernels flattened into
+// each clone; OpenMP stays outside the clones (an
 // outlined parallel body would not inherit the clone's target).
 // Kernel math: csrc/include/fisherfast/softmax_fisher.h.
 #include <pybind11/pybind11.h>
@@ -29,7 +30,7 @@ using std::int64_t;
 namespace sf = softmax_fisher;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FF_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
 #else
 #define FF_CLONES
 #endif
@@ -109,7 +110,7 @@ void quad_update(const T* Z, int64_t zsb, const T* bias, const T* Y, int64_t ysb
                  int64_t k, T* m, T* l, T* ybar, T* M, int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> scratch((k + 1) * C), ybar_c(k);
+    std::vector<T> scratch(sf::quad_scratch(C, k)), ybar_c(k);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
       K<T>::quad(Z + b * zsb, bias, Y + b * ysb, ysj, C, k, scratch.data(), ybar_c.data(), m + b, l + b,

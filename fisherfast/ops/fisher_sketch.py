@@ -18,15 +18,17 @@ for g = e ⊗ a, so the running mean of ψ is a sketch of the empirical head
 Fisher (1/n) Σ g gᵀ.
 
 Pipeline per chunk of rows: (logits GEMM when given W, b) → softmax → signs →
-FWHT → gather → feature products → float64 accumulation. Error rows exist only
-for one chunk at a time (the reference and GPU paths) or one row per thread
-(the C++ path). Cost per row: 2⌈m/N_e⌉ FWHTs of size N_e = 2^⌈log₂K⌉ plus
+FWHT → gather → feature products → float64 accumulation. The C++ backend runs
+the whole pipeline per row (one row of transform scratch per thread, OpenMP
+over rows, fwht.h kernels); the triton and cuda backends run a prepare kernel
+(softmax → signed error buffers), the fwht op of the same backend, and a
+features kernel (gather → one-hot → ψ → float64 sums, no atomics). Error rows
+exist only for one chunk of rows at a time (or one row per thread). Cost per row: 2⌈m/N_e⌉ FWHTs of size N_e = 2^⌈log₂K⌉ plus
 2⌈m/N_a⌉ of size N_a = 2^⌈log₂d⌉, plus the K·d logits GEMM when given W.
 All features are computed in float32; accumulation is float64.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch

@@ -301,6 +301,17 @@ def cpu_chunk_size(V: int, per_row: int, chunk: int | None) -> int:
     return min(V, max(_CPU_MIN_CHUNK, CPU_CHUNK_ELEMENTS // max(per_row, 1)))
 
 
+# A C++ sweep runs on more than one thread only with at least this many
+# element-operations per thread: waking the OpenMP team costs microseconds on
+# an idle machine and milliseconds on a loaded one, and the sweeps are O(k) to
+# O(k²) per logit against the GEMM's O(d).
+SWEEP_WORK_PER_THREAD = 1 << 22
+
+
+def _sweep_threads(work: int) -> int:
+    return max(1, min(torch.get_num_threads(), work // SWEEP_WORK_PER_THREAD))
+
+
 def _addr(x):
     return 0 if x is None else x.data_ptr()
 
@@ -356,15 +367,16 @@ def moments_cpu(h, W, U, b, logits, C):
     mu, ybar, M = torch.zeros(B, d, dtype=dt), torch.zeros(B, k, dtype=dt), torch.zeros(B, d, k, dtype=dt)
     m_c, l_c, ybar_c, t_c = new(B), new(B), new(B, k), new(B, k)
     X, A = new(B * (k + 1) * C), new(B * (k + 1), d)
-    threads = torch.get_num_threads()
+    merge_threads = _sweep_threads(B * d * (k + 1))
     for start, Wc, z, zsb, y, ysb, ysj in _cpu_chunks(h, W, U, logits, C):
         c = Wc.shape[0]
         ext.softmax_fisher_matmat_chunk(name, z, zsb, _bias_addr(b, start), y, ysb, ysj, B, c, k, X.data_ptr(),
-                                        m_c.data_ptr(), l_c.data_ptr(), _addr(ybar_c), _addr(t_c), threads)
+                                        m_c.data_ptr(), l_c.data_ptr(), _addr(ybar_c), _addr(t_c),
+                                        _sweep_threads(B * c * (k + 2)))
         torch.mm(X[:B * (k + 1) * c].view(B * (k + 1), c), Wc, out=A)
         ext.softmax_fisher_matmat_merge(name, A.data_ptr(), B, d, k, m_c.data_ptr(), l_c.data_ptr(), _addr(ybar_c),
                                         _addr(t_c), m.data_ptr(), l.data_ptr(), mu.data_ptr(), _addr(ybar),
-                                        _addr(M), threads)
+                                        _addr(M), merge_threads)
     raise_nonfinite_normalizer(m + torch.log(l), logits is not None)
     return m, l, mu, M
 
@@ -372,7 +384,8 @@ def moments_cpu(h, W, U, b, logits, C):
 def _matmat_cpu(h, W, U, b, logits, chunk):
     B = (logits if logits is not None else h).shape[0]
     k = U.shape[-1]
-    C = cpu_chunk_size(W.shape[0], (0 if logits is not None else B) + B * k + B * (k + 1), chunk)
+    n_proj = k if U.dim() == 2 else B * k
+    C = cpu_chunk_size(W.shape[0], (0 if logits is not None else B) + n_proj + B * (k + 1), chunk)
     _, l, _, M = moments_cpu(h, W, U, b, logits, C)
     return M / l[:, None, None]
 
@@ -383,14 +396,15 @@ def _quad_cpu(h, W, U, b, logits, chunk):
     ext = _backends.cpu_extension()
     B = (logits if logits is not None else h).shape[0]
     k = U.shape[-1]
-    C = cpu_chunk_size(W.shape[0], (0 if logits is not None else B) + B * k, chunk)
+    C = cpu_chunk_size(W.shape[0], (0 if logits is not None else B) + (k if U.dim() == 2 else B * k), chunk)
     dt, name = W.dtype, str(W.dtype).removeprefix("torch.")
     m, l = _running(B, dt, W.device)
     ybar, M = torch.zeros(B, k, dtype=dt), torch.zeros(B, k, k, dtype=dt)
-    threads = torch.get_num_threads()
     for start, Wc, z, zsb, y, ysb, ysj in _cpu_chunks(h, W, U, logits, C):
-        ext.softmax_fisher_quad_update(name, z, zsb, _bias_addr(b, start), y, ysb, ysj, B, Wc.shape[0], k,
-                                       m.data_ptr(), l.data_ptr(), ybar.data_ptr(), M.data_ptr(), threads)
+        c = Wc.shape[0]
+        ext.softmax_fisher_quad_update(name, z, zsb, _bias_addr(b, start), y, ysb, ysj, B, c, k, m.data_ptr(),
+                                       l.data_ptr(), ybar.data_ptr(), M.data_ptr(),
+                                       _sweep_threads(B * c * (k + 1) * (k + 4) // 2))
     raise_nonfinite_normalizer(m + torch.log(l), logits is not None)
     return M / l[:, None, None]  # symmetric by construction (both triangles written from one sum)
 
@@ -401,10 +415,10 @@ def _lse_cpu(h, W, b, logits, C):
     B = (logits if logits is not None else h).shape[0]
     name = str(W.dtype).removeprefix("torch.")
     m, l = _running(B, W.dtype, W.device)
-    threads = torch.get_num_threads()
     for start, Wc, z, zsb, _, _, _ in _cpu_chunks(h, W, None, logits, C):
-        ext.softmax_fisher_lse_update(name, z, zsb, _bias_addr(b, start), B, Wc.shape[0], m.data_ptr(),
-                                      l.data_ptr(), threads)
+        c = Wc.shape[0]
+        ext.softmax_fisher_lse_update(name, z, zsb, _bias_addr(b, start), B, c, m.data_ptr(), l.data_ptr(),
+                                      _sweep_threads(4 * B * c))
     return m, l
 
 

@@ -219,6 +219,25 @@ def test_gradient_matches_finite_differences(backend, normalized):
     assert torch.autograd.gradcheck(f, (x,), fast_mode=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("log2_n", [3, 8, 13])
+def test_triton_kernel_converts_on_load(log2_n, dtype):
+    # The kernel itself reads half (or float32) inputs and computes in its output's float32.
+    from conftest import backend_device
+
+    from fisherfast.ops import available_backends
+
+    if not available_backends()["triton"].available:
+        pytest.skip(available_backends()["triton"].reason)
+    from fisherfast.ops.fwht_triton import fwht_triton
+
+    device = backend_device("triton")
+    src = torch.randn(3, 1 << log2_n, device=device).to(dtype)
+    dst = torch.empty(src.shape, device=device)
+    fwht_triton(src, dst, 0.5)
+    assert_transform_close(dst, hadamard_oracle(src) * 0.5, torch.float32, normalized=True)
+
+
 def test_reference_impl_writes_dst_only():
     src = torch.randn(2, 16, dtype=torch.float64)
     before = src.clone()

@@ -192,12 +192,20 @@ inline void matmat_token_merge(const T* A, int64_t d, int64_t k, T m_c, T l_c, c
   for (int64_t j = 0; j < k; ++j) ybar[j] += g.w * (ybar_c[j] - ybar[j]);
 }
 
-// quad: one chunk of one token, merged into (m, l, ȳ, M (k×k)). scratch:
-// (k+1)·C; ybar_c: k.
+// Scratch of quad_token: ŷ (k rows of C), e (C), then 16-lane partial sums
+// of the k(k+1)/2 pair products and one 16-lane tile of e ŷ_i.
+constexpr int64_t kLanes = 16;
+inline int64_t quad_scratch(int64_t C, int64_t k) { return (k + 1) * C + (k * (k + 1) / 2 + 1) * kLanes; }
+
+// quad: one chunk of one token, merged into (m, l, ȳ, M (k×k)); M_c =
+// Σ e ŷ ŷᵀ is summed 16 columns at a time into 16-lane partial sums (one
+// vector FMA per pair and tile, the tile in L1), reduced at the end.
 template <typename T>
 inline void quad_token(const T* z, const T* bias, const T* Y, int64_t ysj, int64_t C, int64_t k, T* scratch,
                        T* ybar_c, T& m, T& l, T* ybar, T* M) {
   T* e = scratch + k * C;
+  T* acc = e + C;
+  T* ey = acc + k * (k + 1) / 2 * kLanes;
   const T m_c = shifted_max(z, bias, C, e);
   const T l_c = exp_sum(e, C, m_c);
   chunk_mean(e, Y, ysj, C, k, l_c, ybar_c);
@@ -208,14 +216,34 @@ inline void quad_token(const T* z, const T* bias, const T* Y, int64_t ysj, int64
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) yh[c] = y[c] - yb;
   }
+  for (int64_t q = 0; q < k * (k + 1) / 2 * kLanes; ++q) acc[q] = 0;
+  const int64_t full = C - C % kLanes;
+  for (int64_t c0 = 0; c0 < full; c0 += kLanes) {
+    T* a = acc;
+    for (int64_t i = 0; i < k; ++i) {
+      const T* yi = scratch + i * C + c0;
+#pragma omp simd
+      for (int64_t cc = 0; cc < kLanes; ++cc) ey[cc] = e[c0 + cc] * yi[cc];
+      for (int64_t j = 0; j <= i; ++j, a += kLanes) {
+        const T* yj = scratch + j * C + c0;
+#pragma omp simd
+        for (int64_t cc = 0; cc < kLanes; ++cc) a[cc] += ey[cc] * yj[cc];
+      }
+    }
+  }
+  for (int64_t c = full; c < C; ++c) {
+    T* a = acc;
+    for (int64_t i = 0; i < k; ++i) {
+      const T eyi = e[c] * scratch[i * C + c];
+      for (int64_t j = 0; j <= i; ++j, a += kLanes) a[c - full] += eyi * scratch[j * C + c];
+    }
+  }
   const Merge<T> g = merge_normalizer(m, l, m_c, l_c);
+  const T* a = acc;
   for (int64_t i = 0; i < k; ++i) {
-    const T* yi = scratch + i * C;
-    for (int64_t j = 0; j <= i; ++j) {
-      const T* yj = scratch + j * C;
+    for (int64_t j = 0; j <= i; ++j, a += kLanes) {
       T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t c = 0; c < C; ++c) s += e[c] * yi[c] * yj[c];
+      for (int64_t cc = 0; cc < kLanes; ++cc) s += a[cc];
       const T cross = g.kappa * (ybar_c[i] - ybar[i]) * (ybar_c[j] - ybar[j]);
       const T v = g.a * M[i * k + j] + g.beta * s + cross;
       M[i * k + j] = v;
