@@ -26,6 +26,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join("csrc", "include")
 CUDA_ARCHS = ("80", "90")
+HEADERS = sorted(glob.glob(os.path.join(INCLUDE, "fisherfast", "*.h")))
 
 
 def cpu_extension():
@@ -36,6 +37,7 @@ def cpu_extension():
         "fisherfast._C",
         sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
         include_dirs=[INCLUDE],
+        depends=HEADERS,
         cxx_std=17,
         extra_compile_args=compile_args,
         extra_link_args=["-fopenmp"],

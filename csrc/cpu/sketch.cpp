@@ -60,7 +60,7 @@ __attribute__((always_inline)) inline void signed_transform(const float* x, std:
 #pragma omp simd
     for (std::int64_t i = 0; i < n_in; ++i) out[i] = x[i] * sign[i];
     std::memset(out + n_in, 0, (plan.N - n_in) * sizeof(float));
-    fwht_cpu::row<float>(out, out, plan.N, 1.0f);
+    fwht_row(out, out, plan.N, 1.0f);
   }
 }
 
@@ -112,11 +112,11 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void sketch_row(
     for (std::int64_t k = 0; k < K; ++k) es[b * se.N + k] = std::fabs(es[k]) * se.signs[b * se.N + k];
   for (std::int64_t b = 0; b < re.n_blocks; ++b) {
     std::memset(er + b * re.N + K, 0, (re.N - K) * sizeof(float));
-    fwht_cpu::row<float>(er + b * re.N, er + b * re.N, re.N, 1.0f);
+    fwht_row(er + b * re.N, er + b * re.N, re.N, 1.0f);
   }
   for (std::int64_t b = 0; b < se.n_blocks; ++b) {
     std::memset(es + b * se.N + K, 0, (se.N - K) * sizeof(float));
-    fwht_cpu::row<float>(es + b * se.N, es + b * se.N, se.N, 1.0f);
+    fwht_row(es + b * se.N, es + b * se.N, se.N, 1.0f);
   }
 
   const float inv_Z = static_cast<float>(1.0 / Z);

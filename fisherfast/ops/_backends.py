@@ -140,12 +140,13 @@ def select(op: str, impls: Mapping[str, Callable], device: torch.device, backend
     """The implementation of ``op`` to run for tensors on ``device``.
 
     ``backend`` (or the FISHERFAST_BACKEND environment variable) forces one;
-    otherwise the fastest backend that can run is taken."""
+    otherwise the fastest backend that can run is taken. A forced backend that
+    cannot run is a bad argument: ValueError listing every reason."""
     forced = backend or os.environ.get("FISHERFAST_BACKEND") or None
     if forced:
         reasons = not_supported_reasons(op, forced, impls, device)
         if reasons:
-            raise RuntimeError(f"fisherfast.ops.{op}: backend {forced!r} cannot run: " + "; ".join(reasons))
+            raise ValueError(f"fisherfast.ops.{op}: backend {forced!r} cannot run: " + "; ".join(reasons))
         return impls[forced]
     preference = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in preference:

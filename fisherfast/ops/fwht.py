@@ -75,23 +75,13 @@ def fwht_cuda(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
 _IMPLS = {"reference": fwht_reference, "cpu": fwht_cpu, "triton": fwht_triton, "cuda": fwht_cuda}
 
 
-def resolve_backend(op: str, impls, device: torch.device, backend: str | None) -> str:
-    """Name of the backend that will run ``op`` on ``device``; a forced one that
-    cannot run raises ValueError with every reason, before any work."""
-    try:
-        impl = _backends.select(op, impls, device, backend or None)
-    except RuntimeError as err:
-        raise ValueError(str(err)) from None
-    return next(name for name, f in impls.items() if f is impl)
-
-
 def _scale(n: int, normalized: bool) -> float:
     return 1.0 / math.sqrt(n) if normalized else 1.0
 
 
 @torch.library.custom_op("fisherfast::fwht", mutates_args=())
 def _fwht_op(x: torch.Tensor, normalized: bool, backend: str) -> torch.Tensor:
-    impl = _IMPLS[resolve_backend("fwht", _IMPLS, x.device, backend)]
+    impl = _backends.select("fwht", _IMPLS, x.device, backend or None)
     src = x.to(compute_dtype(x.dtype)).contiguous()
     # A converted copy is ours to overwrite; otherwise write a fresh output, so
     # the transform reads x once and writes once.
@@ -120,7 +110,7 @@ _fwht_op.register_autograd(_fwht_backward, setup_context=_fwht_setup_context)
 
 @torch.library.custom_op("fisherfast::fwht_", mutates_args=("x",))
 def _fwht_inplace_op(x: torch.Tensor, normalized: bool, backend: str) -> None:
-    impl = _IMPLS[resolve_backend("fwht", _IMPLS, x.device, backend)]
+    impl = _backends.select("fwht", _IMPLS, x.device, backend or None)
     if not x.numel():
         return
     scale = _scale(x.shape[-1], normalized)

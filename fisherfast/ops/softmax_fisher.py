@@ -217,9 +217,13 @@ def gram_truncated_chunked(h, W, b, logits, chunk, norm, tail_tol: float, reduce
 
     Candidates are the rows with p_v ≥ tail_tol / V (the rows below hold at
     most tail_tol of mass in all, so S lies within them); memory is
-    O(#candidates), ≤ B·V only for flat distributions."""
+    O(#candidates), ≤ B·V only for flat distributions. The selection is
+    vectorized over tokens: candidates sorted by (token, −p), per-token
+    prefix mass by a cumulative sum minus each token's offset, and the kept
+    rows' scatter as one padded batched GEMM (B, d, n_max)·(B, n_max, d)."""
     B = norm[0].shape[0]
     V, d = W.shape
+    dev = W.device
     C = chunk_size(V, B, chunk)
     theta = tail_tol / V
     tok, idx, pv = [], [], []
@@ -230,40 +234,32 @@ def gram_truncated_chunked(h, W, b, logits, chunk, norm, tail_tol: float, reduce
         idx.append(v + start)
         pv.append(P[i, v])
     tok, idx, pv = torch.cat(tok), torch.cat(idx), torch.cat(pv)
-    G = torch.zeros(B, d, d, dtype=W.dtype, device=W.device) if reduce == "none" else \
-        torch.zeros(d, d, dtype=W.dtype, device=W.device)
-    tau = torch.empty(B, dtype=torch.float64, device=W.device)
-    n_kept = torch.empty(B, dtype=torch.int64, device=W.device)
-    order = torch.argsort(tok, stable=True)
+    # Sort by p descending, then (stably) by token: each token's run is in descending p.
+    order = torch.argsort(pv, descending=True, stable=True)
+    order = order[torch.argsort(tok[order], stable=True)]
     tok, idx, pv = tok[order], idx[order], pv[order]
-    counts = torch.bincount(tok, minlength=B).tolist()
-    for i, (s, n) in enumerate(zip([0] + list(_cumsum(counts))[:-1], counts)):
-        p_i, v_i = pv[s:s + n], idx[s:s + n]
-        p_sorted, perm = torch.sort(p_i, descending=True)
-        mass = torch.cumsum(p_sorted.double(), dim=0)
-        # smallest prefix with 1 − mass ≤ tail_tol
-        keep = min(int(torch.searchsorted(mass, torch.tensor([1.0 - tail_tol], dtype=torch.float64,
-                                                                device=mass.device))) + 1, n)
-        pS, rows = p_sorted[:keep], W[v_i[perm[:keep]]]
-        muS = (pS @ rows) / pS.sum()
-        D = rows - muS
-        Gi = (pS[:, None] * D).T @ D
-        if reduce == "none":
-            G[i] = 0.5 * (Gi + Gi.T)
-        else:
-            G += 0.5 * (Gi + Gi.T)
-        tau[i] = 1.0 - mass[keep - 1]
-        n_kept[i] = keep
+    counts = torch.bincount(tok, minlength=B)
+    first = torch.cumsum(counts, 0) - counts  # offset of each token's run
+    mass = torch.cumsum(pv.double(), 0)
+    mass = mass - torch.cat([mass.new_zeros(1), mass])[first][tok]  # per-token prefix mass
+    # Keep a row while the mass before it is < 1 − tail_tol: the smallest prefix with τ ≤ tail_tol.
+    keep = (mass - pv.double()) < 1.0 - tail_tol
+    n_kept = torch.zeros(B, dtype=torch.int64, device=dev).index_add_(0, tok, keep.long())
+    kept_mass = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, tok, torch.where(keep, pv.double(), 0))
+    rank = torch.arange(tok.numel(), device=dev) - first[tok]  # position in the token's run
+    tok, idx, pv, rank = tok[keep], idx[keep], pv[keep], rank[keep]
+    n_max = int(n_kept.max())
+    Rp = torch.zeros(B, n_max, d, dtype=W.dtype, device=dev)  # kept rows, zero-padded
+    Rp[tok, rank] = W[idx]
+    Pp = torch.zeros(B, n_max, dtype=W.dtype, device=dev)  # their p (0 on the padding)
+    Pp[tok, rank] = pv
+    muS = torch.bmm(Pp[:, None, :], Rp)[:, 0] / Pp.sum(dim=1, keepdim=True)
+    Dp = Rp - muS[:, None, :]  # padding rows carry weight 0
+    G = torch.bmm((Pp[:, :, None] * Dp).transpose(1, 2), Dp)
+    G = 0.5 * (G + G.transpose(1, 2))
     if reduce == "mean":
-        G /= B
-    return G, tau.clamp_min(0.0), n_kept
-
-
-def _cumsum(values):
-    total = 0
-    for x in values:
-        total += x
-        yield total
+        G = G.mean(dim=0)
+    return G, (1.0 - kept_mass).clamp_min(0.0), n_kept
 
 
 def _gram_reference(h, W, b, logits, reduce, tail_tol, chunk):
@@ -289,16 +285,22 @@ def _gram_reference(h, W, b, logits, reduce, tail_tol, chunk):
 # ---------------------------------------------------------------------------
 
 # Chunk policy of the cpu backend: the per-chunk buffers hold about this many
-# elements (16 MiB in float32), and a chunk has at least _CPU_MIN_CHUNK rows,
+# elements (4 MiB in float32), and a chunk has at least _CPU_MIN_CHUNK rows,
 # so each chunk is GEMM work enough to hide the fixed cost of its calls.
-CPU_CHUNK_ELEMENTS = 1 << 22
-_CPU_MIN_CHUNK = 4096
+CPU_CHUNK_ELEMENTS = 1 << 20
+_CPU_MIN_CHUNK = 8192
 
 
-def cpu_chunk_size(V: int, per_row: int, chunk: int | None) -> int:
+# lm_logsumexp keeps only the B×C logit tile: a 16 MiB budget, so that usual
+# shapes run in one or two chunks (each chunk wakes the GEMM's thread team
+# again, which costs milliseconds on a loaded machine).
+CPU_LSE_CHUNK_ELEMENTS = 1 << 22
+
+
+def cpu_chunk_size(V: int, per_row: int, chunk: int | None, budget: int = CPU_CHUNK_ELEMENTS) -> int:
     if chunk:
         return min(chunk, V)
-    return min(V, max(_CPU_MIN_CHUNK, CPU_CHUNK_ELEMENTS // max(per_row, 1)))
+    return min(V, max(_CPU_MIN_CHUNK, budget // max(per_row, 1)))
 
 
 # A C++ sweep runs on more than one thread only with at least this many
@@ -423,7 +425,7 @@ def _lse_cpu(h, W, b, logits, C):
 
 
 def _lm_logsumexp_cpu(h, W, b, chunk):
-    m, l = _lse_cpu(h, W, b, None, cpu_chunk_size(W.shape[0], h.shape[0], chunk))
+    m, l = _lse_cpu(h, W, b, None, cpu_chunk_size(W.shape[0], h.shape[0], chunk, CPU_LSE_CHUNK_ELEMENTS))
     lse = m + torch.log(l)
     raise_nonfinite_normalizer(lse, False)
     return lse
@@ -435,7 +437,7 @@ def _gram_cpu(h, W, b, logits, reduce, tail_tol, chunk):
     B = (logits if logits is not None else h).shape[0]
     V = W.shape[0]
     if tail_tol is not None:
-        m, l = _lse_cpu(h, W, b, logits, cpu_chunk_size(V, B, chunk))
+        m, l = _lse_cpu(h, W, b, logits, cpu_chunk_size(V, B, chunk, CPU_LSE_CHUNK_ELEMENTS))
         raise_nonfinite_normalizer(m + torch.log(l), logits is not None)
         return gram_truncated_chunked(h, W, b, logits, chunk, (m, torch.log(l)), tail_tol, reduce)
     m, l, mu, _ = moments_cpu(h, W, None, b, logits, cpu_chunk_size(V, 2 * B, chunk))
@@ -444,21 +446,122 @@ def _gram_cpu(h, W, b, logits, reduce, tail_tol, chunk):
 
 
 # ---------------------------------------------------------------------------
-# Backend tables (the cpu / triton entries are added by their modules).
+# Backend tables.
 # ---------------------------------------------------------------------------
 
+def _triton():
+    # Imported on first use: TRITON_INTERPRET must be set before the kernels are defined.
+    from fisherfast.ops import softmax_fisher_triton
+
+    return softmax_fisher_triton
+
+
 def _lm_logsumexp_triton(h, W, b, chunk):
-    # Imported on first use: TRITON_INTERPRET must be set before the kernel is defined.
-    from fisherfast.ops.softmax_fisher_triton import lm_logsumexp_triton
-    lse = lm_logsumexp_triton(h, W, b, chunk)
+    lse = _triton().lm_logsumexp_triton(h, W, b, chunk)
     raise_nonfinite_normalizer(lse, False)
     return lse
 
 
-_LSE_IMPLS = {"reference": _lm_logsumexp_reference, "cpu": _lm_logsumexp_cpu, "triton": _lm_logsumexp_triton}
-_MATMAT_IMPLS = {"reference": _matmat_reference, "cpu": _matmat_cpu}
-_QUAD_IMPLS = {"reference": _quad_reference, "cpu": _quad_cpu}
-_GRAM_IMPLS = {"reference": _gram_reference, "cpu": _gram_cpu}
+def _matmat_triton(h, W, U, b, logits, chunk):
+    """Fused Triton kernels from h; given logits run the chunked reference."""
+    if logits is not None:
+        return _matmat_reference(h, W, U, b, logits, chunk)
+    return _triton().softmax_fisher_matmat_triton(h, W, U, b)
+
+
+def _quad_triton(h, W, U, b, logits, chunk):
+    if logits is not None:
+        return _quad_reference(h, W, U, b, logits, chunk)
+    return _triton().softmax_fisher_quad_triton(h, W, U, b)
+
+
+def _gram_triton(h, W, b, logits, reduce, tail_tol, chunk):
+    """Exact: matmat with U = I_d on the Triton kernels. Truncated: the Triton
+    normalizer, then the (torch) candidate selection. Logits given: reference."""
+    if logits is not None:
+        return _gram_reference(h, W, b, logits, reduce, tail_tol, chunk)
+    B, V = h.shape[0], W.shape[0]
+    if tail_tol is not None:
+        norm = _triton().normalizer_triton(h, W, b)
+        raise_nonfinite_normalizer(norm[0] + norm[1], False)
+        return gram_truncated_chunked(h, W, b, None, chunk, norm, tail_tol, reduce)
+    G = _triton().softmax_fisher_gram_triton(h, W, b, reduce)
+    return G, torch.zeros(B, dtype=torch.float64, device=W.device), torch.full((B,), V, device=W.device)
+
+
+# ---------------------------------------------------------------------------
+# CUDA C++ (fisherfast._C_cuda, csrc/cuda/softmax_fisher.cu): lm_logsumexp and
+# matmat for a shared U (per-token U and given logits run the reference).
+# ---------------------------------------------------------------------------
+
+def _cuda_launch_shape(V: int, B: int) -> tuple[int, int]:
+    """(rows per split, splits): about 4 blocks per SM-scale target of 512 in all."""
+    splits = max(1, min(V, 512 // max(B, 1), 65535))
+    rows = -(-V // splits)
+    return rows, -(-V // rows)
+
+
+def _cuda_stats(h, W, U, b):
+    ext = _backends.cuda_extension()
+    B, d = h.shape
+    V = W.shape[0]
+    k = 0 if U is None else U.shape[1]
+    rows, splits = _cuda_launch_shape(V, B)
+    M = torch.empty(splits, B, dtype=W.dtype, device=W.device)
+    L = torch.empty_like(M)
+    S = torch.empty(splits, B, max(k, 1), dtype=W.dtype, device=W.device)
+    ext.softmax_fisher_stats(str(W.dtype).removeprefix("torch."), h.data_ptr(), W.data_ptr(), _addr(b), _addr(U),
+                             B, V, d, k, rows, splits, M.data_ptr(), L.data_ptr(), S.data_ptr(),
+                             torch.cuda.current_stream(W.device).cuda_stream)
+    m = M.max(dim=0).values
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    scale = torch.exp(M - m_safe)
+    l = (L * scale).sum(dim=0)
+    m = torch.where(torch.isnan(M).any(dim=0), torch.full_like(m, math.nan), m)
+    ybar = (S * scale[:, :, None]).sum(dim=0)[:, :k] / l[:, None]
+    return m, torch.log(l), ybar, (rows, splits)
+
+
+def _lm_logsumexp_cuda(h, W, b, chunk):
+    m, log_l, _, _ = _cuda_stats(h, W, None, b)
+    lse = m + log_l
+    raise_nonfinite_normalizer(lse, False)
+    return lse
+
+
+def _matmat_cuda(h, W, U, b, logits, chunk):
+    """Two passes (stats, then the centered Wᵀ accumulation) per column block
+    of U; G U = A − μ tᵀ summed over the splits."""
+    if logits is not None or U.dim() == 3:
+        return _matmat_reference(h, W, U, b, logits, chunk)
+    ext = _backends.cuda_extension()
+    B, d = h.shape
+    V = W.shape[0]
+    name = str(W.dtype).removeprefix("torch.")
+    out = []
+    for Uj in U.split(ext.softmax_fisher_max_k, dim=1):
+        Uj = Uj.contiguous()
+        k = Uj.shape[1]
+        m, log_l, ybar, (rows, splits) = _cuda_stats(h, W, Uj, b)
+        raise_nonfinite_normalizer(m + log_l, False)
+        A = torch.zeros(splits, B, d, k, dtype=W.dtype, device=W.device)
+        Mu = torch.zeros(splits, B, d, dtype=W.dtype, device=W.device)
+        T = torch.zeros(splits, B, k, dtype=W.dtype, device=W.device)
+        ext.softmax_fisher_matmat_pass2(name, h.data_ptr(), W.data_ptr(), _addr(b), Uj.data_ptr(),
+                                        m.contiguous().data_ptr(), log_l.contiguous().data_ptr(),
+                                        ybar.contiguous().data_ptr(), B, V, d, k, rows, splits, A.data_ptr(),
+                                        Mu.data_ptr(), T.data_ptr(), torch.cuda.current_stream(W.device).cuda_stream)
+        mu, t = Mu.sum(dim=0), T.sum(dim=0)
+        out.append(A.sum(dim=0) - mu[:, :, None] * t[:, None, :])
+    return torch.cat(out, dim=2)
+
+
+_LSE_IMPLS = {"reference": _lm_logsumexp_reference, "cpu": _lm_logsumexp_cpu, "triton": _lm_logsumexp_triton,
+              "cuda": _lm_logsumexp_cuda}
+_MATMAT_IMPLS = {"reference": _matmat_reference, "cpu": _matmat_cpu, "triton": _matmat_triton,
+                 "cuda": _matmat_cuda}
+_QUAD_IMPLS = {"reference": _quad_reference, "cpu": _quad_cpu, "triton": _quad_triton}
+_GRAM_IMPLS = {"reference": _gram_reference, "cpu": _gram_cpu, "triton": _gram_triton}
 
 
 # ---------------------------------------------------------------------------
@@ -625,7 +728,7 @@ def lm_logsumexp(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None
         h: (B,d) or (d,) hidden states (head input after the final norm).
         W: (V,d) unembedding; b: optional (V,) bias. Same dtype and device.
         chunk: V-chunk length (default: from a 4 MiB temporaries budget).
-        backend: force "reference", "cpu" or "triton" (default: fastest available).
+        backend: force "reference", "cpu", "triton" or "cuda" (default: fastest available).
 
     Returns:
         (B,) (or 0-dim for 1-D h) in h's dtype.
@@ -653,7 +756,8 @@ def softmax_fisher_matmat(h: torch.Tensor | None, W: torch.Tensor, U: torch.Tens
         U: (d,k) shared by all tokens or (B,d,k) per token.
         logits: (B,V) precomputed W h + b, replacing h and b.
         chunk: V-chunk length (default: from a 4 MiB temporaries budget).
-        backend: force "reference", "cpu" or "triton".
+        backend: force "reference", "cpu", "triton" or "cuda" (cuda: shared U from h;
+            other cases run the reference).
 
     Returns:
         (B,d,k) (or (d,k) for 1-D h), W's dtype.

@@ -1,21 +1,46 @@
-"""Triton kernel of the streamed LM-head normalizer (DESIGN.md §3).
+"""Triton kernels of the streamed softmax-Fisher contractions (DESIGN.md §3).
 
-``lm_logsumexp`` on the triton backend: each program owns a block of BLOCK_B
-tokens and a contiguous range of V (a split); it streams its V tiles, forms
-the logit tile W_t hᵀ (BLOCK_V × BLOCK_B) by tl.dot over d blocks (operands
-cast to float32 first), and keeps an online max m and normalizer
-l = Σ e^{z−m} rescaled by e^{m_old−m_new} (flash-attention style). The
-per-split (m, l) are merged on the host (B × n_splits values). No B×V tensor
-is ever formed; offsets are int64, so V·B > 2^31 is safe. The matmat / quad /
-gram contractions do not have a Triton kernel yet
-(float64 inputs are accumulated in float32 here) (they run on the
-reference backend's chunked torch path on CUDA tensors).
+All kernels stream W in tiles of BLOCK_V rows; a program owns a block of
+BLOCK_B tokens and a contiguous range of V (a split), so no B×V tensor is ever
+formed; offsets are int64 (V·B > 2^31 is safe); operands are cast to float32
+before every tl.dot (float16 inputs are computed in float32; float64 inputs
+are accumulated in float32 here).
+
+``lm_logsumexp``: per V tile the logit tile W_t hᵀ (BLOCK_V × BLOCK_B) by
+tl.dot over d blocks, an online max m and normalizer l = Σ e^{z−m} rescaled
+by e^{m_old−m_new} (flash-attention style); per-split (m, l) merged on the host.
+
+``matmat`` / ``quad`` (U shared, d×k, in column blocks of ≤ K_MAX; a
+per-token U runs token by token), two passes:
+
+1. ``_stats_kernel``: from one read of each W tile, the logit tile and the
+   projection tile W_t U (BLOCK_V × K) by two tl.dots sharing the loaded W
+   block; online (m, l) and s = Σ e^{z−m} y, rescaled alike. Host: merge the
+   splits, lse, ȳ = s / l (so the second pass is centered exactly).
+2. ``_matmat_kernel``: the same tiles again, p = e^{(z−m)−log l},
+   X = [p ⊙ (y − ȳ) | p] (BLOCK_V × BLOCK_B·(K+1)); the Wᵀ accumulation
+   acc += W_t[:, d-block]ᵀ X by tl.dot, plus t = Σ p (y − ȳ) (0 up to
+   rounding). Host: G U = A_ŷ − μ tᵀ with μ = A_p, the exact centered
+   cross-covariance Σ p (w − μ)(y − ȳ)ᵀ (the correction removes the rounding
+   residual of Σ p ŷ times the large common component of w).
+   A program owns one d block of the output, so W tiles are read once per d
+   block (n_d = ⌈d / BLOCK_D⌉ reads of W in pass 2).
+   ``_quad_kernel``: Q = Σ p ŷ ŷᵀ over the program's tiles (no Wᵀ
+   accumulation, one read of W).
+
+``gram`` is matmat with U = I_d in column blocks (the exact per-token d×d
+metric, centered); its top-p truncation uses the torch path with the Triton
+normalizer.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
+
+K_MAX = 16  # projection columns per kernel call (tl.dot needs ≥ 16: K is padded to 16)
 
 
 @triton.jit
@@ -53,24 +78,281 @@ def _lse_split_kernel(H, W, bias, M_out, L_out, B, V, D, tiles_per_split,
     tl.store(L_out + out, l, mask=mask_b)
 
 
-def lm_logsumexp_triton(h, W, b, chunk, *, block_b=16, block_v=64, block_d=32, n_splits=None):
-    """lse_i = log Σ_v exp(w_v·h_i + b_v) with the split-V streaming kernel."""
+@triton.jit
+def _logit_proj_tile(H, W, U, bias, offs_v, mask_v, offs_b, mask_b, D, K, stride_hb, stride_wv, stride_ud,
+                     HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     K_PAD: tl.constexpr):
+    """z = W_t hᵀ + b (BLOCK_V × BLOCK_B, −inf outside V) and y = W_t U
+    (BLOCK_V × K_PAD) from one load of each W block."""
+    offs_k = tl.arange(0, K_PAD)
+    mask_k = offs_k < K
+    z = tl.zeros((BLOCK_V, BLOCK_B), tl.float32)
+    y = tl.zeros((BLOCK_V, K_PAD), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
+                    other=0.0).to(tl.float32)
+        hT = tl.load(H + offs_b[None, :].to(tl.int64) * stride_hb + offs_d[:, None],
+                     mask=mask_d[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+        u = tl.load(U + offs_d[:, None].to(tl.int64) * stride_ud + offs_k[None, :],
+                    mask=mask_d[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        z += tl.dot(w, hT)
+        y += tl.dot(w, u)
+    if HAS_BIAS:
+        z += tl.load(bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[:, None]
+    z = tl.where(mask_v[:, None], z, -float("inf"))
+    return z, y
+
+
+@triton.jit
+def _stats_kernel(H, W, U, bias, M_out, L_out, S_out, B, V, D, K, tiles_per_split, stride_hb, stride_wv, stride_ud,
+                  HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                  K_PAD: tl.constexpr):
+    """Pass 1: per split, online (m, l) and s = Σ e^{z−m} y (BLOCK_B × K_PAD)."""
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    offs_k = tl.arange(0, K_PAD)
+    m = tl.full((BLOCK_B,), -float("inf"), tl.float32)
+    l = tl.zeros((BLOCK_B,), tl.float32)
+    s = tl.zeros((BLOCK_B, K_PAD), tl.float32)
+    v_start = split.to(tl.int64) * tiles_per_split * BLOCK_V
+    for t in range(0, tiles_per_split):
+        offs_v = v_start + t * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        mask_v = offs_v < V
+        z, y = _logit_proj_tile(H, W, U, bias, offs_v, mask_v, offs_b, mask_b, D, K, stride_hb, stride_wv,
+                                stride_ud, HAS_BIAS, BLOCK_B, BLOCK_V, BLOCK_D, K_PAD)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        a = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe[None, :])  # (BLOCK_V, BLOCK_B)
+        l = l * a + tl.sum(e, axis=0)
+        s = s * a[:, None] + tl.dot(tl.trans(e), y)  # Σ_v e_vb y_vk
+        m = m_new
+    out = split.to(tl.int64) * B + offs_b
+    tl.store(M_out + out, m, mask=mask_b)
+    tl.store(L_out + out, l, mask=mask_b)
+    tl.store(S_out + out[:, None] * K_PAD + offs_k[None, :], s, mask=mask_b[:, None])
+
+
+@triton.jit
+def _probs_centered(z, y, Mx, LogL, Ybar, offs_b, mask_b, K_PAD: tl.constexpr):
+    """p = e^{(z − m) − log l} (BLOCK_V × BLOCK_B) and ŷ = y − ȳ_b (BLOCK_V × BLOCK_B × K_PAD)."""
+    offs_k = tl.arange(0, K_PAD)
+    m = tl.load(Mx + offs_b, mask=mask_b, other=0.0)
+    log_l = tl.load(LogL + offs_b, mask=mask_b, other=0.0)
+    ybar = tl.load(Ybar + offs_b[:, None].to(tl.int64) * K_PAD + offs_k[None, :], mask=mask_b[:, None], other=0.0)
+    p = tl.exp((z - m[None, :]) - log_l[None, :])
+    yhat = y[:, None, :] - ybar[None, :, :]
+    return p, yhat
+
+
+@triton.jit
+def _matmat_kernel(H, W, U, bias, Mx, LogL, Ybar, Acc, Mu, T, B, V, D, K, tiles_per_split,
+                   stride_hb, stride_wv, stride_ud, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
+    """Pass 2 of matmat for one (token block, d block, split): Acc (BLOCK_D ×
+    BLOCK_B·K_PAD) = Σ_v w_v[d-block] (p ŷ)ᵀ, Mu = Σ_v p w_v[d-block], T = Σ p ŷ."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    offs_k = tl.arange(0, K_PAD)
+    offs_o = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_o = offs_o < D
+    acc = tl.zeros((BLOCK_D, BLOCK_B * K_PAD), tl.float32)
+    mu = tl.zeros((BLOCK_D, BLOCK_B), tl.float32)
+    t_acc = tl.zeros((BLOCK_B, K_PAD), tl.float32)
+    v_start = split.to(tl.int64) * tiles_per_split * BLOCK_V
+    for t in range(0, tiles_per_split):
+        offs_v = v_start + t * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        mask_v = offs_v < V
+        z, y = _logit_proj_tile(H, W, U, bias, offs_v, mask_v, offs_b, mask_b, D, K, stride_hb, stride_wv,
+                                stride_ud, HAS_BIAS, BLOCK_B, BLOCK_V, BLOCK_D, K_PAD)
+        p, yhat = _probs_centered(z, y, Mx, LogL, Ybar, offs_b, mask_b, K_PAD)
+        x = p[:, :, None] * yhat  # (BLOCK_V, BLOCK_B, K_PAD)
+        t_acc += tl.sum(x, axis=0)
+        wT = tl.load(W + offs_v[None, :] * stride_wv + offs_o[:, None], mask=mask_o[:, None] & mask_v[None, :],
+                     other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_V)
+        acc += tl.dot(wT, tl.reshape(x, (BLOCK_V, BLOCK_B * K_PAD)))
+        mu += tl.dot(wT, p)
+    base = split.to(tl.int64) * B + offs_b  # (BLOCK_B,) rows of the (S, B, ...) outputs
+    acc3 = tl.reshape(acc, (BLOCK_D, BLOCK_B, K_PAD))
+    ptr = Acc + (base[None, :, None] * D + offs_o[:, None, None]) * K_PAD + offs_k[None, None, :]
+    tl.store(ptr, acc3, mask=mask_o[:, None, None] & mask_b[None, :, None])
+    tl.store(Mu + base[None, :] * D + offs_o[:, None], mu, mask=mask_o[:, None] & mask_b[None, :])
+    if pid_d == 0:
+        tl.store(T + base[:, None] * K_PAD + offs_k[None, :], t_acc, mask=mask_b[:, None])
+
+
+@triton.jit
+def _quad_kernel(H, W, U, bias, Mx, LogL, Ybar, Q, B, V, D, K, tiles_per_split, stride_hb, stride_wv, stride_ud,
+                 HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 K_PAD: tl.constexpr):
+    """Pass 2 of quad for one (token block, split): Q = Σ_v p ŷ ŷᵀ (BLOCK_B × K_PAD × K_PAD)."""
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    offs_k = tl.arange(0, K_PAD)
+    q = tl.zeros((BLOCK_B, K_PAD, K_PAD), tl.float32)
+    v_start = split.to(tl.int64) * tiles_per_split * BLOCK_V
+    for t in range(0, tiles_per_split):
+        offs_v = v_start + t * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        mask_v = offs_v < V
+        z, y = _logit_proj_tile(H, W, U, bias, offs_v, mask_v, offs_b, mask_b, D, K, stride_hb, stride_wv,
+                                stride_ud, HAS_BIAS, BLOCK_B, BLOCK_V, BLOCK_D, K_PAD)
+        p, yhat = _probs_centered(z, y, Mx, LogL, Ybar, offs_b, mask_b, K_PAD)
+        py = p[:, :, None] * yhat
+        q += tl.sum(py[:, :, :, None] * yhat[:, :, None, :], axis=0)
+    base = split.to(tl.int64) * B + offs_b
+    ptr = Q + (base[:, None, None] * K_PAD + offs_k[None, :, None]) * K_PAD + offs_k[None, None, :]
+    tl.store(ptr, q, mask=mask_b[:, None, None])
+
+
+def _splits(n_tiles: int, n_programs: int, target: int = 128) -> tuple[int, int]:
+    """(tiles per split, number of splits) so that about ``target`` programs run."""
+    n_splits = max(1, min(n_tiles, target // max(n_programs, 1)))
+    per = triton.cdiv(n_tiles, n_splits)
+    return per, triton.cdiv(n_tiles, per)
+
+
+def _merge_splits(M, L, S=None):
+    """Merge per-split (m, l[, s]) (S, B[, K]) into (m, log l[, s / l])."""
+    m = M.max(dim=0).values
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    scale = torch.exp(M - m_safe)
+    l = (L * scale).sum(dim=0)
+    m = torch.where(torch.isnan(M).any(dim=0), torch.full_like(m, math.nan), m)
+    ybar = None if S is None else (S * scale[:, :, None]).sum(dim=0) / l[:, None]
+    return m, torch.log(l), ybar
+
+
+def normalizer_triton(h, W, b, *, block_b=16, block_v=64, block_d=32, n_splits=None):
+    """(m_i, log l_i), lse_i = m_i + log l_i, by the split-V streaming kernel."""
     B, D = h.shape
     V = W.shape[0]
     n_tiles = triton.cdiv(V, block_v)
     if n_splits is None:
-        n_splits = max(1, min(n_tiles, 128 // triton.cdiv(B, block_b)))
-    tiles_per_split = triton.cdiv(n_tiles, n_splits)
-    n_splits = triton.cdiv(n_tiles, tiles_per_split)
+        per, n_splits = _splits(n_tiles, triton.cdiv(B, block_b))
+    else:
+        per = triton.cdiv(n_tiles, n_splits)
+        n_splits = triton.cdiv(n_tiles, per)
     M = torch.empty(n_splits, B, dtype=torch.float32, device=h.device)
     L = torch.empty_like(M)
     grid = (triton.cdiv(B, block_b), n_splits)
-    _lse_split_kernel[grid](h, W, b if b is not None else h, M, L, B, V, D, tiles_per_split,
+    _lse_split_kernel[grid](h, W, b if b is not None else h, M, L, B, V, D, per,
                             h.stride(0), W.stride(0), HAS_BIAS=b is not None,
                             BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d)
-    m = M.max(dim=0).values
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    lse = m_safe + torch.log((L * torch.exp(M - m_safe)).sum(dim=0))
-    lse = torch.where(torch.isnan(m), m, lse)
-    return lse
+    return _merge_splits(M, L)[:2]
 
+
+def lm_logsumexp_triton(h, W, b, chunk, **blocks):
+    """lse_i = log Σ_v exp(w_v·h_i + b_v) with the split-V streaming kernel."""
+    m, log_l = normalizer_triton(h, W, b, **blocks)
+    return m + log_l
+
+
+class _Cfg:
+    block_b = 16
+    block_v = 32
+    block_d = 32
+
+
+def _stats(h, W, U, b, cfg):
+    """Pass 1 for U (d×K, K ≤ K_MAX): (m, log l) per token and ȳ (B, K_PAD)."""
+    B, D = h.shape
+    V = W.shape[0]
+    K = U.shape[1]
+    n_tiles = triton.cdiv(V, cfg.block_v)
+    per, n_splits = _splits(n_tiles, triton.cdiv(B, cfg.block_b))
+    f32 = dict(dtype=torch.float32, device=h.device)
+    M, L, S = torch.empty(n_splits, B, **f32), torch.empty(n_splits, B, **f32), torch.empty(n_splits, B, K_MAX, **f32)
+    _stats_kernel[(triton.cdiv(B, cfg.block_b), n_splits)](
+        h, W, U, b if b is not None else h, M, L, S, B, V, D, K, per, h.stride(0), W.stride(0), U.stride(0),
+        HAS_BIAS=b is not None, BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, K_PAD=K_MAX)
+    return _merge_splits(M, L, S)
+
+
+def _check_normalizer(m, log_l):
+    from fisherfast.ops.softmax_fisher import raise_nonfinite_normalizer
+
+    raise_nonfinite_normalizer(m + log_l, False)
+
+
+def _matmat_shared(h, W, U, b, cfg):
+    """G U for U (d×K), K ≤ K_MAX: (B, d, K) in float32."""
+    B, D = h.shape
+    V = W.shape[0]
+    K = U.shape[1]
+    m, log_l, ybar = _stats(h, W, U, b, cfg)
+    _check_normalizer(m, log_l)
+    n_tiles = triton.cdiv(V, cfg.block_v)
+    n_b, n_d = triton.cdiv(B, cfg.block_b), triton.cdiv(D, cfg.block_d)
+    per, n_splits = _splits(n_tiles, n_b * n_d)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    Acc = torch.empty(n_splits, B, D, K_MAX, **f32)
+    Mu = torch.empty(n_splits, B, D, **f32)
+    T = torch.empty(n_splits, B, K_MAX, **f32)
+    _matmat_kernel[(n_b, n_d, n_splits)](
+        h, W, U, b if b is not None else h, m.contiguous(), log_l.contiguous(), ybar.contiguous(), Acc, Mu, T,
+        B, V, D, K, per, h.stride(0), W.stride(0), U.stride(0), HAS_BIAS=b is not None, BLOCK_B=cfg.block_b,
+        BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, K_PAD=K_MAX)
+    mu, t = Mu.sum(dim=0), T.sum(dim=0)
+    return (Acc.sum(dim=0) - mu[:, :, None] * t[:, None, :])[:, :, :K]
+
+
+def _quad_shared(h, W, U, b, cfg):
+    """Uᵀ G U for U (d×K), K ≤ K_MAX: (B, K, K) in float32."""
+    B, D = h.shape
+    V = W.shape[0]
+    K = U.shape[1]
+    m, log_l, ybar = _stats(h, W, U, b, cfg)
+    _check_normalizer(m, log_l)
+    n_tiles = triton.cdiv(V, cfg.block_v)
+    n_b = triton.cdiv(B, cfg.block_b)
+    per, n_splits = _splits(n_tiles, n_b)
+    Q = torch.empty(n_splits, B, K_MAX, K_MAX, dtype=torch.float32, device=h.device)
+    _quad_kernel[(n_b, n_splits)](
+        h, W, U, b if b is not None else h, m.contiguous(), log_l.contiguous(), ybar.contiguous(), Q,
+        B, V, D, K, per, h.stride(0), W.stride(0), U.stride(0), HAS_BIAS=b is not None, BLOCK_B=cfg.block_b,
+        BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, K_PAD=K_MAX)
+    Q = Q.sum(dim=0)[:, :K, :K]
+    return 0.5 * (Q + Q.transpose(1, 2))
+
+
+def _per_column_block(fn, h, W, U, b, cfg):
+    """Run ``fn`` on U's column blocks of ≤ K_MAX (shared U) or token by
+    token (per-token U (B,d,k)); returns the per-block outputs."""
+    if U.dim() == 3:
+        return [[fn(h[i:i + 1], W, Ui, b, cfg) for Ui in U[i].split(K_MAX, dim=1)] for i in range(h.shape[0])]
+    return [[fn(h, W, Ub.contiguous(), b, cfg) for Ub in U.split(K_MAX, dim=1)]]
+
+
+def softmax_fisher_matmat_triton(h, W, U, b, cfg=_Cfg):
+    """G_head(h_i) U_i (B, d, k) in float32 (two passes; see the module doc)."""
+    blocks = _per_column_block(_matmat_shared, h, W, U, b, cfg)
+    return torch.cat([torch.cat(row, dim=2) for row in blocks], dim=0)
+
+
+def softmax_fisher_quad_triton(h, W, U, b, cfg=_Cfg):
+    """U_iᵀ G_head(h_i) U_i (B, k, k) in float32. Column blocks of a shared U
+    give the diagonal blocks; the off-diagonal ones come from matmat."""
+    if U.dim() == 3:
+        return torch.cat([softmax_fisher_quad_triton(h[i:i + 1], W, U[i], b, cfg) for i in range(h.shape[0])])
+    if U.shape[1] <= K_MAX:
+        return _quad_shared(h, W, U.contiguous(), b, cfg)
+    GU = softmax_fisher_matmat_triton(h, W, U, b, cfg)
+    Q = U.T[None] @ GU
+    return 0.5 * (Q + Q.transpose(1, 2))
+
+
+def softmax_fisher_gram_triton(h, W, b, reduce, cfg=_Cfg):
+    """The exact G_i (B, d, d) (or its mean) as matmat with U = I_d."""
+    eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
+    G = softmax_fisher_matmat_triton(h, W, eye, b, cfg)
+    G = 0.5 * (G + G.transpose(1, 2))
+    return G.mean(dim=0) if reduce == "mean" else G

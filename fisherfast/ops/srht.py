@@ -21,7 +21,7 @@ import torch
 
 from fisherfast.ops import _backends
 from fisherfast.ops._checks import check_tensor, compute_dtype
-from fisherfast.ops.fwht import _DTYPE_NAMES, fwht, resolve_backend
+from fisherfast.ops.fwht import _DTYPE_NAMES, fwht
 
 
 class SRHTPlan:
@@ -107,7 +107,7 @@ _IMPLS = {
 
 @torch.library.custom_op("fisherfast::srht", mutates_args=())
 def _srht_op(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor, backend: str) -> torch.Tensor:
-    impl = _IMPLS[resolve_backend("srht", _IMPLS, x.device, backend)]
+    impl = _backends.select("srht", _IMPLS, x.device, backend or None)
     rows = x.reshape(-1, x.shape[-1]).to(compute_dtype(x.dtype)).contiguous()
     out = impl(rows, signs.to(rows.dtype).contiguous(), idx.contiguous())
     return out.view(*x.shape[:-1], idx.shape[0]).to(x.dtype)
@@ -144,7 +144,9 @@ def srht(x: torch.Tensor, plan: SRHTPlan, *, backend: str | None = None) -> torc
 
     Each feature is r_j·x with r_j a ±1 vector fixed by ``plan`` (see the module
     docstring); E[srht(x)·srht(y)] = m·(x·y) over the plan's randomness.
-    Cost per row: ⌈m/N⌉ transforms of size N."""
+    Cost per row: ⌈m/N⌉ transforms of size N. The cpu backend fuses pad, sign,
+    transform and gather (memory: the output plus one row of N per thread);
+    the others materialize the padded (..., ⌈m/N⌉, N) tensor."""
     if not isinstance(plan, SRHTPlan):
         raise TypeError(f"plan must be an SRHTPlan, got {type(plan).__name__}")
     check_tensor("x", x, min_ndim=1)
@@ -165,6 +167,8 @@ def srht_onehot(y: torch.Tensor, plan: SRHTPlan, dtype: torch.dtype = torch.floa
     """srht(e_y) for integer labels y (any shape) in closed form: (..., m).
 
     (H_N D_b e_y)[i] = D_b[y] · (−1)^popcount(i & y); no transform is run."""
+    if not isinstance(plan, SRHTPlan):
+        raise TypeError(f"plan must be an SRHTPlan, got {type(plan).__name__}")
     check_tensor("y", y, float_only=False)
     if y.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"y must be an int32/int64 tensor of labels, got {y.dtype}")

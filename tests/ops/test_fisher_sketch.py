@@ -120,7 +120,7 @@ def test_bad_inputs_raise_before_work():
         (dict(plans=plans[:3]), TypeError, "plans"),
         (dict(plans=(*plans[:3], SRHTPlan(6, 16, 1))), ValueError, "one m"),
         (dict(chunk_rows=0), ValueError, "chunk_rows"),
-        (dict(backend="nope"), RuntimeError, "unknown backend"),
+        (dict(backend="nope"), ValueError, "unknown backend"),
     ]
     for change, error, message in cases:
         kw = dict(sums=sums, sumsqs=sumsqs, a=a, plans=plans, logits=z, y=y)

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fisherfast.ops import fwht
+from fisherfast.ops import available_backends, fwht
 from fisherfast.ops.fwht import fwht_reference
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -223,15 +223,12 @@ def test_gradient_matches_finite_differences(backend, normalized):
 @pytest.mark.parametrize("log2_n", [3, 8, 13])
 def test_triton_kernel_converts_on_load(log2_n, dtype):
     # The kernel itself reads half (or float32) inputs and computes in its output's float32.
-    from conftest import backend_device
-
-    from fisherfast.ops import available_backends
-
-    if not available_backends()["triton"].available:
-        pytest.skip(available_backends()["triton"].reason)
+    status = available_backends()["triton"]
+    if not status.available:
+        pytest.skip(status.reason)
     from fisherfast.ops.fwht_triton import fwht_triton
 
-    device = backend_device("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     src = torch.randn(3, 1 << log2_n, device=device).to(dtype)
     dst = torch.empty(src.shape, device=device)
     fwht_triton(src, dst, 0.5)

@@ -241,7 +241,7 @@ def test_bad_input_errors_before_work():
         (lambda: softmax_fisher_gram(None, W), ValueError, "h must be a tensor"),
         (lambda: softmax_fisher_gram(h, W, chunk=0), ValueError, "chunk must be"),
         (lambda: lm_logsumexp(h, W.T), ValueError, "h must have last dimension"),
-        (lambda: lm_logsumexp(h, W, backend="nope"), RuntimeError, "unknown backend"),
+        (lambda: lm_logsumexp(h, W, backend="nope"), ValueError, "unknown backend"),
     ]
     for call, err, msg in cases:
         with pytest.raises(err, match=msg):
@@ -290,3 +290,47 @@ def test_triton_lm_logsumexp_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+_TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: the interpreter (conftest)
+
+
+@pytest.mark.skipif(not available_backends()["triton"].available, reason="triton backend unavailable")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_triton_fused_kernels_match_dense_float64(dtype, tol):
+    # V = 150: four 32-row tiles and a ragged one; d = 20 < BLOCK_D (masked);
+    # B = 5 < BLOCK_B; k = 3 padded to 16 (fp16: output rounding 2^-11).
+    h, W, b, U, Ub = make(B=5, V=150, d=20, k=3, dtype=dtype, seed=11, offset=0.5)
+    h, W, b, U, Ub = (x.to(_TRITON_DEVICE) for x in (h, W, b, U, Ub))
+    G, _ = dense_G(h.cpu(), W.cpu(), b.cpu())
+    kw = dict(backend="triton")
+    out = softmax_fisher_matmat(h, W, U, b, **kw)
+    assert out.dtype == dtype and rel(out.cpu(), G @ U.cpu().double()) <= tol
+    assert rel(softmax_fisher_matmat(h[:2], W, Ub[:2], None, **kw).cpu(), dense_G(h[:2].cpu(), W.cpu())[0]
+               @ Ub[:2].cpu().double()) <= tol
+    Q = softmax_fisher_quad(h, W, U, b, **kw).cpu()
+    assert rel(Q, U.cpu().double().T @ G @ U.cpu().double()) <= tol and torch.equal(Q, Q.transpose(1, 2))
+    assert rel(softmax_fisher_gram(h, W, b, **kw).cpu(), G) <= tol
+    if dtype == torch.float32:
+        assert rel(softmax_fisher_gram(h, W, b, reduce="mean", **kw).cpu(), G.mean(0)) <= tol
+        wide = torch.randn(20, 18, generator=torch.Generator().manual_seed(1)).to(_TRITON_DEVICE)  # 2 column blocks
+        Qw = softmax_fisher_quad(h, W, wide, b, **kw).cpu().double()
+        assert rel(Qw, wide.cpu().double().T @ G @ wide.cpu().double()) <= tol
+
+
+@pytest.mark.skipif(not available_backends()["triton"].available, reason="triton backend unavailable")
+def test_triton_truncation_and_nonfinite():
+    h, W, b, _, _ = make(B=3, V=96, d=16, seed=12, offset=1.0, scale=6.0)
+    _, p = dense_G(h, W, b)
+    G_S, tau, n = truncated_oracle(W, p, 0.05)
+    dev = _TRITON_DEVICE
+    res = softmax_fisher_gram(h.to(dev), W.to(dev), b.to(dev), tail_tol=0.05, backend="triton")
+    assert int(n.min()) >= 2 and torch.equal(res.n_kept.cpu(), n) and rel(res.G.cpu(), G_S) <= 1e-5
+    assert float((res.tau.cpu() - tau).abs().max()) <= 1e-6
+    W_bad = W.clone()
+    W_bad[40, 2] = float("nan")
+    U = torch.randn(16, 2)
+    for call in (lambda: softmax_fisher_matmat(h.to(dev), W_bad.to(dev), U.to(dev), backend="triton"),
+                 lambda: softmax_fisher_quad(h.to(dev), W_bad.to(dev), U.to(dev), backend="triton")):
+        with pytest.raises(ValueError, match="non-finite softmax normalizer.*W or b"):
+            call()

@@ -134,3 +134,5 @@ def test_onehot_rejects_bad_labels():
         srht_onehot(torch.tensor([0, 10]), plan)
     with pytest.raises(ValueError, match="labels in"):
         srht_onehot(torch.tensor([-1]), plan)
+    with pytest.raises(TypeError, match="plan must be an SRHTPlan"):
+        srht_onehot(torch.tensor([1]), None)

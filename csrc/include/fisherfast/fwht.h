@@ -9,8 +9,8 @@
 // i.e. first the log2 B stages inside each cache-sized block of B elements,
 // then the remaining stages across blocks, several stages per pass.
 //
-// The parity helper and the stage plan are shared with the CUDA kernels; the
-// CPU kernels below use GCC vector extensions and are compiled only for the host.
+// log2_exact and parity are shared with the CUDA sources; the CPU kernels
+// below use GCC vector extensions and are compiled only for the host.
 #pragma once
 #include <cstdint>
 #include <cstring>

@@ -192,10 +192,17 @@ inline void matmat_token_merge(const T* A, int64_t d, int64_t k, T m_c, T l_c, c
   for (int64_t j = 0; j < k; ++j) ybar[j] += g.w * (ybar_c[j] - ybar[j]);
 }
 
-// Scratch of quad_token: ŷ (k rows of C), e (C), then 16-lane partial sums
-// of the k(k+1)/2 pair products and one 16-lane tile of e ŷ_i.
+// Scratch of quad_token: ŷ (k rows of C), e (C), then, 64-byte aligned (a
+// vector store that splits a cache line costs several times one that does
+// not), 16-lane partial sums of the k(k+1)/2 pair products and one 16-lane
+// tile of e ŷ_i.
 constexpr int64_t kLanes = 16;
-inline int64_t quad_scratch(int64_t C, int64_t k) { return (k + 1) * C + (k * (k + 1) / 2 + 1) * kLanes; }
+inline int64_t quad_scratch(int64_t C, int64_t k) { return (k + 1) * C + (k * (k + 1) / 2 + 2) * kLanes; }
+
+template <typename T>
+inline T* align64(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(p) + 63) & ~std::uintptr_t(63));
+}
 
 // quad: one chunk of one token, merged into (m, l, ȳ, M (k×k)); M_c =
 // Σ e ŷ ŷᵀ is summed 16 columns at a time into 16-lane partial sums (one
@@ -204,7 +211,7 @@ template <typename T>
 inline void quad_token(const T* z, const T* bias, const T* Y, int64_t ysj, int64_t C, int64_t k, T* scratch,
                        T* ybar_c, T& m, T& l, T* ybar, T* M) {
   T* e = scratch + k * C;
-  T* acc = e + C;
+  T* acc = align64(e + C);
   T* ey = acc + k * (k + 1) / 2 * kLanes;
   const T m_c = shifted_max(z, bias, C, e);
   const T l_c = exp_sum(e, C, m_c);
