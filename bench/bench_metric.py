@@ -78,7 +78,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-jacrev", action="store_true", help="leave out (a) (minutes on a small CPU)")
     parser.add_argument("--jacrev-chunk", type=int, default=2048, help="vmapped reverse products per jacrev batch")
+    parser.add_argument("--quick", action="store_true", help="smoke run: no (a), one repeat")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.skip_jacrev, args.repeat = True, 1
 
     model, tokenizer = load_default()
     split = SplitModel(model, args.layer)

@@ -65,7 +65,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--m", type=int, default=4096)
     parser.add_argument("--B", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smoke run: K=8192, d=512, one repeat")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.K, args.d, args.repeat = 8192, 512, 1
     K, d, m, B = args.K, args.d, args.m, args.B
     torch.manual_seed(0)
     W = torch.randn(K, d) / math.sqrt(d)  # Llama-3 8B head shape; logits of O(1)

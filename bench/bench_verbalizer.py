@@ -89,7 +89,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=24, help="prompts per task (the control uses the next n)")
     parser.add_argument("--m", type=int, default=4096, help="sketch size")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 prompts per task")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.n = 8
     from fisherfast.models import load_default
 
     model, tokenizer = load_default()
