@@ -660,15 +660,20 @@ def _(h, W, b, backend, chunk):
     return h.new_empty(h.shape[0])
 
 
-@torch.library.custom_op("fisherfast::softmax_fisher_matmat", mutates_args=())
-def _matmat_op(h: Optional[torch.Tensor], W: torch.Tensor, U: torch.Tensor, b: Optional[torch.Tensor],
-               logits: Optional[torch.Tensor], backend: str, chunk: int) -> torch.Tensor:
+def _contract(op: str, impls, h, W, U, b, logits, backend: str, chunk: int) -> torch.Tensor:
+    """Shared body of the matmat and quad ops: prepare, dispatch, check, cast back."""
     out_dtype = W.dtype
     h, W, b, logits, U = _prepare(h, W, b, logits, U)
-    impl = _select("softmax_fisher_matmat", _MATMAT_IMPLS, W.device, backend)
+    impl = _select(op, impls, W.device, backend)
     out = impl(h, W, U, b, logits, chunk or None)
     raise_nonfinite_result(out, logits is not None)
     return out.to(out_dtype)
+
+
+@torch.library.custom_op("fisherfast::softmax_fisher_matmat", mutates_args=())
+def _matmat_op(h: Optional[torch.Tensor], W: torch.Tensor, U: torch.Tensor, b: Optional[torch.Tensor],
+               logits: Optional[torch.Tensor], backend: str, chunk: int) -> torch.Tensor:
+    return _contract("softmax_fisher_matmat", _MATMAT_IMPLS, h, W, U, b, logits, backend, chunk)
 
 
 @_matmat_op.register_fake
@@ -680,12 +685,7 @@ def _(h, W, U, b, logits, backend, chunk):
 @torch.library.custom_op("fisherfast::softmax_fisher_quad", mutates_args=())
 def _quad_op(h: Optional[torch.Tensor], W: torch.Tensor, U: torch.Tensor, b: Optional[torch.Tensor],
              logits: Optional[torch.Tensor], backend: str, chunk: int) -> torch.Tensor:
-    out_dtype = W.dtype
-    h, W, b, logits, U = _prepare(h, W, b, logits, U)
-    impl = _select("softmax_fisher_quad", _QUAD_IMPLS, W.device, backend)
-    out = impl(h, W, U, b, logits, chunk or None)
-    raise_nonfinite_result(out, logits is not None)
-    return out.to(out_dtype)
+    return _contract("softmax_fisher_quad", _QUAD_IMPLS, h, W, U, b, logits, backend, chunk)
 
 
 @_quad_op.register_fake
