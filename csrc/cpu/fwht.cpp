@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -121,12 +122,10 @@ void fwht(std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t n, const
           int threads) {
   check_fwht_args(rows, n, threads);
   py::gil_scoped_release release;
-  if (dtype == "float32")
-    fwht_rows<float>(as_ptr<const float>(src), as_ptr<float>(dst), rows, n, static_cast<float>(scale), threads);
-  else if (dtype == "float64")
-    fwht_rows<double>(as_ptr<const double>(src), as_ptr<double>(dst), rows, n, scale, threads);
-  else
-    throw std::invalid_argument("fwht: dtype must be float32 or float64, got " + dtype);
+  with_float_dtype("fwht", dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    fwht_rows<T>(as_ptr<const T>(src), as_ptr<T>(dst), rows, n, static_cast<T>(scale), threads);
+  });
 }
 
 // Fused SRHT (DESIGN.md §7): for each row and sign block b, the padded signed
@@ -170,14 +169,11 @@ void srht(std::uintptr_t x, std::uintptr_t signs, std::uintptr_t idx, std::uintp
     if (idx_p[j] < 0 || idx_p[j] >= n_blocks * N)
       throw std::invalid_argument("srht: idx[" + std::to_string(j) + "] out of range [0, n_blocks*N)");
   py::gil_scoped_release release;
-  if (dtype == "float32")
-    srht_rows<float>(as_ptr<const float>(x), as_ptr<const float>(signs), idx_p, as_ptr<float>(out), rows, n_in, N,
-                     n_blocks, m, threads);
-  else if (dtype == "float64")
-    srht_rows<double>(as_ptr<const double>(x), as_ptr<const double>(signs), idx_p, as_ptr<double>(out), rows, n_in,
-                      N, n_blocks, m, threads);
-  else
-    throw std::invalid_argument("srht: dtype must be float32 or float64, got " + dtype);
+  with_float_dtype("srht", dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    srht_rows<T>(as_ptr<const T>(x), as_ptr<const T>(signs), idx_p, as_ptr<T>(out), rows, n_in, N, n_blocks, m,
+                 threads);
+  });
 }
 
 }  // namespace

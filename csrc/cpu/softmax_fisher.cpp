@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fisherfast/softmax_fisher.h"
@@ -125,17 +126,11 @@ void check_sizes(const char* fn, int64_t B, int64_t C, int64_t k, int threads) {
   if (threads < 1) throw std::invalid_argument(std::string(fn) + ": threads must be >= 1");
 }
 
-// Dispatch on the dtype name; F is called with a null pointer of the type.
+// Dtype dispatch with the GIL released for the kernel.
 template <typename F>
 void on_dtype(const char* fn, const std::string& dtype, F&& f) {
   py::gil_scoped_release release;
-  if (dtype == "float32") {
-    f(static_cast<float*>(nullptr));
-  } else if (dtype == "float64") {
-    f(static_cast<double*>(nullptr));
-  } else {
-    throw std::invalid_argument(std::string(fn) + ": dtype must be float32 or float64, got " + dtype);
-  }
+  with_float_dtype(fn, dtype, std::forward<F>(f));
 }
 
 template <typename T>

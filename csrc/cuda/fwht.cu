@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "fisherfast/fwht.h"
 
@@ -99,12 +100,10 @@ void fwht(std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t n, const
   if (rows == 0) return;
   py::gil_scoped_release release;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (dtype == "float32")
-    fwht_rows<float>(as_ptr<const float>(src), as_ptr<float>(dst), rows, n, static_cast<float>(scale), s);
-  else if (dtype == "float64")
-    fwht_rows<double>(as_ptr<const double>(src), as_ptr<double>(dst), rows, n, scale, s);
-  else
-    throw std::invalid_argument("fwht (cuda): dtype must be float32 or float64, got " + dtype);
+  with_float_dtype("fwht (cuda)", dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    fwht_rows<T>(as_ptr<const T>(src), as_ptr<T>(dst), rows, n, static_cast<T>(scale), s);
+  });
 }
 
 }  // namespace

@@ -156,16 +156,6 @@ T* P(std::uintptr_t a) {
   return as_ptr<T>(a);
 }
 
-template <typename F>
-void on_dtype(const std::string& dtype, const char* fn, F&& f) {
-  if (dtype == "float32") {
-    f(static_cast<float*>(nullptr));
-  } else if (dtype == "float64") {
-    f(static_cast<double*>(nullptr));
-  } else {
-    throw std::invalid_argument(std::string(fn) + ": dtype must be float32 or float64, got " + dtype);
-  }
-}
 
 void check_args(const char* fn, int64_t B, int64_t V, int64_t D, int k, int64_t rows_per_split, int64_t splits) {
   if (B < 1 || V < 1 || D < 1 || rows_per_split < 1 || splits < 1 || splits > 65535)
@@ -184,7 +174,7 @@ void bind_softmax_fisher_cuda(py::module_& m) {
          int64_t B, int64_t V, int64_t D, int k, int64_t rows_per_split, int64_t splits, std::uintptr_t M_out,
          std::uintptr_t L_out, std::uintptr_t S_out, std::uintptr_t stream) {
         check_args("softmax_fisher_stats", B, V, D, k, rows_per_split, splits);
-        on_dtype(dtype, "softmax_fisher_stats", [&](auto* tag) {
+        with_float_dtype("softmax_fisher_stats", dtype, [&](auto* tag) {
           using T = std::remove_pointer_t<decltype(tag)>;
           stats_kernel<T><<<dim3(B, splits), 32 * kWarps, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
               P<const T>(H), P<const T>(W), P<const T>(bias), P<const T>(U), B, V, D, k, rows_per_split, P<T>(M_out),
@@ -203,7 +193,7 @@ void bind_softmax_fisher_cuda(py::module_& m) {
          int64_t rows_per_split, int64_t splits, std::uintptr_t A, std::uintptr_t Mu, std::uintptr_t Tt,
          std::uintptr_t stream) {
         check_args("softmax_fisher_matmat_pass2", B, V, D, k, rows_per_split, splits);
-        on_dtype(dtype, "softmax_fisher_matmat_pass2", [&](auto* tag) {
+        with_float_dtype("softmax_fisher_matmat_pass2", dtype, [&](auto* tag) {
           using T = std::remove_pointer_t<decltype(tag)>;
           matmat_kernel<T><<<dim3(B, splits), 32, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
               P<const T>(H), P<const T>(W), P<const T>(bias), P<const T>(U), P<const T>(Mx), P<const T>(LogL),
