@@ -3,6 +3,7 @@ single-process state over the union of the data."""
 import datetime
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -34,6 +35,14 @@ def local_state(rank: int) -> SketchState:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
+    """Writes this rank's states and mismatch error under ``out``, then leaves with os._exit.
+
+    Gloo's worker threads can still hold finished collectives' tensors after
+    destroy_process_group; if one drops them while the interpreter finalizes,
+    it aborts the process (SIGABRT, "terminate called without an active
+    exception": pytorch/pytorch#190489, #179291). Skipping finalization avoids
+    that race; any failure above still raises, so a nonzero exit reports it.
+    """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
@@ -49,6 +58,9 @@ def _worker(rank: int, port: int, out: str) -> None:
                 f.write(str(err))
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
