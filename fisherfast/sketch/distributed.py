@@ -1,21 +1,25 @@
-"""Merge FisherSketch states across processes with torch.distributed (DESIGN.md §7).
+"""Merge FisherSketch states (head or full-network) across processes with
+torch.distributed (DESIGN.md §7).
 
 States are sums, so the merged state of shards is their elementwise sum: one
-all-reduce (SUM) of the (6, m) float64 buffers (sums and sums of squares of the
-joint, activation and error features) plus the count, carried in the same
-float64 message (exact for counts below 2⁵³). Every rank ends with the state
-of the union of all ranks' data. Before the sum, a MIN and a MAX all-reduce of
-the spec fields check that every rank sketched under the same spec.
+all-reduce (SUM) of the float64 buffers (a head state's (6, m) sums and sums
+of squares of the joint, activation and error features; a full-network
+state's (2, m)) plus the count, carried in the same float64 message (exact for
+counts below 2⁵³). Every rank ends with the state of the union of all ranks'
+data. Before the sum, a MIN and a MAX all-reduce of the spec fields (for a
+full-network state: m, the layer count and a fingerprint of the layer specs)
+check that every rank sketched under the same spec.
 
 Backends: gloo reduces CPU tensors; NCCL needs them on the current CUDA device,
-where they are moved for the collective. Cost: two all-reduces of 5 int64 and
-one of 6m + 1 float64 (about 192 KB at m = 4096).
+where they are moved for the collective. Cost: two all-reduces of ≤ 5 int64 and
+one of 6m + 1 (head) or 2m + 1 float64 (about 192 KB at m = 4096).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from fisherfast.sketch.fullnet import FullNetworkState
 from fisherfast.sketch.state import SketchState
 
 
@@ -25,34 +29,46 @@ def _collective_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_state(state: SketchState, group=None) -> SketchState:
+def _spec_fields(state) -> list[int]:
+    """Integers that agree across ranks exactly when their states' specs do."""
+    if isinstance(state, SketchState):
+        spec = state.spec
+        return [spec.d, spec.K, spec.m, spec.seed, spec.version]
+    return [state.m, len(state.specs), state.fingerprint()]
+
+
+def all_reduce_state(state: SketchState | FullNetworkState, group=None) -> SketchState | FullNetworkState:
     """The merged state of every rank's ``state`` in ``group`` (default: the world).
 
-    Collective: every rank of the group must call it. The input is not
-    modified; the result lives on the input's device.
+    Works for head states (SketchState) and full-network states
+    (FullNetworkState). Collective: every rank of the group must call it. The
+    input is not modified; the result lives on the input's device.
 
     Raises:
-        TypeError: ``state`` is not a SketchState.
+        TypeError: ``state`` is not a SketchState or FullNetworkState.
         RuntimeError: torch.distributed is not initialized.
         ValueError: the ranks' specs differ (raised on every rank).
     """
-    if not isinstance(state, SketchState):
-        raise TypeError(f"state must be a SketchState, got {type(state).__name__}")
+    if not isinstance(state, (SketchState, FullNetworkState)):
+        raise TypeError(f"state must be a SketchState or FullNetworkState, got {type(state).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce_state needs an initialized torch.distributed process group "
                            "(torch.distributed.init_process_group)")
     device = _collective_device(group)
-    spec = state.spec
-    fields = torch.tensor([spec.d, spec.K, spec.m, spec.seed, spec.version], dtype=torch.int64, device=device)
+    fields = torch.tensor(_spec_fields(state), dtype=torch.int64, device=device)
     low, high = fields.clone(), fields.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(low, high):
-        raise ValueError(f"all ranks must share one spec; this rank has {spec}, the group's (d, K, m, seed, version) "
-                         f"range from {low.tolist()} to {high.tolist()}")
-    home = state.sums["joint"].device
-    buffers = state.as_tensor().to(device)
+        what = (f"{state.spec}, the group's (d, K, m, seed, version)" if isinstance(state, SketchState)
+                else f"{len(state.specs)} layer specs, the group's (m, layers, spec fingerprint)")
+        raise ValueError(f"all ranks must share one spec; this rank has {what} range from {low.tolist()} "
+                         f"to {high.tolist()}")
+    buffers = state.as_tensor()
+    home = buffers.device
+    buffers = buffers.to(device)
     message = torch.cat([buffers.reshape(-1), torch.tensor([float(state.count)], dtype=torch.float64, device=device)])
     dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group)
     count = int(message[-1].item())
-    return SketchState.from_tensor(spec, count, message[:-1].view_as(buffers).to(home))
+    specs = state.spec if isinstance(state, SketchState) else state.specs
+    return type(state).from_tensor(specs, count, message[:-1].view_as(buffers).to(home))

@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
+import os
 
 import torch
 from torch import nn
 
 from fisherfast.ops import srht
-from fisherfast.sketch.spec import SketchSpec
+from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
+from fisherfast.sketch.state import check_sum_buffers, read_state_file
+
+FORMAT = "fisherfast.sketch.fullnet_state"
 
 try:  # GPT-2's Conv1D: y = x W + b with W stored (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -190,10 +195,33 @@ class FullNetworkState:
 
     def __init__(self, specs: dict[str, SketchSpec], count: int = 0, sum: torch.Tensor | None = None,
                  sumsq: torch.Tensor | None = None):
-        m = next(iter(specs.values())).m
+        if not isinstance(specs, dict) or not specs or not all(
+                isinstance(name, str) and isinstance(spec, SketchSpec) for name, spec in specs.items()):
+            raise TypeError("specs must be a non-empty dict {layer name: SketchSpec}")
+        ms = {spec.m for spec in specs.values()}
+        if len(ms) != 1:
+            raise ValueError(f"every layer's spec must share one m, got {sorted(ms)}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        m = ms.pop()
         self.specs, self.count = dict(specs), count
         self.sum = torch.zeros(m, dtype=torch.float64) if sum is None else sum
         self.sumsq = torch.zeros(m, dtype=torch.float64) if sumsq is None else sumsq
+        for name, t in (("sum", self.sum), ("sumsq", self.sumsq)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or tuple(t.shape) != (m,):
+                raise ValueError(f"{name} must be a float64 tensor of shape (m = {m},)")
+
+    @property
+    def m(self) -> int:
+        return self.sum.numel()
+
+    def specs_json(self) -> str:
+        """The layer specs as canonical JSON {name: spec fields} (sorted keys)."""
+        return json.dumps({name: json.loads(spec.to_json()) for name, spec in self.specs.items()}, sort_keys=True)
+
+    def fingerprint(self) -> int:
+        """A 62-bit hash of :meth:`specs_json`: equal for equal specs (used to check ranks agree)."""
+        return int.from_bytes(hashlib.sha256(self.specs_json().encode()).digest()[:8], "little") >> 2
 
     def merge(self, other: "FullNetworkState") -> "FullNetworkState":
         if not isinstance(other, FullNetworkState):
@@ -217,6 +245,48 @@ class FullNetworkState:
             raise ValueError(f"the state holds {self.count} samples; need at least 2")
         n = self.count
         return ((self.sumsq - self.sum.square() / n).clamp(min=0) / ((n - 1) * n)).sqrt()
+
+    def as_tensor(self) -> torch.Tensor:
+        """(2, m) float64: Σψ then Σψ² (e.g. for one torch.distributed all-reduce)."""
+        return torch.stack([self.sum, self.sumsq])
+
+    @classmethod
+    def from_tensor(cls, specs: dict[str, SketchSpec], count: int, buffers: torch.Tensor) -> "FullNetworkState":
+        """Inverse of :meth:`as_tensor`."""
+        return cls(specs, count, buffers[0].clone(), buffers[1].clone())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file; the layer specs, version and count go in the metadata."""
+        from safetensors.torch import save_file
+
+        save_file({"sum": self.sum.detach().cpu().contiguous(), "sumsq": self.sumsq.detach().cpu().contiguous()},
+                  os.fspath(path), metadata={"format": FORMAT, "version": str(SKETCH_VERSION),
+                                             "specs": self.specs_json(), "count": str(self.count)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, specs: dict[str, SketchSpec] | None = None,
+             device=None) -> "FullNetworkState":
+        """Read a file written by :meth:`save`. With ``specs`` (e.g. ``sketcher.specs``),
+        the file's layer specs must equal them.
+
+        Raises ValueError for a file of another format, version or specs, or a
+        corrupted one; FileNotFoundError when absent. Never unpickles."""
+        meta, tensors = read_state_file(path, FORMAT)
+        try:
+            file_specs = {name: SketchSpec.from_json(json.dumps(fields))
+                          for name, fields in json.loads(meta["specs"]).items()}
+            count = int(meta["count"])
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path} has a corrupted full-network sketch header: {err}") from None
+        if not file_specs or len({spec.m for spec in file_specs.values()}) != 1:
+            raise ValueError(f"{path} has a corrupted full-network sketch header: layers must share one m")
+        if specs is not None and file_specs != specs:
+            differ = sorted(name for name in set(file_specs) | set(specs) if file_specs.get(name) != specs.get(name))
+            raise ValueError(f"{path} was sketched under other layer specs than expected; {len(differ)} layers "
+                             f"differ, e.g. {differ[:4]}")
+        m = next(iter(file_specs.values())).m
+        check_sum_buffers(path, tensors, {"sum", "sumsq"}, m, count)
+        return cls(file_specs, count, tensors["sum"].to(device), tensors["sumsq"].to(device))
 
     def __repr__(self) -> str:
         return f"FullNetworkState({len(self.specs)} layers, m={self.sum.numel()}, count={self.count})"

@@ -12,6 +12,43 @@ KINDS = ("joint", "activation", "error")
 FORMAT = "fisherfast.sketch.state"
 
 
+def read_state_file(path: str | os.PathLike, fmt: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file whose metadata says format ``fmt``
+    and version SKETCH_VERSION.
+
+    Raises FileNotFoundError when absent, ValueError for an unreadable file or
+    another format or version. Never unpickles."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no sketch state at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises several types for damaged headers/data
+        raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a {fmt} file (format {meta.get('format')!r})")
+    if meta.get("version") != str(SKETCH_VERSION):
+        raise ValueError(f"{path} holds sketch version {meta.get('version')!r}; this fisherfast reads "
+                         f"version {SKETCH_VERSION}")
+    return meta, tensors
+
+
+def check_sum_buffers(path, tensors: dict[str, torch.Tensor], names: set[str], m: int, count: int) -> None:
+    """Raise ValueError naming ``path`` unless ``tensors`` are exactly ``names``, each
+    finite float64 of shape (m,), sums of squares ("sumsq…") non-negative, count ≥ 0."""
+    if set(tensors) != names:
+        raise ValueError(f"{path} is corrupted: tensors {sorted(tensors)}, expected {sorted(names)}")
+    for name, t in tensors.items():
+        if t.dtype != torch.float64 or tuple(t.shape) != (m,) or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path} is corrupted: {name} must be finite float64 of shape ({m},)")
+    if count < 0 or any(bool((t < 0).any()) for name, t in tensors.items() if name.startswith("sumsq")):
+        raise ValueError(f"{path} is corrupted: negative count or sum of squares")
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -124,22 +161,7 @@ class SketchState:
 
         Raises ValueError for a file of another format, version or spec, or a
         corrupted one; FileNotFoundError when absent. Never unpickles."""
-        from safetensors import safe_open
-
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no sketch state at {path}")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as err:  # safetensors raises several types for damaged headers/data
-            raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a fisherfast sketch state (format {meta.get('format')!r})")
-        if meta.get("version") != str(SKETCH_VERSION):
-            raise ValueError(f"{path} holds sketch version {meta.get('version')!r}; this fisherfast reads "
-                             f"version {SKETCH_VERSION}")
+        meta, tensors = read_state_file(path, FORMAT)
         try:
             file_spec = SketchSpec.from_json(meta["spec"])
             count = int(meta["count"])
@@ -147,14 +169,8 @@ class SketchState:
             raise ValueError(f"{path} has a corrupted sketch header: {err}") from None
         if spec is not None and file_spec != spec:
             raise ValueError(f"{path} was sketched under {file_spec}, expected {spec}")
-        expected = {f"{part}.{k}" for part in ("sum", "sumsq") for k in KINDS}
-        if set(tensors) != expected:
-            raise ValueError(f"{path} is corrupted: tensors {sorted(tensors)}, expected {sorted(expected)}")
-        for name, t in tensors.items():
-            if t.dtype != torch.float64 or tuple(t.shape) != (file_spec.m,) or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{path} is corrupted: {name} must be finite float64 of shape ({file_spec.m},)")
-        if count < 0 or any(bool((tensors[f"sumsq.{k}"] < 0).any()) for k in KINDS):
-            raise ValueError(f"{path} is corrupted: negative count or sum of squares")
+        check_sum_buffers(path, tensors, {f"{part}.{k}" for part in ("sum", "sumsq") for k in KINDS}, file_spec.m,
+                          count)
         return cls(file_spec, count, {k: tensors[f"sum.{k}"].to(device) for k in KINDS},
                    {k: tensors[f"sumsq.{k}"].to(device) for k in KINDS})
 

@@ -1,5 +1,6 @@
 """all_reduce_state across 2 CPU processes (gloo on loopback) equals the
-single-process state over the union of the data."""
+single-process state over the union of the data, for head and full-network
+states; ranks with different specs all refuse."""
 import datetime
 import os
 import socket
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fisherfast.sketch import FisherSketcher, SketchSpec, SketchState
+from fisherfast.sketch import FisherSketcher, FullNetworkState, SketchSpec, SketchState
 from fisherfast.sketch.distributed import all_reduce_state
 
 SPEC = SketchSpec(d=12, K=40, m=64, seed=5)
@@ -34,6 +35,14 @@ def local_state(rank: int) -> SketchState:
     return sketcher.state
 
 
+def full_network_state(rank: int, seed: int = 0) -> FullNetworkState:
+    """Rank ``rank``'s full-network state: random sums under two layers' specs."""
+    specs = {"h.0.mlp": SketchSpec(d=9, K=12, m=64, seed=seed), "lm_head": SketchSpec(d=8, K=40, m=64, seed=seed + 1)}
+    g = torch.Generator().manual_seed(200 + rank)
+    return FullNetworkState(specs, 5 + rank, torch.randn(64, generator=g, dtype=torch.float64),
+                            torch.rand(64, generator=g, dtype=torch.float64))
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     """Writes this rank's states and mismatch error under ``out``, then leaves with os._exit.
 
@@ -51,11 +60,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         merged = all_reduce_state(local)
         local.save(os.path.join(out, f"local{rank}.safetensors"))
         merged.save(os.path.join(out, f"merged{rank}.safetensors"))
-        try:  # rank r sketches under seed r: every rank must refuse
-            all_reduce_state(SketchState(SketchSpec(d=12, K=40, m=64, seed=rank)))
-        except ValueError as err:
-            with open(os.path.join(out, f"mismatch{rank}.txt"), "w") as f:
-                f.write(str(err))
+        all_reduce_state(full_network_state(rank)).save(os.path.join(out, f"full{rank}.safetensors"))
+        mismatched = {"head": SketchState(SketchSpec(d=12, K=40, m=64, seed=rank)),  # seed r on rank r
+                      "full": full_network_state(rank, seed=rank)}
+        for name, state in mismatched.items():  # every rank must refuse
+            try:
+                all_reduce_state(state)
+            except ValueError as err:
+                with open(os.path.join(out, f"mismatch_{name}{rank}.txt"), "w") as f:
+                    f.write(str(err))
     finally:
         dist.destroy_process_group()
     sys.stdout.flush()
@@ -98,12 +111,19 @@ def test_all_reduce_two_processes_equals_single_process(tmp_path):
                  y=torch.cat([d[2] for d in data]))
     assert_equal_states(merged[0], union.state, rtol=1e-12, atol=1e-12)
     assert merged[0].count == sum(len(d[2]) for d in data)
+    # full-network states: the exact sum of the ranks' states
+    full = [FullNetworkState.load(tmp_path / f"full{r}.safetensors") for r in range(WORLD)]
+    want = full_network_state(0).merge(full_network_state(1))
+    for got in full:
+        assert got.specs == want.specs and got.count == want.count
+        assert torch.equal(got.sum, want.sum) and torch.equal(got.sumsq, want.sumsq)
     for r in range(WORLD):
-        assert "share one spec" in (tmp_path / f"mismatch{r}.txt").read_text()
+        for name in ("head", "full"):
+            assert "share one spec" in (tmp_path / f"mismatch_{name}{r}.txt").read_text()
 
 
 def test_bad_inputs_without_process_group():
-    with pytest.raises(TypeError, match="SketchState"):
+    with pytest.raises(TypeError, match="SketchState or FullNetworkState"):
         all_reduce_state(torch.zeros(6, 64))
     with pytest.raises(RuntimeError, match="init_process_group"):
         all_reduce_state(SketchState(SPEC))

@@ -12,7 +12,7 @@ import transformers
 from torch.func import functional_call, grad, vmap
 
 from fisherfast.ops import srht
-from fisherfast.sketch import SketchSpec, sketch_features
+from fisherfast.sketch import SketchSpec, SketchState, sketch_features
 from fisherfast.sketch.fullnet import FullNetworkSketcher, FullNetworkState, linear_layers
 
 V, T, B = 23, 6, 3
@@ -143,3 +143,69 @@ def test_bad_inputs():
         sketcher.state.merge(FullNetworkState(FullNetworkSketcher(model, m=8, seed=1).specs))
     assert [n for n, _ in linear_layers(model)][-1] == "lm_head"
     assert all(isinstance(s, SketchSpec) for s in sketcher.specs.values())
+
+
+def sketched_state(seed: int = 0) -> tuple[FullNetworkSketcher, FullNetworkState]:
+    model = tiny_model("gpt2")
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+    sketcher = FullNetworkSketcher(model, m=16, seed=seed)
+    with sketcher.capture():
+        sketcher.update(sequence_losses(model(input_ids=ids).logits, ids))
+    return sketcher, sketcher.state
+
+
+def test_save_load_round_trip_and_spec_checks(tmp_path):
+    sketcher, state = sketched_state()
+    path = tmp_path / "full.safetensors"
+    state.save(path)
+    loaded = FullNetworkState.load(path, specs=sketcher.specs)
+    assert loaded.specs == state.specs and loaded.count == state.count
+    assert torch.equal(loaded.sum, state.sum) and torch.equal(loaded.sumsq, state.sumsq)
+    assert loaded.merge(state).count == 2 * state.count  # same specs: mergeable
+    other, _ = sketched_state(seed=1)
+    with pytest.raises(ValueError, match="other layer specs"):
+        FullNetworkState.load(path, specs=other.specs)
+    with pytest.raises(FileNotFoundError):
+        FullNetworkState.load(tmp_path / "absent.safetensors")
+
+
+def test_load_rejects_other_formats_and_corruption(tmp_path):
+    from safetensors.torch import save_file
+
+    _, state = sketched_state()
+    head = tmp_path / "head.safetensors"
+    SketchState(SketchSpec(d=4, K=8, m=16)).save(head)
+    with pytest.raises(ValueError, match="fullnet_state"):
+        FullNetworkState.load(head)
+    meta = {"format": "fisherfast.sketch.fullnet_state", "version": "1", "specs": state.specs_json(),
+            "count": str(state.count)}
+    cases = {
+        "version": ({"sum": state.sum, "sumsq": state.sumsq}, {**meta, "version": "99"}, "version"),
+        "header": ({"sum": state.sum, "sumsq": state.sumsq}, {**meta, "specs": "{not json"}, "corrupted"),
+        "names": ({"sum": state.sum}, meta, "corrupted"),
+        "shape": ({"sum": state.sum[:8].clone(), "sumsq": state.sumsq}, meta, "shape"),
+        "negative": ({"sum": state.sum, "sumsq": -state.sumsq - 1}, meta, "negative"),
+        "nan": ({"sum": torch.full_like(state.sum, float("nan")), "sumsq": state.sumsq}, meta, "finite"),
+    }
+    for name, (tensors, metadata, match) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        with pytest.raises(ValueError, match=match):
+            FullNetworkState.load(path)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="readable"):
+        FullNetworkState.load(garbage)
+
+
+def test_state_checks_its_buffers():
+    _, state = sketched_state()
+    with pytest.raises(TypeError, match="specs"):
+        FullNetworkState({})
+    with pytest.raises(ValueError, match="sum must"):
+        FullNetworkState(state.specs, 1, torch.zeros(3, dtype=torch.float64))
+    mixed = {**state.specs, "extra": SketchSpec(d=4, K=4, m=8)}
+    with pytest.raises(ValueError, match="one m"):
+        FullNetworkState(mixed)
+    back = FullNetworkState.from_tensor(state.specs, state.count, state.as_tensor())
+    assert torch.equal(back.sum, state.sum) and torch.equal(back.sumsq, state.sumsq)
