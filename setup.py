@@ -54,6 +54,14 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def nvcc_compile_flags():
+    """Flags for compiling one csrc/cuda source to an object (shared with tests/test_cuda_build.py)."""
+    includes = ["-I" + os.path.join(ROOT, INCLUDE), "-I" + pybind11.get_include(),
+                "-I" + sysconfig.get_paths()["include"]]
+    common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--expt-relaxed-constexpr"]
+    return common + includes + nvcc_gencode_flags()
+
+
 def nvcc_gencode_flags():
     flags = []
     for arch in CUDA_ARCHS:
@@ -92,16 +100,10 @@ class BuildExt(build_ext):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = os.path.join(self.build_temp, "cuda")
         os.makedirs(tmp, exist_ok=True)
-        includes = [
-            "-I" + os.path.join(ROOT, INCLUDE),
-            "-I" + pybind11.get_include(),
-            "-I" + sysconfig.get_paths()["include"],
-        ]
-        common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--expt-relaxed-constexpr"]
         objects = []
         for src in ext.sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj] + common + includes + nvcc_gencode_flags()
+            cmd = [nvcc, "-c", src, "-o", obj] + nvcc_compile_flags()
             print(" ".join(cmd))
             subprocess.check_call(cmd)
             objects.append(obj)
@@ -118,4 +120,5 @@ def extensions():
     return exts
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":  # pip's build backend and `python setup.py` both run it as __main__
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
