@@ -11,7 +11,10 @@ extra memory is O(B·(d + k)) plus one chunk (plus the outputs).
 Numerics (DESIGN.md §3): everything is computed as a *centered* covariance —
 never as Wᵀdiag(p)W − μμᵀ, which loses about three digits in float32 on a real
 model. float16/bfloat16 inputs are computed in float32 and returned in the input
-dtype. Logits are shifted by their running maximum, so logits of magnitude 1e4
+dtype; a half-precision W is never copied whole (the Triton kernels convert
+each tile they load, the reference casts one V-chunk at a time; only the cpu
+and cuda backends, whose kernels take float32/float64, get a float32 copy).
+Logits are shifted by their running maximum, so logits of magnitude 1e4
 are fine. A non-finite normalizer (NaN/Inf in W, b or the logits) is detected
 during the pass and raised as a ValueError naming the input; h (or the given
 logits' finiteness is not pre-scanned, only the normalizer) is checked up front.
@@ -63,11 +66,13 @@ def chunk_size(V: int, per_row: int, chunk: int | None) -> int:
 
 def logit_chunks(h, W, b, logits, C):
     """Yield (start, stop, Z_c (B,C), W_c (C,d)) over V; Z_c = h W_cᵀ + b_c or
-    the slice of the given logits."""
+    the slice of the given logits. A half-precision W is cast one chunk at a
+    time (W_c in float32), so no full-size copy of W is ever made."""
     V = W.shape[0]
+    dt = compute_dtype(W.dtype)
     for start in range(0, V, C):
         stop = min(V, start + C)
-        Wc = W[start:stop]
+        Wc = W[start:stop].to(dt)
         if logits is not None:
             Zc = logits[:, start:stop]
         else:
@@ -106,7 +111,7 @@ def _lse_mu_reference(h, W, b, logits, C, need_mu: bool):
     """Pass 1: the normalizer (m_i, log l_i), lse_i = m_i + log l_i =
     log Σ_v exp(z_iv), and μ_i = Wᵀ p_i, with an online max."""
     B = (logits if logits is not None else h).shape[0]
-    dt = W.dtype
+    dt = compute_dtype(W.dtype)
     m = torch.full((B,), -math.inf, dtype=dt, device=W.device)
     l = torch.zeros(B, dtype=dt, device=W.device)
     acc_mu = torch.zeros(B, W.shape[1], dtype=dt, device=W.device) if need_mu else None
@@ -139,8 +144,8 @@ def _matmat_reference(h, W, U, b, logits, chunk):
     C = chunk_size(W.shape[0], B * (k + 1), chunk)
     norm, mu = _lse_mu_reference(h, W, b, logits, C, need_mu=True)
     ybar = mu @ U if U.dim() == 2 else torch.einsum("bd,bdk->bk", mu, U)
-    acc = torch.zeros(B, W.shape[1], k, dtype=W.dtype, device=W.device)
-    t = torch.zeros(B, k, dtype=W.dtype, device=W.device)
+    acc = torch.zeros(B, W.shape[1], k, dtype=compute_dtype(W.dtype), device=W.device)
+    t = torch.zeros(B, k, dtype=compute_dtype(W.dtype), device=W.device)
     for _, _, Zc, Wc in logit_chunks(h, W, b, logits, C):
         P = probs(Zc, norm)
         Y = (Wc @ U)[None] if U.dim() == 2 else torch.einsum("cd,bdk->bck", Wc, U)
@@ -157,7 +162,7 @@ def _quad_reference(h, W, U, b, logits, chunk):
     C = chunk_size(W.shape[0], B * (k + 1), chunk)
     norm, mu = _lse_mu_reference(h, W, b, logits, C, need_mu=True)
     ybar = mu @ U if U.dim() == 2 else torch.einsum("bd,bdk->bk", mu, U)
-    Q = torch.zeros(B, k, k, dtype=W.dtype, device=W.device)
+    Q = torch.zeros(B, k, k, dtype=compute_dtype(W.dtype), device=W.device)
     for _, _, Zc, Wc in logit_chunks(h, W, b, logits, C):
         P = probs(Zc, norm)
         Y = (Wc @ U)[None] if U.dim() == 2 else torch.einsum("cd,bdk->bck", Wc, U)
@@ -170,7 +175,7 @@ def gram_none_chunked(h, W, b, logits, chunk, norm, mu):
     """G_i = Σ_v p_iv (w_v − μ_i)(w_v − μ_i)ᵀ, exact centering (μ from pass 1)."""
     B, d = mu.shape
     C = chunk_size(W.shape[0], B * d, chunk)
-    G = torch.zeros(B, d, d, dtype=W.dtype, device=W.device)
+    G = torch.zeros(B, d, d, dtype=compute_dtype(W.dtype), device=W.device)
     for _, _, Zc, Wc in logit_chunks(h, W, b, logits, C):
         P = probs(Zc, norm)
         D = Wc[None] - mu[:, None, :]  # (B,C,d): centered rows
@@ -190,8 +195,8 @@ def gram_mean_chunked(h, W, b, logits, chunk, norm, mu):
     V instead of B: cost V·d² + O(V·B·(d + B))."""
     B, d = mu.shape
     C = chunk_size(W.shape[0], max(d, B), chunk)
-    T1 = torch.zeros(d, d, dtype=W.dtype, device=W.device)
-    c = torch.zeros(B, B, dtype=W.dtype, device=W.device)
+    T1 = torch.zeros(d, d, dtype=compute_dtype(W.dtype), device=W.device)
+    c = torch.zeros(B, B, dtype=compute_dtype(W.dtype), device=W.device)
     for _, _, Zc, Wc in logit_chunks(h, W, b, logits, C):
         P = probs(Zc, norm)  # (B,C)
         q = P.sum(dim=0)
@@ -249,9 +254,10 @@ def gram_truncated_chunked(h, W, b, logits, chunk, norm, tail_tol: float, reduce
     rank = torch.arange(tok.numel(), device=dev) - first[tok]  # position in the token's run
     tok, idx, pv, rank = tok[keep], idx[keep], pv[keep], rank[keep]
     n_max = int(n_kept.max())
-    Rp = torch.zeros(B, n_max, d, dtype=W.dtype, device=dev)  # kept rows, zero-padded
-    Rp[tok, rank] = W[idx]
-    Pp = torch.zeros(B, n_max, dtype=W.dtype, device=dev)  # their p (0 on the padding)
+    dt = compute_dtype(W.dtype)
+    Rp = torch.zeros(B, n_max, d, dtype=dt, device=dev)  # kept rows, zero-padded
+    Rp[tok, rank] = W[idx].to(dt)
+    Pp = torch.zeros(B, n_max, dtype=dt, device=dev)  # their p (0 on the padding)
     Pp[tok, rank] = pv
     muS = torch.bmm(Pp[:, None, :], Rp)[:, 0] / Pp.sum(dim=1, keepdim=True)
     Dp = Rp - muS[:, None, :]  # padding rows carry weight 0
@@ -622,8 +628,15 @@ def _check_U(U, W, B, one_token: bool):
     check_same_dtype(U=U, W=W)
 
 
-def _prepare(h, W, b, logits, U=None):
-    """Contiguous compute-dtype copies (float32 for half inputs), 2-D h/logits;
+# Backends that read a half-precision W as it is (the Triton kernels load tiles
+# and convert them; the reference casts one V-chunk at a time). The others get
+# a float32 copy of W (their kernels take float32/float64 pointers).
+_NATIVE_W_BACKENDS = ("reference", "triton")
+
+
+def _prepare(h, W, b, logits, U, impls, impl):
+    """Contiguous compute-dtype copies (float32 for half inputs) of h, b,
+    logits and U, 2-D h/logits; W as it is for backends that read it natively.
     h (never W: scanning it costs as much as the op) is checked finite."""
     dt = compute_dtype(W.dtype)
 
@@ -635,7 +648,8 @@ def _prepare(h, W, b, logits, U=None):
         h = cast(h.reshape(1, -1) if h.dim() == 1 else h)
     if logits is not None:
         logits = cast(logits.reshape(1, -1) if logits.dim() == 1 else logits)
-    return h, cast(W), cast(b), logits, cast(U)
+    native = any(impl is impls.get(name) for name in _NATIVE_W_BACKENDS)
+    return h, (W.contiguous() if native else cast(W)), cast(b), logits, cast(U)
 
 
 def _select(op, impls, device, backend):
@@ -650,8 +664,8 @@ def _select(op, impls, device, backend):
 def _lse_op(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], backend: str,
             chunk: int) -> torch.Tensor:
     out_dtype = h.dtype
-    h, W, b, _, _ = _prepare(h, W, b, None)
     impl = _select("lm_logsumexp", _LSE_IMPLS, W.device, backend)
+    h, W, b, _, _ = _prepare(h, W, b, None, None, _LSE_IMPLS, impl)
     return impl(h, W, b, chunk or None).to(out_dtype)
 
 
@@ -663,8 +677,8 @@ def _(h, W, b, backend, chunk):
 def _contract(op: str, impls, h, W, U, b, logits, backend: str, chunk: int) -> torch.Tensor:
     """Shared body of the matmat and quad ops: prepare, dispatch, check, cast back."""
     out_dtype = W.dtype
-    h, W, b, logits, U = _prepare(h, W, b, logits, U)
     impl = _select(op, impls, W.device, backend)
+    h, W, b, logits, U = _prepare(h, W, b, logits, U, impls, impl)
     out = impl(h, W, U, b, logits, chunk or None)
     raise_nonfinite_result(out, logits is not None)
     return out.to(out_dtype)
@@ -699,8 +713,8 @@ def _gram_op(h: Optional[torch.Tensor], W: torch.Tensor, b: Optional[torch.Tenso
              logits: Optional[torch.Tensor], reduce: str, tail_tol: float, backend: str,
              chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out_dtype = W.dtype
-    h, W, b, logits, _ = _prepare(h, W, b, logits)
     impl = _select("softmax_fisher_gram", _GRAM_IMPLS, W.device, backend)
+    h, W, b, logits, _ = _prepare(h, W, b, logits, None, _GRAM_IMPLS, impl)
     G, tau, n_kept = impl(h, W, b, logits, reduce, tail_tol if tail_tol > 0 else None, chunk or None)
     raise_nonfinite_result(G, logits is not None)
     return G.to(out_dtype), tau.to(torch.float64), n_kept.to(torch.int64)

@@ -352,7 +352,7 @@ def softmax_fisher_quad_triton(h, W, U, b, cfg=_Cfg):
 
 def softmax_fisher_gram_triton(h, W, b, reduce, cfg=_Cfg):
     """The exact G_i (B, d, d) (or its mean) as matmat with U = I_d."""
-    eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
+    eye = torch.eye(W.shape[1], dtype=torch.float32, device=W.device)
     G = softmax_fisher_matmat_triton(h, W, eye, b, cfg)
     G = 0.5 * (G + G.transpose(1, 2))
     return G.mean(dim=0) if reduce == "mean" else G

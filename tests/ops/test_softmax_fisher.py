@@ -13,6 +13,7 @@ from fisherfast.ops import (TruncatedGram, available_backends, lm_logsumexp, sof
                             softmax_fisher_matmat, softmax_fisher_quad)
 
 BACKENDS = [name for name in ("reference", "cpu") if available_backends()[name].available]
+_TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: the interpreter (conftest)
 
 
 def dense_G(h, W, b=None, logits=None):
@@ -90,6 +91,41 @@ def test_half_precision_inputs_computed_in_fp32(backend):
     out = softmax_fisher_matmat(h, W, U, b, chunk=64, backend=backend)
     assert out.dtype == torch.float16
     assert rel(out, G @ U.double()) <= 2e-3  # fp16 output rounding (2^-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"] * available_backends()["triton"].available)
+def test_half_precision_W_in_every_op(backend):
+    """quad, gram (exact and truncated) and lse on fp16 inputs against the
+    float64 formula on the same rounded values (reference and triton read the
+    fp16 W as it is; cpu gets a float32 copy)."""
+    h, W, b, U, _ = make(dtype=torch.float16, seed=5, offset=0.5)
+    G, _ = dense_G(h, W, b)
+    device = _TRITON_DEVICE if backend == "triton" else "cpu"
+    h, W, b, U = (x.to(device) for x in (h, W, b, U))
+    torch.testing.assert_close(lm_logsumexp(h, W, b, backend=backend).cpu().double(),
+                               torch.logsumexp(h.double() @ W.double().T + b.double(), -1).cpu(), rtol=2e-3, atol=2e-3)
+    U64 = U.cpu().double()
+    assert rel(softmax_fisher_quad(h, W, U, b, chunk=64, backend=backend).cpu(), U64.T @ G @ U64) <= 2e-3
+    assert rel(softmax_fisher_gram(h, W, b, chunk=64, backend=backend).cpu(), G) <= 2e-3
+    T = softmax_fisher_gram(h, W, b, tail_tol=0.5, chunk=64, backend=backend)
+    assert T.G.dtype == torch.float16 and bool((T.tau <= 0.5).all()) and bool((T.n_kept < W.shape[0]).all())
+
+
+def test_half_W_is_never_copied_whole_on_the_reference_backend():
+    """A float16 W is cast one V-chunk at a time: the peak of torch allocations
+    stays far below the float32 copy of W (8 MiB here) that a cast up front makes."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    from _harness import peak_memory
+
+    g = torch.Generator().manual_seed(0)
+    V, d, B = 8192, 256, 4
+    W = (torch.randn(V, d, generator=g) / d ** 0.5).half()
+    h, U = torch.randn(B, d, generator=g).half(), torch.randn(d, 2, generator=g).half()
+    full_copy = V * d * 4
+    for run in (lambda: lm_logsumexp(h, W, chunk=256, backend="reference"),
+                lambda: softmax_fisher_matmat(h, W, U, chunk=256, backend="reference"),
+                lambda: softmax_fisher_gram(h, W, reduce="mean", chunk=256, backend="reference")):
+        assert peak_memory(run) < full_copy / 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,9 +326,6 @@ def test_triton_lm_logsumexp_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
-
-
-_TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: the interpreter (conftest)
 
 
 @pytest.mark.skipif(not available_backends()["triton"].available, reason="triton backend unavailable")
