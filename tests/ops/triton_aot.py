@@ -1,22 +1,20 @@
 """Compile recorded Triton launches ahead of time for NVIDIA GPUs, no GPU needed.
 
 Run as a script (never under TRITON_INTERPRET, so ``triton.jit`` gives real
-JIT functions): ``python triton_aot.py LAUNCHES.json OUT.json``. Each launch
+JIT functions): ``python triton_aot.py LAUNCHES.json OUT.json CC`` (CC: the
+compute capability, e.g. 80 or 90). Each launch
 record names a kernel (module, name), the Triton type of every runtime
 argument ("*fp32", "i32", ...), the constexpr values and the launch options
 (num_warps, num_stages). Every distinct specialization is compiled through the
 full pipeline (TTIR → TTGIR → LLVM IR → PTX → cubin with Triton's bundled
-ptxas) for each target in TARGETS; OUT.json gets, per specialization and
-target, the shared memory the kernel needs or the compiler's error.
+ptxas) for sm_CC; OUT.json gets, per specialization, the shared memory the
+kernel needs or the compiler's error.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import sys
-
-TARGETS = (80, 90)  # A100 (sm_80), H100 (sm_90)
-
 
 def compile_one(launch: dict, capability: int) -> dict:
     import triton
@@ -34,14 +32,13 @@ def compile_one(launch: dict, capability: int) -> dict:
     return {"shared": int(compiled.metadata.shared), "cubin_bytes": len(compiled.asm["cubin"])}
 
 
-def main(launches_path: str, out_path: str) -> None:
+def main(launches_path: str, out_path: str, capability: str) -> None:
     with open(launches_path) as f:
         launches = json.load(f)
-    results = [{"launch": launch, "targets": {str(cc): compile_one(launch, cc) for cc in TARGETS}}
-               for launch in launches]
+    results = [{"launch": launch, "outcome": compile_one(launch, int(capability))} for launch in launches]
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
