@@ -49,7 +49,7 @@ from typing import Callable, Sequence
 import torch
 from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
 
-__all__ = ["SplitModel", "SplitContext", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["SplitModel", "SplitContext", "SUPPORTED_MODEL_TYPES", "decoder_blocks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,18 @@ _ARCHS: dict[str, _Arch] = {
                          rotary_per_layer_type=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(_ARCHS)
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a supported causal LM (h at layer ℓ < L is the input
+    of block ℓ; layer L is the last block's output), for hooks that read or
+    edit hidden states."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _ARCHS:
+        raise ValueError(f"model: unsupported architecture {model_type!r} ({type(model).__name__}); "
+                         f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    arch = _ARCHS[model_type]
+    return getattr(getattr(model, arch.base), arch.blocks)
 
 
 class _Stop(Exception):

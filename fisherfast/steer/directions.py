@@ -1,0 +1,213 @@
+"""Steering directions at a layer and their Fisher cost (DESIGN.md §5).
+
+FishBack (minimum distortion): among all δ with first-order concept change
+qᵀδ = ρ, the one of least Fisher cost ½ δᵀGδ (to second order the KL between
+the steered and unsteered next-token distributions):
+
+    δ* = ρ G⁺q / (qᵀG⁺q).
+
+G is singular (F has the all-ones kernel and rank ≤ d), so it is regularized:
+G_λ = G + λI with λ = damping · qᵀGq / qᵀq (the curvature along q: a scale
+that follows G, costs one product, and leaves the answer unchanged when G is
+scaled). As damping → 0, G_λ⁻¹q → G⁺q for q in the range of G. Dense G is
+solved by Cholesky in float64; a matrix-free ``PullbackMetric`` by conjugate
+gradients (scipy), one metric product per iteration.
+
+Baselines: Euclidean gradient ascent δ = ρ q/‖q‖²; CAA, the mean of h⁺ − h⁻
+over contrastive pairs; ActAdd, h⁺ − h⁻ of one pair; an ITI-style direction,
+the normal of an L2-regularized logistic probe separating the two classes.
+
+Cost ratio of any direction d scaled to the same first-order change:
+
+    R(d) = (dᵀG_λd)(qᵀG_λ⁻¹q) / (qᵀd)² ≥ 1   (Cauchy–Schwarz in the G_λ inner product),
+
+with equality exactly for d ∝ G_λ⁻¹q, the FishBack direction.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DEFAULT_DAMPING = 1e-6
+
+
+def _check_vector(name: str, v, d: int | None = None) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
+        raise ValueError(f"{name} must be a 1-D floating tensor, got {getattr(v, 'shape', type(v).__name__)}")
+    if d is not None and v.shape[0] != d:
+        raise ValueError(f"{name} must have length {d} (the metric's dimension), got {v.shape[0]}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return v
+
+
+def _metric_size(G) -> int:
+    shape = getattr(G, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"G must be a square (d, d) tensor or a PullbackMetric, got shape {shape}")
+    return int(shape[0])
+
+
+def _matvec(G, v: torch.Tensor) -> torch.Tensor:
+    """G v in float64 (G a tensor or a PullbackMetric in its own dtype)."""
+    if isinstance(G, torch.Tensor):
+        return G.to(torch.float64) @ v.to(G.device, torch.float64)
+    dtype = getattr(G, "dtype", torch.float64)
+    return (G @ v.to(G.device, dtype)).to(torch.float64)
+
+
+def _is_matrix_free(G) -> bool:
+    return not isinstance(G, torch.Tensor) and bool(getattr(G, "is_matrix_free", False))
+
+
+def damping_value(G, q: torch.Tensor, damping: float = DEFAULT_DAMPING) -> float:
+    """λ = damping · qᵀGq / qᵀq."""
+    if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0):
+        raise ValueError(f"damping must be a non-negative number, got {damping!r}")
+    q64 = q.to(torch.float64)
+    return float(damping) * float(q64 @ _matvec(G, q64).to(q64.device)) / float(q64 @ q64)
+
+
+def solve_metric(G, q: torch.Tensor, *, damping: float = DEFAULT_DAMPING, rtol: float = 1e-10,
+                 maxiter: int | None = None) -> torch.Tensor:
+    """x = G_λ⁻¹ q (float64, on q's device), G_λ = G + λI, λ = damping · qᵀGq/qᵀq.
+
+    Dense G (a tensor, or a PullbackMetric that is not matrix-free): Cholesky.
+    Matrix-free: conjugate gradients to relative residual ``rtol`` (at most
+    ``maxiter`` products, default 10·d); raises RuntimeError if it stalls."""
+    d = _metric_size(G)
+    q = _check_vector("q", q, d)
+    if not bool((q != 0).any()):
+        raise ValueError("q is zero: the concept score is flat at this point, there is no direction to steer")
+    lam = damping_value(G, q, damping)
+    q64 = q.to(torch.float64)
+    if not _is_matrix_free(G):
+        dense = G if isinstance(G, torch.Tensor) else G.dense()
+        A = dense.to(q.device, torch.float64)
+        A = 0.5 * (A + A.T) + lam * torch.eye(d, dtype=torch.float64, device=q.device)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            return torch.cholesky_solve(q64[:, None], L)[:, 0]
+        return torch.linalg.lstsq(A, q64[:, None]).solution[:, 0]  # singular G_λ (damping 0): least squares
+    from scipy.sparse.linalg import LinearOperator, cg
+
+    def apply(x):
+        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+        return (_matvec(G, v).cpu() + lam * v).numpy()
+
+    op = LinearOperator((d, d), matvec=apply, dtype=np.float64)
+    x, info = cg(op, q64.cpu().numpy(), rtol=rtol, atol=0.0, maxiter=maxiter or 10 * d)
+    if info != 0:
+        raise RuntimeError(f"conjugate gradients did not reach rtol={rtol} in {maxiter or 10 * d} products "
+                           f"(raise damping or maxiter)")
+    return torch.from_numpy(x).to(q.device)
+
+
+def fishback_direction(G, q: torch.Tensor, rho: float = 1.0, *, damping: float = DEFAULT_DAMPING,
+                       **solver) -> torch.Tensor:
+    """δ* = ρ G_λ⁻¹q / (qᵀG_λ⁻¹q): the least-Fisher-cost step with qᵀδ = ρ.
+
+    Args:
+        G: the pullback metric at the point (a (d, d) tensor or a PullbackMetric).
+        q: (d,) gradient of the concept score there.
+        rho: the first-order concept change qᵀδ.
+        damping: relative regularization (module docstring); ``solver``: rtol,
+            maxiter for conjugate gradients.
+    Returns:
+        δ (d,) in q's dtype. Its Fisher cost is ½ δᵀG_λδ = ½ ρ² / (qᵀG_λ⁻¹q).
+    """
+    x = solve_metric(G, q, damping=damping, **solver)
+    return (float(rho) * x / (q.to(torch.float64) @ x)).to(q.dtype)
+
+
+def euclidean_direction(q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
+    """δ = ρ q / ‖q‖²: gradient ascent with qᵀδ = ρ."""
+    q = _check_vector("q", q)
+    norm2 = float(q.to(torch.float64) @ q.to(torch.float64))
+    if norm2 == 0:
+        raise ValueError("q is zero: the concept score is flat at this point")
+    return (float(rho) / norm2) * q
+
+
+def scale_to_first_order(direction: torch.Tensor, q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
+    """ρ d / (qᵀd): any direction scaled to the first-order concept change ρ."""
+    direction, q = _check_vector("direction", direction), _check_vector("q", q, direction.shape[0])
+    dq = float(q.to(torch.float64) @ direction.to(torch.float64))
+    if dq == 0:
+        raise ValueError("direction is orthogonal to q: it does not change the concept to first order")
+    return (float(rho) / dq) * direction
+
+
+def cost_ratio(G, q: torch.Tensor, direction: torch.Tensor, *, damping: float = DEFAULT_DAMPING,
+               **solver) -> float:
+    """R(d) = (dᵀG_λd)(qᵀG_λ⁻¹q) / (qᵀd)² ≥ 1; 1 only for FishBack's direction."""
+    d = _metric_size(G)
+    direction = _check_vector("direction", direction, d)
+    q = _check_vector("q", q, d)
+    lam = damping_value(G, q, damping)
+    d64, q64 = direction.to(torch.float64), q.to(torch.float64)
+    dq = float(q64 @ d64)
+    if dq == 0:
+        raise ValueError("direction is orthogonal to q: its cost ratio is infinite")
+    quad = float(d64 @ _matvec(G, d64).to(d64.device)) + lam * float(d64 @ d64)
+    qGq = float(q64 @ solve_metric(G, q, damping=damping, **solver))
+    return quad * qGq / dq ** 2
+
+
+def _paired(h_pos, h_neg) -> tuple[torch.Tensor, torch.Tensor]:
+    for name, h in (("h_pos", h_pos), ("h_neg", h_neg)):
+        if not isinstance(h, torch.Tensor) or h.dim() != 2 or not h.is_floating_point() or h.shape[0] < 1:
+            raise ValueError(f"{name} must be a floating (n, d) tensor with n ≥ 1, got "
+                             f"{getattr(h, 'shape', type(h).__name__)}")
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+    if h_pos.shape[1] != h_neg.shape[1]:
+        raise ValueError(f"h_pos and h_neg must share d, got {h_pos.shape[1]} and {h_neg.shape[1]}")
+    return h_pos, h_neg
+
+
+def caa_direction(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    """CAA: mean over contrastive pairs of h⁺ − h⁻ (h_pos[i] pairs with h_neg[i])."""
+    h_pos, h_neg = _paired(h_pos, h_neg)
+    if h_pos.shape != h_neg.shape:
+        raise ValueError(f"h_pos and h_neg must be paired (same shape), got {tuple(h_pos.shape)} and "
+                         f"{tuple(h_neg.shape)}")
+    return (h_pos - h_neg).mean(dim=0)
+
+
+def actadd_direction(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    """ActAdd: h⁺ − h⁻ of one contrastive pair ((d,) each)."""
+    h_pos, h_neg = _check_vector("h_pos", h_pos), _check_vector("h_neg", h_neg, h_pos.shape[0])
+    return h_pos - h_neg
+
+
+def probe_direction(h_pos: torch.Tensor, h_neg: torch.Tensor, *, l2: float = 1e-3) -> torch.Tensor:
+    """ITI-style: the unit normal w of a logistic probe σ(wᵀ(h − m) + c) separating
+    h_pos (label 1) from h_neg (label 0), m the mean of all activations, fitted
+    by L-BFGS (scipy) in float64 on the mean log-loss + ``l2``·‖w‖²·mean‖h − m‖²
+    (the last factor makes the penalty independent of the activations' scale).
+    Oriented towards the positive class."""
+    from scipy.optimize import minimize
+
+    h_pos, h_neg = _paired(h_pos, h_neg)
+    if not (isinstance(l2, (int, float)) and l2 > 0):
+        raise ValueError(f"l2 must be a positive number, got {l2!r}")
+    X = torch.cat([h_pos, h_neg]).to(torch.float64).cpu().numpy()
+    y = np.concatenate([np.ones(len(h_pos)), np.zeros(len(h_neg))])
+    X = X - X.mean(axis=0)
+    scale = float((X ** 2).sum(axis=1).mean()) or 1.0
+    sign = 2 * y - 1
+
+    def loss(theta):
+        w, c = theta[:-1], theta[-1]
+        margin = sign * (X @ w + c)
+        value = np.logaddexp(0.0, -margin).mean() + l2 * (w @ w) * scale
+        s = -sign * 0.5 * (1 - np.tanh(margin / 2)) / len(y)  # ∂/∂(Xw + c) of the mean log-loss
+        return value, np.concatenate([X.T @ s + 2 * l2 * scale * w, [s.sum()]])
+
+    result = minimize(loss, np.zeros(X.shape[1] + 1), jac=True, method="L-BFGS-B")
+    w = torch.from_numpy(result.x[:-1])
+    norm = float(w.norm())
+    if norm == 0:
+        raise ValueError("the probe found no separating direction (the two classes coincide)")
+    return (w / norm).to(h_pos.dtype).to(h_pos.device)
