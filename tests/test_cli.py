@@ -30,3 +30,4 @@ def test_demo_runs_on_the_embedded_model(capsys, tmp_path):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Paris" in out
+    assert "== steering ==" in out and "| fishback | True |" in out and "| euclidean | True |" in out

@@ -9,7 +9,13 @@ the steered and unsteered next-token distributions):
 G is singular (F has the all-ones kernel and rank ≤ d), so it is regularized:
 G_λ = G + λI with λ = damping · qᵀGq / qᵀq (the curvature along q: a scale
 that follows G, costs one product, and leaves the answer unchanged when G is
-scaled). As damping → 0, G_λ⁻¹q → G⁺q for q in the range of G. Dense G is
+scaled). As damping → 0, G_λ⁻¹q → G⁺q for q in the range of G. The default
+damping 1e-3 comes from SmolLM2 (layer 15, raising p(" London") after "The
+capital of France is" from 0.012 to 0.5): at 1e-6 the first step runs along
+near-null directions of G where the quadratic model fails (actual KL 2.6 for
+a predicted 0.05); at 1e-3 the target is reached at a total KL of 0.65
+against 0.94 for Euclidean steps, and an off-target KL of 0.03 against 0.52.
+Dense G is
 solved by Cholesky in float64; a matrix-free ``PullbackMetric`` by conjugate
 gradients (scipy), one metric product per iteration.
 
@@ -28,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-DEFAULT_DAMPING = 1e-6
+DEFAULT_DAMPING = 1e-3
 
 
 def _check_vector(name: str, v, d: int | None = None) -> torch.Tensor:

@@ -4,8 +4,10 @@
 ``steer_to_target`` iterates: at the current h, the concept gradient q and
 (for FishBack) the pullback metric G are recomputed and a step with
 first-order change ρ = φ* − φ is taken, until the score reaches φ* or
-``max_steps`` run out. FishBack clips ρ so the step's predicted KL,
-½ρ²/(qᵀG_λ⁻¹q), stays below ``max_step_kl``; Euclidean steps take the full ρ.
+``max_steps`` run out. Both methods share one trust region on the actual
+step KL(p(h) ‖ p(h + δ)) ≤ ``max_step_kl``: a step beyond it is halved until
+it fits (one upper-map forward per trial). FishBack first clips ρ to the
+budget its quadratic model predicts, ½ρ²/(qᵀG_λ⁻¹q) ≤ ``max_step_kl``.
 
 ``scale_to_target`` finds, for a fixed direction v (CAA, ActAdd, a probe, a
 FishBack direction frozen at the start), the α with φ(h + α v) = φ* by
@@ -27,6 +29,7 @@ from fisherfast.steer.concept import ConceptScore, concept_gradient
 from fisherfast.steer.directions import DEFAULT_DAMPING, euclidean_direction, fishback_direction, solve_metric
 
 METHODS = ("fishback", "euclidean")
+_MAX_HALVINGS = 40
 
 
 @dataclasses.dataclass
@@ -37,7 +40,7 @@ class SteeringResult:
         h: (d,) the steered hidden state; delta: h − h₀.
         scores: φ after each step (scores[0] at h₀); reached: whether φ* was met.
         step_kls: per step, the exact KL(p(h_t) ‖ p(h_{t+1})) of the full
-            next-token distributions.
+            next-token distributions (each ≤ max_step_kl).
     """
 
     h: torch.Tensor
@@ -67,7 +70,7 @@ def steer_to_target(split, ctx, concept: ConceptScore, target_score: float, *, m
         method: "fishback" (δ ∝ G_λ⁻¹q, G recomputed at every step with
             ``pullback_fisher(mode=metric_mode, **metric_options)``) or
             "euclidean" (δ ∝ q).
-        max_steps: step budget; max_step_kl: the predicted KL a step may cost.
+        max_steps: step budget; max_step_kl: the KL one step may cost.
         damping: G's relative regularization (``fisherfast.steer.directions``).
         tol: how close to φ* counts as reached.
     """
@@ -98,10 +101,16 @@ def steer_to_target(split, ctx, concept: ConceptScore, target_score: float, *, m
             delta = fishback_direction(G, q, rho, damping=damping)
         else:
             delta = euclidean_direction(q, rho)
-        h_next = h + delta
-        z_next = split.logits(ctx, h_next)
-        kls.append(_kl(z, z_next))
-        h, z = h_next, z_next
+        for _ in range(_MAX_HALVINGS):
+            z_next = split.logits(ctx, h + delta)
+            step_kl = _kl(z, z_next)
+            if step_kl <= max_step_kl:
+                break
+            delta = delta / 2
+        else:
+            raise RuntimeError(f"no step of KL ≤ max_step_kl={max_step_kl} found after {_MAX_HALVINGS} halvings")
+        kls.append(step_kl)
+        h, z = h + delta, z_next
         scores.append(float(concept(z)))
     return SteeringResult(h=h, delta=h - h0, scores=scores, step_kls=kls, reached=scores[-1] >= target_score - tol)
 
@@ -145,3 +154,21 @@ def off_target_kl(concept: ConceptScore, base_logits: torch.Tensor, steered_logi
     lp = torch.log_softmax(steered_logits[..., keep].to(torch.float64), -1)
     lq = torch.log_softmax(base_logits[..., keep].to(torch.float64), -1)
     return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def compare_methods(split, ctx, concept: ConceptScore, target_score: float, *,
+                    methods: tuple[str, ...] = METHODS, **options) -> list[dict]:
+    """Steer with each method to ``target_score`` from ``ctx.h`` and report, per
+    method: reached, steps, the final target probability, KL(p₀ ‖ p) of the
+    full distributions, the off-target KL, ‖δ‖ and the steered δ itself
+    (``options`` go to ``steer_to_target``)."""
+    z0 = split.logits(ctx, ctx.h)
+    rows = []
+    for method in methods:
+        result = steer_to_target(split, ctx, concept, target_score, method=method, **options)
+        z = split.logits(ctx, result.h)
+        rows.append({"method": method, "reached": result.reached, "steps": len(result.step_kls),
+                     "target_prob": float(concept.target_probability(z)), "kl": _kl(z0, z),
+                     "off_target_kl": float(off_target_kl(concept, z0, z)),
+                     "delta_norm": float(result.delta.norm()), "delta": result.delta})
+    return rows

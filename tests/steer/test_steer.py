@@ -162,7 +162,8 @@ def test_fishback_reaches_the_target_with_less_kl_than_euclidean(llama):
     fish = steer_to_target(split, ctx, concept, target, method="fishback", max_step_kl=0.05)
     eucl = steer_to_target(split, ctx, concept, target, method="euclidean")
     assert fish.reached and eucl.reached
-    assert fish.scores[-1] == pytest.approx(target, abs=1e-3)
+    assert target - 1e-3 <= fish.scores[-1] < target + 0.05  # reached, without overshooting far
+    assert all(kl <= 0.05 for kl in fish.step_kls)  # the trust region on the actual step KL
     z0 = split.logits(ctx, ctx.h).double()
 
     def kl_from_start(h):
