@@ -6,6 +6,8 @@
     fisherfast spectrum --layer L   pullback-metric diagnostics + spectrum PNG
     fisherfast sketch ...           FisherSketch signature of a text file
     fisherfast align SIG...         alignment table + heatmap of signatures
+    fisherfast steer --prompt P --target W --layer L
+                                    FishBack vs Euclidean steering of p(W | P)
 """
 from __future__ import annotations
 
@@ -155,31 +157,45 @@ def _demo_metric(model, tokenizer, args) -> None:
     print(f"spectrum: {path}  (FishBack on GPT-2: > 97% relative spectral deviation, PR/d 2–17%)")
 
 
-def _demo_steering(model, tokenizer, args) -> None:
+def _steer_report(model, tokenizer, prompt: str, word: str, layer: int, goal: float, methods, new_tokens: int) -> None:
+    """Steer p(word) after prompt to goal at layer with each method; print the table and
+    a generation with the first method's vector hooked into the model."""
     import math
 
     from fisherfast.split import SplitModel
     from fisherfast.steer import ConceptScore, compare_methods, steering
 
-    prompt, word, layer, goal = "The capital of France is", " London", 24, 0.5
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     split = SplitModel(model, layer)
     ctx = split.context(ids[0])
     concept = ConceptScore(tokenizer.encode(word))
     p0 = float(concept.target_probability(split.logits(ctx, ctx.h)))
     start = time.perf_counter()
-    rows = compare_methods(split, ctx, concept, math.log(goal))
+    rows = compare_methods(split, ctx, concept, math.log(goal), methods=tuple(methods))
     print(f"raise p({word!r}) after {prompt!r} from {p0:.3f} to {goal} at layer {layer} "
           f"({time.perf_counter() - start:.1f} s):")
     print("| method | reached | steps | p | KL(p₀‖p) | off-target KL | ‖δ‖ |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['reached']} | {r['steps']} | {r['target_prob']:.3f} | {r['kl']:.3f} | "
               f"{r['off_target_kl']:.3f} | {r['delta_norm']:.1f} |")
-    fish = next(r for r in rows if r["method"] == "fishback")
-    with steering(model, {layer: fish["delta"]}):
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    with steering(model, {layer: rows[0]["delta"]}):
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(out[0, ids.shape[1]:])
-    print(f"generation with the FishBack vector hooked in at layer {layer}: {prompt!r} → {text!r}")
+    print(f"generation with the {rows[0]['method']} vector hooked in at layer {layer}: {prompt!r} → {text!r}")
+
+
+def _demo_steering(model, tokenizer, args) -> None:
+    _steer_report(model, tokenizer, "The capital of France is", " London", 24, 0.5, ("fishback", "euclidean"), 6)
+
+
+def cmd_steer(args) -> int:
+    if not 0 < args.prob < 1:
+        raise SystemExit(f"--prob must be in (0, 1), got {args.prob}")
+    if args.new_tokens < 0:
+        raise SystemExit(f"--new-tokens must be ≥ 0, got {args.new_tokens}")
+    model, tokenizer = _load_model(args.model)
+    _steer_report(model, tokenizer, args.prompt, args.target, args.layer, args.prob, args.method, args.new_tokens)
+    return 0
 
 
 DEMO_SECTIONS = [("model", _demo_model), ("FisherSketch", _demo_sketch), ("metric", _demo_metric),
@@ -323,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     spectrum.add_argument("--out", default="fisherfast-spectrum.png", help="spectrum PNG path")
     spectrum.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     spectrum.set_defaults(func=cmd_spectrum)
+    steer = sub.add_parser("steer", help="FishBack vs Euclidean steering of one next-token probability")
+    steer.add_argument("--prompt", required=True, help="the context; its last token's state is steered")
+    steer.add_argument("--target", required=True, help="the word whose tokens form the concept, e.g. ' London'")
+    steer.add_argument("--prob", type=float, default=0.5, help="target probability of the concept tokens")
+    steer.add_argument("--layer", type=int, required=True, help="layer ℓ: h is the input of block ℓ")
+    steer.add_argument("--method", nargs="+", choices=("fishback", "euclidean"), default=["fishback", "euclidean"],
+                       help="methods to compare; the first one's vector drives the generation")
+    steer.add_argument("--new-tokens", type=int, default=12, help="tokens to generate with the vector hooked in")
+    steer.add_argument("--model", default="default", help="'default' (embedded SmolLM2) or a local model folder")
+    steer.set_defaults(func=cmd_steer)
     align = sub.add_parser("align", help="alignment table (+ heatmap) of FisherSketch signatures")
     align.add_argument("signatures", nargs="+", metavar="SIG", help="files written by `fisherfast sketch`")
     align.add_argument("--kind", choices=("joint", "activation", "error"), default="joint")

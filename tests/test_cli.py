@@ -31,3 +31,16 @@ def test_demo_runs_on_the_embedded_model(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "Paris" in out
     assert "== steering ==" in out and "| fishback | True |" in out and "| euclidean | True |" in out
+
+
+def test_steer_rejects_a_bad_probability_before_loading_a_model():
+    with pytest.raises(SystemExit, match="--prob must be in"):
+        main(["steer", "--prompt", "x", "--target", " y", "--layer", "3", "--prob", "1.5", "--model", "/nonexistent"])
+
+
+@pytest.mark.slow
+def test_steer_command_on_the_embedded_model(capsys):
+    assert main(["steer", "--prompt", "The capital of France is", "--target", " London", "--layer", "24",
+                 "--new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| fishback | True |" in out and "generation with the fishback vector" in out
