@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from fisherfast._persist import read_versioned
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 
 KINDS = ("joint", "activation", "error")
@@ -13,28 +14,9 @@ FORMAT = "fisherfast.sketch.state"
 
 
 def read_state_file(path: str | os.PathLike, fmt: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file whose metadata says format ``fmt``
-    and version SKETCH_VERSION.
-
-    Raises FileNotFoundError when absent, ValueError for an unreadable file or
-    another format or version. Never unpickles."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no sketch state at {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as err:  # safetensors raises several types for damaged headers/data
-        raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
-    if meta.get("format") != fmt:
-        raise ValueError(f"{path} is not a {fmt} file (format {meta.get('format')!r})")
-    if meta.get("version") != str(SKETCH_VERSION):
-        raise ValueError(f"{path} holds sketch version {meta.get('version')!r}; this fisherfast reads "
-                         f"version {SKETCH_VERSION}")
-    return meta, tensors
+    """(metadata, tensors) of a sketch file of format ``fmt`` at SKETCH_VERSION
+    (``fisherfast._persist.read_versioned``)."""
+    return read_versioned(path, fmt, SKETCH_VERSION, "sketch state")
 
 
 def check_sum_buffers(path, tensors: dict[str, torch.Tensor], names: set[str], m: int, count: int) -> None:
