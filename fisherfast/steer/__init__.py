@@ -7,8 +7,10 @@ from fisherfast.steer.concept import ConceptScore, concept_gradient
 from fisherfast.steer.directions import (actadd_direction, caa_direction, cost_ratio, euclidean_direction,
                                          fishback_direction, probe_direction, scale_to_first_order, solve_metric)
 from fisherfast.steer.hooks import steering
+from fisherfast.steer.innsteer import INNSteer
 from fisherfast.steer.iterate import SteeringResult, compare_methods, off_target_kl, scale_to_target, steer_to_target
 
 __all__ = ["ConceptScore", "concept_gradient", "fishback_direction", "euclidean_direction", "caa_direction",
            "actadd_direction", "probe_direction", "scale_to_first_order", "solve_metric", "cost_ratio", "steering",
-           "SteeringResult", "steer_to_target", "scale_to_target", "off_target_kl", "compare_methods"]
+           "SteeringResult", "steer_to_target", "scale_to_target", "off_target_kl", "compare_methods",
+           "INNSteer"]
