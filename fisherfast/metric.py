@@ -360,7 +360,7 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
         info = {"n_samples": n_samples, "_sq": []}
         point_metric = lambda ctx, x: _monte_carlo(split, ctx, x, n_samples, generator, chunk, info)  # noqa: E731
     else:
-        names, token_sets = _concept_schema(concepts, split.V)
+        names, token_sets = concept_schema(concepts, split.V)
         info = {"concepts": names, "q": []}
         point_metric = lambda ctx, x: _concept(split, ctx, x, token_sets, chunk, info)  # noqa: E731
 
@@ -494,7 +494,7 @@ def _concept(split, ctx, x, token_sets, chunk, info):
     return 0.25 * (J_q.T * inv_q) @ J_q                     # G_H = ¼ J_qᵀ diag(1/q) J_q
 
 
-def _concept_schema(concepts, V):
+def concept_schema(concepts, V):
     """(names, [LongTensor of token ids per concept]) after validation."""
     if concepts is None:
         raise ValueError("mode='concept' needs concepts: a sequence (or mapping name → entry) of token ids "
