@@ -43,7 +43,8 @@ Hellinger distances between neighbouring waypoints, and a minimizer is a
 true (discretized) minimum-energy path: as T grows it tends to the geodesic,
 ∇_x M terms included. Measured on M = diag(cosh² x) (s = sinh, ε = 0): the
 embedded minimizer is the exact geodesic x_i = asinh(lerp(sinh h₀, sinh h₁)),
-whereas the frozen fixed point lies 0.13 away with an energy above the chord's.
+whereas the frozen fixed point lies 0.14 away at T = 9 (0.08 at T = 17), with
+a higher E_s than the chord.
 """
 from __future__ import annotations
 
