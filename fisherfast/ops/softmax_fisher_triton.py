@@ -44,6 +44,36 @@ K_MAX = 16  # projection columns per kernel call (tl.dot needs ≥ 16: K is padd
 
 
 @triton.jit
+def _w_hT_tiles(H, W, offs_v, mask_v, offs_b, mask_b, d0, D, stride_hb, stride_wv, BLOCK_D: tl.constexpr):
+    """The W tile (BLOCK_V × BLOCK_D) and hᵀ tile (BLOCK_D × BLOCK_B) of the d-chunk at
+    d0 in float32, zero outside the bounds, with the chunk's offsets and mask."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
+                other=0.0).to(tl.float32)
+    hT = tl.load(H + offs_b[None, :].to(tl.int64) * stride_hb + offs_d[:, None],
+                 mask=mask_d[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+    return w, hT, offs_d, mask_d
+
+
+@triton.jit
+def _bias_and_mask(z, bias, offs_v, mask_v, HAS_BIAS: tl.constexpr):
+    """z + b over the logit tile (BLOCK_V × BLOCK_B), −inf on rows past V."""
+    if HAS_BIAS:
+        z += tl.load(bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[:, None]
+    return tl.where(mask_v[:, None], z, -float("inf"))
+
+
+@triton.jit
+def _online_step(m, z):
+    """Online max over one tile: (m_new, a = e^{m − m_new}, e = e^{z − m_new}), with a
+    shift of 0 while every logit so far is −inf (so no −inf − −inf)."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    return m_new, tl.exp(m - m_safe), tl.exp(z - m_safe[None, :])
+
+
+@triton.jit
 def _lse_split_kernel(H, W, bias, M_out, L_out, B, V, D, tiles_per_split,
                       stride_hb, stride_wv, HAS_BIAS: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -59,20 +89,11 @@ def _lse_split_kernel(H, W, bias, M_out, L_out, B, V, D, tiles_per_split,
         mask_v = offs_v < V
         z = tl.zeros((BLOCK_V, BLOCK_B), tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
-                        other=0.0).to(tl.float32)
-            hT = tl.load(H + offs_b[None, :].to(tl.int64) * stride_hb + offs_d[:, None],
-                         mask=mask_d[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+            w, hT, _, _ = _w_hT_tiles(H, W, offs_v, mask_v, offs_b, mask_b, d0, D, stride_hb, stride_wv, BLOCK_D)
             z += tl.dot(w, hT)
-        if HAS_BIAS:
-            z += tl.load(bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[:, None]
-        z = tl.where(mask_v[:, None], z, -float("inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[None, :]), axis=0)
-        m = m_new
+        z = _bias_and_mask(z, bias, offs_v, mask_v, HAS_BIAS)
+        m, a, e = _online_step(m, z)
+        l = l * a + tl.sum(e, axis=0)
     out = split.to(tl.int64) * B + offs_b
     tl.store(M_out + out, m, mask=mask_b)
     tl.store(L_out + out, l, mask=mask_b)
@@ -89,20 +110,12 @@ def _logit_proj_tile(H, W, U, bias, offs_v, mask_v, offs_b, mask_b, D, K, stride
     z = tl.zeros((BLOCK_V, BLOCK_B), tl.float32)
     y = tl.zeros((BLOCK_V, K_PAD), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
-                    other=0.0).to(tl.float32)
-        hT = tl.load(H + offs_b[None, :].to(tl.int64) * stride_hb + offs_d[:, None],
-                     mask=mask_d[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+        w, hT, offs_d, mask_d = _w_hT_tiles(H, W, offs_v, mask_v, offs_b, mask_b, d0, D, stride_hb, stride_wv, BLOCK_D)
         u = tl.load(U + offs_d[:, None].to(tl.int64) * stride_ud + offs_k[None, :],
                     mask=mask_d[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         z += tl.dot(w, hT)
         y += tl.dot(w, u)
-    if HAS_BIAS:
-        z += tl.load(bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[:, None]
-    z = tl.where(mask_v[:, None], z, -float("inf"))
-    return z, y
+    return _bias_and_mask(z, bias, offs_v, mask_v, HAS_BIAS), y
 
 
 @triton.jit
@@ -124,13 +137,9 @@ def _stats_kernel(H, W, U, bias, M_out, L_out, S_out, B, V, D, K, tiles_per_spli
         mask_v = offs_v < V
         z, y = _logit_proj_tile(H, W, U, bias, offs_v, mask_v, offs_b, mask_b, D, K, stride_hb, stride_wv,
                                 stride_ud, HAS_BIAS, BLOCK_B, BLOCK_V, BLOCK_D, K_PAD)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        a = tl.exp(m - m_safe)
-        e = tl.exp(z - m_safe[None, :])  # (BLOCK_V, BLOCK_B)
+        m, a, e = _online_step(m, z)  # e: (BLOCK_V, BLOCK_B)
         l = l * a + tl.sum(e, axis=0)
         s = s * a[:, None] + tl.dot(tl.trans(e), y)  # Σ_v e_vb y_vk
-        m = m_new
     out = split.to(tl.int64) * B + offs_b
     tl.store(M_out + out, m, mask=mask_b)
     tl.store(L_out + out, l, mask=mask_b)
