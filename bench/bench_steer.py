@@ -16,7 +16,7 @@ off-target KL (concept token removed, rest renormalized), the cost ratio
 R(δ) = (δᵀG_λδ)(qᵀG_λ⁻¹q)/(qᵀδ)² of the total displacement at h₀ (1 for the
 first FishBack step), ‖δ‖ and wall time; plus the time of one FishBack
 direction from the exact metric vs from the matrix-free metric by conjugate
-gradients.
+gradients, plain and Nyström-preconditioned (rank 64).
 
     python bench/bench_steer.py [--layer 15 24] [--quick]
 """
@@ -102,20 +102,30 @@ def bench_layer(model, tokenizer, layer: int) -> list[dict]:
 
 
 def direction_timing(model, tokenizer, layer: int, repeat: int) -> dict:
-    """One FishBack direction: exact metric + Cholesky vs matrix-free metric + CG."""
+    """One FishBack direction: exact metric + Cholesky vs matrix-free metric + CG,
+    plain and preconditioned by a rank-64 Nyström approximation."""
     split = SplitModel(model, layer)
     ctx = split.context(tokenizer(PROMPT, return_tensors="pt").input_ids[0])
     q, _ = concept_gradient(split, ctx, ctx.h, ConceptScore(tokenizer.encode(WORD)))
+    def exact():
+        return fishback_direction(pullback_fisher(split, ctx, mode="exact", progress=False), q)
+
+    def cg(k=None):
+        free = pullback_fisher(split, ctx, mode="matrix_free", progress=False)
+        pre = None if k is None else pullback_fisher(split, ctx, mode="low_rank", k=k, seed=0, progress=False)
+        return fishback_direction(free, q, preconditioner=pre)
+
+    contenders = {"exact_s": exact, "matrix_free_cg_s": cg, "matrix_free_nystrom64_pcg_s": lambda: cg(64)}
     times = {}
-    for mode in ("exact", "matrix_free"):
+    for name, run in contenders.items():
         samples = []
         for _ in range(repeat):
             start = time.perf_counter()
-            fishback_direction(pullback_fisher(split, ctx, mode=mode, progress=False), q)
+            run()
             samples.append(time.perf_counter() - start)
-        times[mode] = sorted(samples)[len(samples) // 2]
-    return {"layer": layer, "exact_s": times["exact"], "matrix_free_cg_s": times["matrix_free"],
-            "matrix_free_vs_exact": times["matrix_free"] / times["exact"]}
+        times[name] = sorted(samples)[len(samples) // 2]
+    return {"layer": layer, **times, "cg_vs_exact": times["matrix_free_cg_s"] / times["exact_s"],
+            "pcg_vs_exact": times["matrix_free_nystrom64_pcg_s"] / times["exact_s"]}
 
 
 def main(argv=None) -> dict:

@@ -17,7 +17,10 @@ a predicted 0.05); at 1e-3 the target is reached at a total KL of 0.65
 against 0.94 for Euclidean steps, and an off-target KL of 0.03 against 0.52.
 Dense G is
 solved by Cholesky in float64; a matrix-free ``PullbackMetric`` by conjugate
-gradients (scipy), one metric product per iteration.
+gradients (scipy), one metric product per iteration, optionally
+preconditioned by a randomized Nyström approximation (on SmolLM2 layer 24:
+228 CG iterations plain, 53 with a rank-64 Nyström preconditioner built in
+0.14 s, 33 with rank 128).
 
 Baselines: Euclidean gradient ascent δ = ρ q/‖q‖²; CAA, the mean of h⁺ − h⁻
 over contrastive pairs; ActAdd, h⁺ − h⁻ of one pair; an ITI-style direction,
@@ -74,13 +77,43 @@ def damping_value(G, q: torch.Tensor, damping: float = DEFAULT_DAMPING) -> float
     return float(damping) * float(q64 @ _matvec(G, q64).to(q64.device)) / float(q64 @ q64)
 
 
+def _nystrom_preconditioner(preconditioner, lam: float, d: int):
+    """P⁻¹ for G_λ from a low-rank Ĝ = U diag(λ̂) Uᵀ ≈ G (randomized Nyström PCG,
+    Frangella, Tropp & Udell 2023): P⁻¹ = (λ̂_min + λ) U diag(1/(λ̂ + λ)) Uᵀ + (I − UUᵀ),
+    which maps the captured eigenvalues of G_λ to about λ̂_min + λ and leaves the rest."""
+    info = getattr(preconditioner, "info", None) or {}
+    if getattr(preconditioner, "mode", None) != "low_rank" or "k" not in info:
+        raise TypeError("preconditioner must be a low-rank PullbackMetric (pullback_fisher(mode='low_rank')) of "
+                        f"the same points, got {type(preconditioner).__name__}")
+    if preconditioner.d != d:
+        raise ValueError(f"preconditioner has d = {preconditioner.d}, the metric has d = {d}")
+    values, U = preconditioner.eig(min(info["k"], d))
+    values, U = values.to(torch.float64), U.to("cpu", torch.float64)
+    keep = values > 0
+    values, U = values[keep], U[:, keep]
+    if values.numel() == 0:
+        return None
+    weights = (float(values.min()) + lam) / (values + lam) - 1.0  # P⁻¹ = I + U diag(weights) Uᵀ
+
+    def apply(x):
+        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+        return (v + U @ (weights * (U.T @ v))).numpy()
+
+    return apply
+
+
 def solve_metric(G, q: torch.Tensor, *, damping: float = DEFAULT_DAMPING, rtol: float = 1e-10,
-                 maxiter: int | None = None) -> torch.Tensor:
+                 maxiter: int | None = None, preconditioner=None, callback=None) -> torch.Tensor:
     """x = G_λ⁻¹ q (float64, on q's device), G_λ = G + λI, λ = damping · qᵀGq/qᵀq.
 
     Dense G (a tensor, or a PullbackMetric that is not matrix-free): Cholesky.
     Matrix-free: conjugate gradients to relative residual ``rtol`` (at most
-    ``maxiter`` products, default 10·d); raises RuntimeError if it stalls."""
+    ``maxiter`` products, default 10·d); raises RuntimeError if it stalls.
+    ``preconditioner``: a low-rank PullbackMetric of the same points
+    (``pullback_fisher(..., mode="low_rank", k=64)``, one batched product of k
+    probes) for Nyström-preconditioned CG: the metric's fast-decaying spectrum
+    (PR/d of a few %) is what makes plain CG slow. ``callback(x)`` is called
+    after every CG iteration (scipy's convention)."""
     d = _metric_size(G)
     q = _check_vector("q", q, d)
     if not bool((q != 0).any()):
@@ -102,7 +135,9 @@ def solve_metric(G, q: torch.Tensor, *, damping: float = DEFAULT_DAMPING, rtol: 
         return (_matvec(G, v).cpu() + lam * v).numpy()
 
     op = LinearOperator((d, d), matvec=apply, dtype=np.float64)
-    x, info = cg(op, q64.cpu().numpy(), rtol=rtol, atol=0.0, maxiter=maxiter or 10 * d)
+    P_inv = None if preconditioner is None else _nystrom_preconditioner(preconditioner, lam, d)
+    M = None if P_inv is None else LinearOperator((d, d), matvec=P_inv, dtype=np.float64)
+    x, info = cg(op, q64.cpu().numpy(), rtol=rtol, atol=0.0, maxiter=maxiter or 10 * d, M=M, callback=callback)
     if info != 0:
         raise RuntimeError(f"conjugate gradients did not reach rtol={rtol} in {maxiter or 10 * d} products "
                            f"(raise damping or maxiter)")
@@ -118,7 +153,7 @@ def fishback_direction(G, q: torch.Tensor, rho: float = 1.0, *, damping: float =
         q: (d,) gradient of the concept score there.
         rho: the first-order concept change qᵀδ.
         damping: relative regularization (module docstring); ``solver``: rtol,
-            maxiter for conjugate gradients.
+            maxiter, preconditioner, callback for conjugate gradients (``solve_metric``).
     Returns:
         δ (d,) in q's dtype. Its Fisher cost is ½ δᵀG_λδ = ½ ρ² / (qᵀG_λ⁻¹q).
     """
