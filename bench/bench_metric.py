@@ -65,7 +65,6 @@ def float64_metric(model, layer, ids):
     split = SplitModel(copy.deepcopy(model).double(), layer)
     ctx = split.context(ids)
     B = split.jacobian(ctx, ctx.h)
-    a = split.head_input(ctx, ctx.h)
     p = torch.softmax(split.logits(ctx, ctx.h), -1)
     Wc = split.W - p @ split.W
     return B.T @ ((Wc * p[:, None]).T @ Wc) @ B

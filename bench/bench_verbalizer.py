@@ -68,7 +68,6 @@ def exact_alignment(data: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tens
 
 def exact_activation_alignment(data) -> torch.Tensor:
     """S_a(i, j): cosine of the second moments M = E[a aᵀ], ⟨M_i, M_j⟩ = mean (a·a′)²."""
-    n = len(data)
     G = torch.tensor([[float((Ai @ Aj.T).square().mean()) for Aj, _ in data] for Ai, _ in data], dtype=torch.float64)
     d = G.diagonal().sqrt()
     return G / (d[:, None] * d[None, :])

@@ -40,7 +40,7 @@ import torch
 DEFAULT_DAMPING = 1e-3
 
 
-def _check_vector(name: str, v, d: int | None = None) -> torch.Tensor:
+def check_vector(name: str, v, d: int | None = None) -> torch.Tensor:
     if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
         raise ValueError(f"{name} must be a 1-D floating tensor, got {getattr(v, 'shape', type(v).__name__)}")
     if d is not None and v.shape[0] != d:
@@ -115,7 +115,7 @@ def solve_metric(G, q: torch.Tensor, *, damping: float = DEFAULT_DAMPING, rtol: 
     (PR/d of a few %) is what makes plain CG slow. ``callback(x)`` is called
     after every CG iteration (scipy's convention)."""
     d = _metric_size(G)
-    q = _check_vector("q", q, d)
+    q = check_vector("q", q, d)
     if not bool((q != 0).any()):
         raise ValueError("q is zero: the concept score is flat at this point, there is no direction to steer")
     lam = damping_value(G, q, damping)
@@ -163,7 +163,7 @@ def fishback_direction(G, q: torch.Tensor, rho: float = 1.0, *, damping: float =
 
 def euclidean_direction(q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
     """δ = ρ q / ‖q‖²: gradient ascent with qᵀδ = ρ."""
-    q = _check_vector("q", q)
+    q = check_vector("q", q)
     norm2 = float(q.to(torch.float64) @ q.to(torch.float64))
     if norm2 == 0:
         raise ValueError("q is zero: the concept score is flat at this point")
@@ -172,7 +172,7 @@ def euclidean_direction(q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
 
 def scale_to_first_order(direction: torch.Tensor, q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
     """ρ d / (qᵀd): any direction scaled to the first-order concept change ρ."""
-    direction, q = _check_vector("direction", direction), _check_vector("q", q, direction.shape[0])
+    direction, q = check_vector("direction", direction), check_vector("q", q, direction.shape[0])
     dq = float(q.to(torch.float64) @ direction.to(torch.float64))
     if dq == 0:
         raise ValueError("direction is orthogonal to q: it does not change the concept to first order")
@@ -183,8 +183,8 @@ def cost_ratio(G, q: torch.Tensor, direction: torch.Tensor, *, damping: float = 
                **solver) -> float:
     """R(d) = (dᵀG_λd)(qᵀG_λ⁻¹q) / (qᵀd)² ≥ 1; 1 only for FishBack's direction."""
     d = _metric_size(G)
-    direction = _check_vector("direction", direction, d)
-    q = _check_vector("q", q, d)
+    direction = check_vector("direction", direction, d)
+    q = check_vector("q", q, d)
     lam = damping_value(G, q, damping)
     d64, q64 = direction.to(torch.float64), q.to(torch.float64)
     dq = float(q64 @ d64)
@@ -218,7 +218,7 @@ def caa_direction(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
 
 def actadd_direction(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
     """ActAdd: h⁺ − h⁻ of one contrastive pair ((d,) each)."""
-    h_pos, h_neg = _check_vector("h_pos", h_pos), _check_vector("h_neg", h_neg, h_pos.shape[0])
+    h_pos, h_neg = check_vector("h_pos", h_pos), check_vector("h_neg", h_neg, h_pos.shape[0])
     return h_pos - h_neg
 
 

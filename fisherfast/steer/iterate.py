@@ -26,7 +26,7 @@ import math
 import torch
 
 from fisherfast.steer.concept import ConceptScore, concept_gradient
-from fisherfast.steer.directions import DEFAULT_DAMPING, euclidean_direction, fishback_direction, solve_metric
+from fisherfast.steer.directions import DEFAULT_DAMPING, check_vector, euclidean_direction, solve_metric
 
 METHODS = ("fishback", "euclidean")
 _MAX_HALVINGS = 40
@@ -96,9 +96,10 @@ def steer_to_target(split, ctx, concept: ConceptScore, target_score: float, *, m
         rho = target_score - scores[-1]
         if method == "fishback":
             G = pullback_fisher(split, ctx, h=h, mode=metric_mode, progress=False, **metric_options)
-            budget = float(q.to(torch.float64) @ solve_metric(G, q, damping=damping))  # qᵀG_λ⁻¹q
+            x = solve_metric(G, q, damping=damping)  # G_λ⁻¹q, solved once per step
+            budget = float(q.to(torch.float64) @ x)  # qᵀG_λ⁻¹q
             rho = min(rho, math.sqrt(2 * max_step_kl * budget))  # ½ρ²/qᵀG_λ⁻¹q ≤ max_step_kl
-            delta = fishback_direction(G, q, rho, damping=damping)
+            delta = (rho / budget * x).to(q.dtype)  # FishBack δ* = ρ G_λ⁻¹q / qᵀG_λ⁻¹q
         else:
             delta = euclidean_direction(q, rho)
         for _ in range(_MAX_HALVINGS):
@@ -125,6 +126,7 @@ def scale_to_target(split, ctx, concept: ConceptScore, direction: torch.Tensor, 
     from scipy.optimize import brentq
 
     h = ctx.h if h is None else h
+    direction = check_vector("direction", direction, h.shape[-1])
 
     def gap(alpha: float) -> float:
         return float(concept(split.logits(ctx, h + alpha * direction))) - target_score

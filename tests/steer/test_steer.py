@@ -9,8 +9,6 @@ give what SplitModel predicts).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -295,6 +293,8 @@ def test_bad_inputs(llama):
         cost_ratio(G, q, torch.cat([torch.stack([q[1], -q[0]]), torch.zeros(len(q) - 2, dtype=q.dtype)]))
     with pytest.raises(ValueError, match="paired"):
         caa_direction(torch.ones(3, 4), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="direction must have length 32"):
+        scale_to_target(split, ctx, ConceptScore(TARGET), torch.ones(5, dtype=torch.float64), 0.0)
     with pytest.raises(ValueError, match="method"):
         steer_to_target(split, ctx, ConceptScore(TARGET), 0.0, method="newton")
     with pytest.raises(ValueError, match="layer"):
