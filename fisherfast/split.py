@@ -49,6 +49,8 @@ from typing import Callable, Sequence
 import torch
 from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
 
+from fisherfast._offload import bypass_dispatch_hooks, execution_device, is_offloaded, materialized_parameters
+
 __all__ = ["SplitModel", "SplitContext", "SUPPORTED_MODEL_TYPES", "decoder_blocks"]
 
 
@@ -168,6 +170,15 @@ def _register_attention():
         AttentionInterface.register(_ATTN_NAME, _split_attention)
 
 
+def _to_device(value, device):
+    """Tensors (also inside tuples) moved to ``device``; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return value
+
+
 @dataclasses.dataclass
 class SplitContext:
     """What the upper map needs for one prompt and position, computed once.
@@ -234,13 +245,17 @@ class SplitModel:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}] (L = {self.num_layers}), got {layer}")
         self.layer = layer
         self._norm = getattr(self._base, arch.norm)
-        self.W = head.weight.detach()
-        self.b = None if getattr(head, "bias", None) is None else head.bias.detach()
+        head_params = materialized_parameters(head)  # an offloaded head is loaded once, here
+        self.W = head_params["weight"]
+        self.b = head_params.get("bias")
         self.V, self.d = self.W.shape
         self.logit_softcap = getattr(config, "final_logit_softcapping", None)
         self._upper = list(range(layer, self.num_layers))
-        self._params = [{k: p.detach() for k, p in self._blocks[i].named_parameters()} for i in self._upper]
-        self._norm_params = {k: p.detach() for k, p in self._norm.named_parameters()}
+        # Parameters of blocks held in memory are kept (detached views); those of
+        # offloaded blocks are loaded per call (``_block_params``), see fisherfast._offload.
+        self._params = [None if is_offloaded(self._blocks[i]) else materialized_parameters(self._blocks[i])
+                        for i in self._upper]
+        self._norm_params = materialized_parameters(self._norm)
         self._configs = self._attention_configs()
         _register_attention()
 
@@ -292,7 +307,7 @@ class SplitModel:
                 pos = torch.arange(t, device=device)
                 for j, i in enumerate(self._upper):
                     kw = self._block_kwargs(i, y, pos, keep[:t], t)
-                    y = functional_call(self._blocks[i], self._params[j], (y,), {**kw, self._arch.cache_kwarg: prefix})
+                    y = self._call_block(j, y, {**kw, self._arch.cache_kwarg: prefix})
             block_kwargs = [self._block_kwargs(i, x[:, t:], torch.tensor([t], device=device), keep, t + 1)
                             for i in self._upper]
         # block i's attention records under its layer_idx, which is i. Padded
@@ -330,7 +345,7 @@ class SplitModel:
 
     def logits_from_head_input(self, a: torch.Tensor) -> torch.Tensor:
         """z = W a + b, then the model's own post-processing of its logits."""
-        z = a @ self.W.T
+        z = a.to(self.W.device) @ self.W.T
         if self.b is not None:
             z = z + self.b
         if self.logit_softcap is not None:
@@ -365,8 +380,32 @@ class SplitModel:
         C = self._check_vectors(cotangents, "cotangents")
         chunk = self._check_chunk(chunk)
         with self._attn(_ATTN_NAME):
+            if any(params is None for params in self._params):
+                return self._vjp_blockwise(ctx, h, C, chunk)
             _, pullback = _vjp(self._fn(ctx), h)
             return vmap(lambda c: pullback(c)[0], chunk_size=chunk)(C)
+
+    def _vjp_blockwise(self, ctx, h, C, chunk):
+        """``vjp`` one block at a time, for models with offloaded blocks: one forward keeps
+        only each block's input, then each block's pullback is built (its weights loaded),
+        applied and dropped, last block first. Weights held at once: one block's, instead
+        of every upper block's that a whole-map pullback keeps; cost: two forwards."""
+        d = self.d
+        inputs = []
+        with torch.no_grad():
+            y = h.reshape(1, 1, d)
+            for j in range(len(self._upper)):
+                inputs.append(y)
+                y = self._call_block(j, y, self._upper_kwargs(ctx, j))
+        _, pullback = _vjp(lambda r: self._apply_norm(r), y.reshape(d))
+        cot = vmap(lambda c: pullback(c)[0], chunk_size=chunk)(C)          # rows c_iᵀ J_N
+        for j in reversed(range(len(self._upper))):
+            kw = self._upper_kwargs(ctx, j)
+            _, pullback = _vjp(lambda x, j=j, kw=kw: self._call_block(j, x.reshape(1, 1, d), kw).reshape(d),
+                               inputs[j].reshape(d))
+            cot = vmap(lambda c: pullback(c)[0], chunk_size=chunk)(cot)  # on block j's input device
+            del pullback
+        return cot.to(h.device)
 
     def jacobian(self, ctx: SplitContext, h: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
         """B = ∂a/∂h = J_N A (d, d) at h (default ``ctx.h``): d forward-mode JVPs, vmapped ``chunk`` at a time.
@@ -393,19 +432,44 @@ class SplitModel:
         return f
 
     def _apply_norm(self, r):
-        return functional_call(self._norm, self._norm_params, (r,))
+        """a = N(r) on the head's device (where W is), whatever device r and the norm are on."""
+        device = next(iter(self._norm_params.values())).device if self._norm_params else r.device
+        with bypass_dispatch_hooks([self._norm]):
+            a = functional_call(self._norm, self._norm_params, (r.to(device),))
+        return a.to(self.W.device)
 
     def _head_input(self, ctx, h):
         with self._attn(_ATTN_NAME):
             return self._apply_norm(self._residual(ctx, h))
 
+    def _upper_kwargs(self, ctx, j):
+        """Keyword arguments of upper block j for the one query at position t."""
+        return dict(ctx.block_kwargs[j], split_prefix=ctx.kv.get(self._upper[j]),
+                    split_softmax_fp32=self._arch.softmax_fp32)
+
+    def _block_params(self, j):
+        """Upper block j's parameters: kept ones, or an offloaded block's loaded for this call only."""
+        params = self._params[j]
+        return params if params is not None else materialized_parameters(self._blocks[self._upper[j]])
+
+    def _call_block(self, j, y, kwargs):
+        """Upper block j (model block ``self._upper[j]``) on y with explicit parameters, on the
+        block's own device (activations and keyword tensors follow it; accelerate's hooks bypassed)."""
+        block = self._blocks[self._upper[j]]
+        params = self._block_params(j)
+        device = execution_device(block) or y.device
+        if params:
+            device = next(iter(params.values())).device
+        kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
+        with bypass_dispatch_hooks([block]):
+            return functional_call(block, params, (y.to(device),), kwargs)
+
     def _residual(self, ctx, h):
         """Blocks ℓ..L-1 on one token per candidate: h (..., d) → r_L (..., d); eager attention needed."""
         lead = h.shape[:-1]
         y = h.reshape(-1, 1, self.d)
-        for j, i in enumerate(self._upper):
-            kw = dict(ctx.block_kwargs[j], split_prefix=ctx.kv.get(i), split_softmax_fp32=self._arch.softmax_fp32)
-            y = functional_call(self._blocks[i], self._params[j], (y,), kw)
+        for j in range(len(self._upper)):
+            y = self._call_block(j, y, self._upper_kwargs(ctx, j))
         return y.reshape(*lead, self.d)
 
     def _lower(self, ids, mask):
