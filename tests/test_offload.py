@@ -146,3 +146,21 @@ def test_offloaded_exact_metric_peaks_below_in_memory_run():
     assert memory["trace"] == pytest.approx(offload["trace"], rel=1e-6)
     assert offload["rss_before_mb"] < memory["rss_before_mb"]
     assert offload["peak_mb"] < memory["peak_mb"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_blocks_split_across_cpu_and_gpus_match(tiny_lm, tmp_path):
+    """Blocks on different devices (CPU and every visible GPU): activations and tangents follow them."""
+    model = tiny_lm("llama", layers=LAYERS, head_scale=10.0, norm_noise=0.3)
+    model.save_pretrained(tmp_path)
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": gpus[-1], "lm_head": gpus[0]}
+    dm.update({f"model.layers.{i}": ["cpu", *gpus][i % (1 + len(gpus))] for i in range(LAYERS)})
+    placed = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float64, device_map=dm, attn_implementation="eager").eval().requires_grad_(False)
+    ref, split = SplitModel(model, 1), SplitModel(placed, 1)
+    rctx, ctx = ref.context(PROMPT), split.context(PROMPT)
+    torch.testing.assert_close(split.logits(ctx, ctx.h).cpu(), ref.logits(rctx, rctx.h), rtol=1e-5, atol=1e-8)
+    G, G0 = pullback_fisher(split, ctx, progress=False).dense().cpu(), pullback_fisher(ref, rctx, progress=False).dense()
+    assert float((G - G0).norm() / G0.norm()) < 1e-5
