@@ -664,7 +664,8 @@ def plot_spectra(surveys: Sequence[SpectrumSurvey], path) -> None:
         idx = np.arange(1, lam.shape[1] + 1)
         q10, q50, q90 = (torch.quantile(norm, q, dim=0).clamp_min(floor).numpy() for q in (0.1, 0.5, 0.9))
         line, = ax.semilogy(idx, q50, label=f"layer {survey.layer} (median of {lam.shape[0]} prompts)")
-        ax.fill_between(idx, q10, q90, color=line.get_color(), alpha=0.2)
+        ax.fill_between(idx, q10, q90, color=line.get_color(), alpha=0.2,
+                        label=f"layer {survey.layer}, 10–90% of prompts")
         mean_lam = survey.mean_metric.eigenvalues().clamp_min(0)
         ax.semilogy(idx, (mean_lam / mean_lam[0]).clamp_min(floor).numpy(), "--", color=line.get_color(),
                     label=f"layer {survey.layer}, averaged G")
