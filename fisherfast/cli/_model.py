@@ -68,6 +68,9 @@ def model_shape(name: str) -> ModelShape:
 def load_model(name: str, progress: bool = True):
     """(model, tokenizer) in float32, eval mode, grads off; prints the load time."""
     start = time.perf_counter()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # its per-tensor bar would interleave with ours
     with working(f"loading model {name!r}", progress):
         if name == "default":
             from fisherfast.models import load_default

@@ -3,13 +3,20 @@
 ``working(desc)`` wraps one blocking call (loading a model, one steering
 run) in a line whose elapsed time ticks while the call runs; ``steps`` is a
 tqdm bar over an iterable that also ticks between items, so a slow item
-never looks like a hang."""
+never looks like a hang. When stderr is not a terminal the elapsed-time line
+is not shown and bars update only per item."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 from tqdm import tqdm
+
+
+def _interactive() -> bool:
+    """Ticking lines are for a terminal; in a log they would only add noise."""
+    return sys.stderr.isatty()
 
 
 @contextlib.contextmanager
@@ -21,7 +28,7 @@ def _ticking(bar: tqdm, every: float = 0.5):
             bar.refresh()
 
     thread = threading.Thread(target=tick, daemon=True)
-    if not bar.disable:
+    if not bar.disable and _interactive():
         thread.start()
     try:
         yield bar
@@ -35,7 +42,8 @@ def _ticking(bar: tqdm, every: float = 0.5):
 @contextlib.contextmanager
 def working(desc: str, enabled: bool = True):
     """A line "desc: elapsed" for the duration of the ``with`` block."""
-    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", disable=not enabled, leave=False)
+    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", disable=not (enabled and _interactive()),
+               leave=False)
     with _ticking(bar):
         yield
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fisherfast.cli._args import UsageError, add_command, note, positive_int, read_lines
+from fisherfast.cli._args import UsageError, add_command, nonnegative_int, note, positive_int, read_lines
 from fisherfast.cli._files import SKETCH, check_output, write_output
 from fisherfast.cli._model import MODEL_HELP, load_model, model_shape
 
@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace --out if it is an existing FisherSketch file")
     p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--m", type=positive_int, default=4096, help="number of features (signature size)")
-    p.add_argument("--seed", type=int, default=0, help="spec seed; only states of equal seeds align")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="spec seed; only states of equal seeds align")
     p.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward pass")
     p.add_argument("--max-length", type=positive_int, default=512,
                    help="truncate each text to this many tokens (a notice says how many were)")
@@ -37,8 +37,7 @@ def _spec(d: int, K: int, m: int, seed: int):
 def run(args) -> int:
     out = check_output(args.out, SKETCH, force=args.force)
     texts = read_lines(args.texts, "--texts")
-    shape = model_shape(args.model)
-    _spec(shape.d, shape.V, args.m, args.seed)  # the same check as below, before the load
+    model_shape(args.model)  # the model can be loaded here
 
     from fisherfast.sketch.model import sketch_model
 
@@ -51,12 +50,16 @@ def run(args) -> int:
         note(f"{long} of {len(ids)} texts are longer than --max-length {args.max_length} tokens "
              f"(longest {max(map(len, ids))}); only their first {args.max_length} tokens are sketched")
     ids = [x[:args.max_length] for x in ids]
-    if not args.sample and all(len(x) < 2 for x in ids):
-        raise UsageError(f"--texts {args.texts}: no text has two tokens, so no position has a next-token label")
+    short = sum(len(x) < 2 for x in ids)
+    if short == len(ids):
+        raise UsageError(f"--texts {args.texts}: every text is shorter than 2 tokens; nothing to sketch")
+    if short:  # a one-token text has no position with a next token
+        note(f"{short} of {len(ids)} texts are a single token and were skipped")
+        ids = [x for x in ids if len(x) >= 2]
     start = time.perf_counter()
     state = sketch_model(model, tokenizer, ids, spec=spec, batch_size=args.batch_size, sample=args.sample,
                          progress=not args.no_progress)
-    print(f"{len(texts)} texts, {state.count} positions sketched in {time.perf_counter() - start:.1f} s "
+    print(f"{len(ids)} texts, {state.count} positions sketched in {time.perf_counter() - start:.1f} s "
           f"under {spec}")
     written = write_output(out, state.save, "FisherSketch state")
     if written:
