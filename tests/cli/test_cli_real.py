@@ -12,8 +12,8 @@ def test_embedded_shape_matches_the_loaded_model():
 
     model, _ = load_default()
     head = model.get_output_embeddings()
-    assert (EMBEDDED_SHAPE.layers, EMBEDDED_SHAPE.d, EMBEDDED_SHAPE.V) == \
-        (model.config.num_hidden_layers, head.in_features, head.out_features)
+    assert (EMBEDDED_SHAPE.model_type, EMBEDDED_SHAPE.layers, EMBEDDED_SHAPE.d, EMBEDDED_SHAPE.V) == \
+        (model.config.model_type, model.config.num_hidden_layers, head.in_features, head.out_features)
 
 
 def test_demo_writes_what_it_promises(run_cli, tmp_path):

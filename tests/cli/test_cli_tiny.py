@@ -93,6 +93,19 @@ def test_spectrum_checks_layers_against_the_folder_config_and_writes_the_plot(wo
     assert result.code == 2 and "--layer 4: this model has layers 0..3" in result.err
 
 
+def test_an_architecture_split_does_not_support_is_refused_before_loading(work, run_cli, tiny_model_dir, no_model):
+    import json
+    import shutil
+
+    folder = work / "other-model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "bert"
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run_cli("steer", "--model", folder, "--prompt", "the cat", "--target", "dog", "--layer", "1")
+    assert result.code == 2 and "architecture 'bert' cannot be split at a layer" in result.err
+
+
 def test_spectrum_on_the_tiny_model(work, run_cli, tiny_model_dir):
     (work / "prompts.txt").write_text("the cat sat on the\nthe capital of france is\none two three\n")
     result = run_cli("spectrum", "--model", tiny_model_dir, "--layer", "1", "3", "--prompts", "prompts.txt",
