@@ -1,5 +1,5 @@
 """Full-network FisherSketch: random features of per-sample gradients of every
-linear layer from forward/backward hooks (DESIGN.md §7, last bullet).
+linear layer from forward/backward hooks (docs/design.md §7, last bullet).
 
 For a linear layer z_t = W a_t (+ b) applied at positions t, the per-sample
 gradient of a loss L_x is G = Σ_t δ_t a_tᵀ with δ_t = ∂L_x/∂z_t (and Σ_t δ_t
@@ -173,7 +173,7 @@ class FullNetworkSketcher:
                 continue
             ra, sa, rd, sd = self._plans[name]
             a2, d2 = a.reshape(B, -1, a.shape[-1]), delta.detach().reshape(B, -1, delta.shape[-1])
-            # Σ_t (rᵃ·a_t)(rᵟ·δ_t) per sample (DESIGN.md §7), features in float32, sums in float64
+            # Σ_t (rᵃ·a_t)(rᵟ·δ_t) per sample (docs/design.md §7), features in float32, sums in float64
             rg += torch.einsum("btm,btm->bm", srht(a2, ra), srht(d2, rd)).double()
             sg += torch.einsum("btm,btm->bm", srht(a2, sa), srht(d2, sd)).double()
         for recs in self._records.values():

@@ -1,5 +1,5 @@
 """Streaming FisherSketch state: running sums and sums of squares of the
-features, mergeable exactly across shards (DESIGN.md §7)."""
+features, mergeable exactly across shards (docs/design.md §7)."""
 from __future__ import annotations
 
 import os
