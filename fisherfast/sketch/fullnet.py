@@ -32,6 +32,7 @@ import os
 import torch
 from torch import nn
 
+from fisherfast._persist import atomic_write
 from fisherfast.ops import srht
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 from fisherfast.sketch.state import check_sum_buffers, read_state_file
@@ -256,12 +257,13 @@ class FullNetworkState:
         return cls(specs, count, buffers[0].clone(), buffers[1].clone())
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file; the layer specs, version and count go in the metadata."""
+        """Write a safetensors file (atomically, with the umask's permissions); the layer specs, version and
+        count go in the metadata."""
         from safetensors.torch import save_file
 
-        save_file({"sum": self.sum.detach().cpu().contiguous(), "sumsq": self.sumsq.detach().cpu().contiguous()},
-                  os.fspath(path), metadata={"format": FORMAT, "version": str(SKETCH_VERSION),
-                                             "specs": self.specs_json(), "count": str(self.count)})
+        tensors = {"sum": self.sum.detach().cpu().contiguous(), "sumsq": self.sumsq.detach().cpu().contiguous()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={
+            "format": FORMAT, "version": str(SKETCH_VERSION), "specs": self.specs_json(), "count": str(self.count)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, specs: dict[str, SketchSpec] | None = None,

@@ -107,3 +107,18 @@ def _foreign_safetensors(folder) -> str:
     path = str(folder / "model.safetensors")
     save_file({"w": torch.zeros(1)}, path)
     return path
+
+
+def test_sketch_state_save_gives_the_umask_mode(tmp_path, umask):
+    import torch
+
+    from fisherfast.sketch import SketchSpec, SketchState
+    from fisherfast.sketch.sketcher import FisherSketcher
+
+    sketcher = FisherSketcher(SketchSpec(d=4, K=8, m=16))
+    sketcher.update(torch.randn(3, 4, dtype=torch.float64), logits=torch.randn(3, 8, dtype=torch.float64),
+                    y=torch.tensor([0, 5, 7]))
+    umask(0o027)
+    sketcher.state.save(tmp_path / "s.safetensors")
+    assert _mode(tmp_path / "s.safetensors") == 0o640
+    assert SketchState.load(tmp_path / "s.safetensors").count == 3
