@@ -8,7 +8,8 @@ replaced only with ``--force`` and only if it is an output of the same kind
 (temporary file in the same folder, umask mode, rename); if that still fails
 (disk full, folder removed meanwhile), it saves the computed result to a
 fallback path — the same folder, then the working directory, then the
-system's temporary folder — and says where on stderr.
+system's temporary folder — and says where on stderr (the command then exits
+with status 1).
 """
 from __future__ import annotations
 
@@ -114,9 +115,8 @@ def _fallbacks(path: str):
 def write_output(path: str, write: Callable[[str], None], what: str) -> bool:
     """Write ``what`` to ``path`` with ``write(tmp_path)``, atomically.
 
-    Returns True when ``path`` was written; False when it could not be and
-    the result went to a fallback path instead (said on stderr). Raises the
-    last OSError only when every fallback failed too."""
+    Returns True when ``path`` was written; False when it could not be (said
+    on stderr, with the fallback path the result went to, if any)."""
     try:
         atomic_write(path, write)
         return True
@@ -130,4 +130,6 @@ def write_output(path: str, write: Callable[[str], None], what: str) -> bool:
         print(f"error: could not write the {what} to {path} ({first.strerror or first}); "
               f"saved it to {candidate} instead", file=sys.stderr)
         return False
-    raise first
+    print(f"error: could not write the {what} to {path} ({first.strerror or first}), nor to the working folder "
+          f"or {tempfile.gettempdir()}", file=sys.stderr)
+    return False

@@ -122,3 +122,13 @@ def test_sketch_state_save_gives_the_umask_mode(tmp_path, umask):
     sketcher.state.save(tmp_path / "s.safetensors")
     assert _mode(tmp_path / "s.safetensors") == 0o640
     assert SketchState.load(tmp_path / "s.safetensors").count == 3
+
+
+def test_write_output_says_so_when_nothing_can_be_written(tmp_path, monkeypatch, capsys):
+    def always_fails(path, write):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("fisherfast.cli._files.atomic_write", always_fails)
+    assert not write_output(str(tmp_path / "a.png"), lambda tmp: None, "plot")
+    err = capsys.readouterr().err
+    assert "could not write the plot" in err and "Read-only file system" in err and "nor to the working folder" in err
