@@ -1,4 +1,4 @@
-"""Bench of the softmax-Fisher contractions (issue 3, DESIGN.md §3).
+"""Bench of the softmax-Fisher contractions (issue 3, docs/design.md §3).
 
 Side by side on the same inputs, per op:
   naive      PyTorch formula that materializes the logits (B×V) and W·U

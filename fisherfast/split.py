@@ -1,4 +1,4 @@
-"""Split a Hugging Face causal LM at layer ℓ (DESIGN.md §2, §4).
+"""Split a Hugging Face causal LM at layer ℓ (docs/design.md §2, §4).
 
 The upper map f_ℓ sends the hidden state h ∈ R^d at layer ℓ, position t, to the
 head input a (after the final norm N) and to the logits z = W a + b, with the
@@ -17,7 +17,7 @@ map is the norm alone. The upper map is
     z   = W a + b, then whatever the model applies to its logits
           (Gemma3's final soft-capping c·tanh(z/c)).
 
-and B = ∂a/∂h = J_N A with A = ∂r_L/∂h, J_N = ∂N/∂r at r_L (DESIGN.md §2).
+and B = ∂a/∂h = J_N A with A = ∂r_L/∂h, J_N = ∂N/∂r at r_L (docs/design.md §2).
 
 How the context is held fixed: ``SplitModel.context`` runs the model once on
 the prompt up to position t (the lower pass, the model's own forward, stopped
@@ -30,7 +30,7 @@ O((L-ℓ)·(d·d_ff + d² + t·d)), plus the head; the prefix is never recompute
 The model is not mutated: its parameters are used detached (through
 ``torch.func.functional_call``), so torch.func transforms never build graphs
 for them whatever their ``requires_grad``. Attention: forward-mode AD needs
-an eager (plain matmul/softmax) attention (DESIGN.md §9), so whatever the
+an eager (plain matmul/softmax) attention (docs/design.md §9), so whatever the
 model was loaded with, ``config._attn_implementation`` is switched for the
 duration of each call and restored afterwards (not thread-safe for one model
 shared across threads): to "eager" for the prefix pass, and to

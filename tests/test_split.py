@@ -163,7 +163,7 @@ def test_jacobian_jvp_vjp_vs_jacrev_of_full_forward(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_norm_jacobian_factorizes_B(arch):
-    """B = J_N(r_L) A with A = ∂r_L/∂h (DESIGN.md §2)."""
+    """B = J_N(r_L) A with A = ∂r_L/∂h (docs/design.md §2)."""
     model = make_model(arch, torch.float64)
     sp = SplitModel(model, 1)
     ctx = sp.context(prompt(), position=-1)

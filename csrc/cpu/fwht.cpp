@@ -1,4 +1,4 @@
-// CPU driver of the Walsh–Hadamard transform and the fused SRHT (DESIGN.md §7).
+// CPU driver of the Walsh–Hadamard transform and the fused SRHT (docs/design.md §7).
 //
 // Kernels: csrc/include/fisherfast/fwht.h. Each hot entry point below is
 // compiled three times (AVX-512, AVX2, baseline) through target_clones and
@@ -128,7 +128,7 @@ void fwht(std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t n, const
   });
 }
 
-// Fused SRHT (DESIGN.md §7): for each row and sign block b, the padded signed
+// Fused SRHT (docs/design.md §7): for each row and sign block b, the padded signed
 // row x̃ ⊙ D_b goes into a per-thread scratch row of N, is transformed there,
 // and the plan's indices that fall in block b are gathered into out. No
 // (rows, n_blocks, N) intermediate is ever allocated.

@@ -1,4 +1,4 @@
-// Fused FisherSketch update on the CPU (DESIGN.md §7): per row of logits,
+// Fused FisherSketch update on the CPU (docs/design.md §7): per row of logits,
 // softmax → signs → FWHT → gather → one-hot correction → feature products →
 // float64 accumulation. Rows run in parallel (OpenMP); each thread owns the
 // transform scratch of one row (2·n_blocks·N floats per side) and its own

@@ -1,5 +1,5 @@
 // CPU driver of the fused elementwise parts of the softmax-Fisher
-// contractions (DESIGN.md §3). The GEMMs (logits and projections in one
+// contractions (docs/design.md §3). The GEMMs (logits and projections in one
 // [h; Uᵀ] W_cᵀ, the Wᵀ accumulation X W_c) stay in MKL through torch; each
 // call here replaces every torch elementwise pass over a chunk by one fused
 // sweep per token and merges the chunk into the running statistics in place,

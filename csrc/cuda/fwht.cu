@@ -1,4 +1,4 @@
-// CUDA Walsh–Hadamard transform (DESIGN.md §7), for N up to kTile² (2^26 float32, 2^24 float64).
+// CUDA Walsh–Hadamard transform (docs/design.md §7), for N up to kTile² (2^26 float32, 2^24 float64).
 //
 // One kernel transforms tiles in shared memory: a tile is P×CC values at
 // base + k·stride + c (k < P, c < CC) and gets H_P along k (radix-2

@@ -1,4 +1,4 @@
-// Fused FisherSketch update on CUDA (DESIGN.md §7): the two kernels around the
+// Fused FisherSketch update on CUDA (docs/design.md §7): the two kernels around the
 // FWHT (csrc/cuda/fwht.cu, called by the op layer between them).
 //
 //   fisher_sketch_prepare   one block per row: z_max and Z = Σ exp(z − z_max) by

@@ -1,4 +1,4 @@
-// CUDA kernels of the streamed softmax-Fisher contractions (DESIGN.md §3):
+// CUDA kernels of the streamed softmax-Fisher contractions (docs/design.md §3):
 // lm_logsumexp and matmat (G U for a shared U, d×k), float32 and float64.
 //
 // A thread block owns one token and a contiguous range of V (a split); each

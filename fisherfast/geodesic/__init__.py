@@ -1,4 +1,4 @@
-"""Geodesic steering (DESIGN.md §6): paths between two hidden states at a layer,
+"""Geodesic steering (docs/design.md §6): paths between two hidden states at a layer,
 discretized as T waypoints, under a metric (flat, pullback Hellinger over a
 concept schema, learned GAGA-Out encoder) with any solver (chord, spline
 through class centroids, free-waypoint L-BFGS), evaluated in behaviour space

@@ -1,5 +1,5 @@
 """Concept schemas and the concept distribution q of a next-token distribution
-(DESIGN.md §4, concept-restricted mode; §6).
+(docs/design.md §4, concept-restricted mode; §6).
 
 A schema is K disjoint sets of token ids C_1..C_K (the rules of
 ``fisherfast.metric.pullback_fisher(mode="concept")``: entries are a token id

@@ -1,5 +1,5 @@
 """GAGA-Out: a learned encoder whose Euclidean distances match Hellinger distances
-of concept distributions (DESIGN.md §6).
+of concept distributions (docs/design.md §6).
 
 Given points x_1..x_n ∈ R^d (hidden states at a layer) and their concept
 distributions q_i (one per carrier context c, from

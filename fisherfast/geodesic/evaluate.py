@@ -1,4 +1,4 @@
-"""Behaviour-space evaluation of a path of hidden states (DESIGN.md §6).
+"""Behaviour-space evaluation of a path of hidden states (docs/design.md §6).
 
 Each waypoint x_t (t = 0..T−1) is injected at the layer's position of every
 carrier context (``split.logits(ctx, x_t)``: the state of the context's last

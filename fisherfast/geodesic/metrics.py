@@ -1,4 +1,4 @@
-"""Metrics for geodesic paths between hidden states (DESIGN.md §6).
+"""Metrics for geodesic paths between hidden states (docs/design.md §6).
 
 Every metric is given by a factor: at a point x ∈ R^d, a matrix J(x) (m×d)
 with

@@ -1,4 +1,4 @@
-"""Paths between hidden states, T waypoints x_0..x_{T−1} (DESIGN.md §6).
+"""Paths between hidden states, T waypoints x_0..x_{T−1} (docs/design.md §6).
 
 Closed form:
 - ``chord_path``: the straight chord x_t = h₀ + (t/(T−1))(h₁ − h₀).
@@ -208,7 +208,7 @@ def lbfgs_path(metric: GeodesicMetric, h0: torch.Tensor, h1: torch.Tensor, T: in
                progress: bool = False) -> GeodesicResult:
     """Free-waypoint path from h₀ to h₁ (module docstring).
 
-    ``energy="frozen"`` (DESIGN.md §6): E with the factors frozen per outer
+    ``energy="frozen"`` (docs/design.md §6): E with the factors frozen per outer
     step. ``energy="embedded"``: E_s minimized as it is, each outer step one
     L-BFGS run of up to ``inner_steps`` iterations; the result's energies are E_s.
 

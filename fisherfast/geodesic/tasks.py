@@ -1,4 +1,4 @@
-"""Built-in ordinal concept tasks for geodesic steering (DESIGN.md §6).
+"""Built-in ordinal concept tasks for geodesic steering (docs/design.md §6).
 
 Each task asks for the class ``step`` places after a start class x:
 

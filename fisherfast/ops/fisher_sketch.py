@@ -1,4 +1,4 @@
-"""Fused FisherSketch update (DESIGN.md §7).
+"""Fused FisherSketch update (docs/design.md §7).
 
 For each sample (row) with head input a ∈ R^d, logits z ∈ R^K and label y
 (given, or drawn y ∼ p from a uniform u), with p = softmax(z) and the logit

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused FisherSketch update (DESIGN.md §7).
+"""Triton kernels of the fused FisherSketch update (docs/design.md §7).
 
 Two kernels around the FWHT (fisherfast.ops.fwht, triton backend):
 

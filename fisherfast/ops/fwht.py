@@ -1,4 +1,4 @@
-"""Fast Walsh–Hadamard transform over the last dimension (DESIGN.md §7).
+"""Fast Walsh–Hadamard transform over the last dimension (docs/design.md §7).
 
 y = H_N x with H_N the unnormalized Sylvester Hadamard matrix (entries ±1,
 natural order, equal to scipy.linalg.hadamard(N)); ``normalized=True`` scales

@@ -1,4 +1,4 @@
-"""Triton kernel of the Walsh–Hadamard transform (DESIGN.md §7).
+"""Triton kernel of the Walsh–Hadamard transform (docs/design.md §7).
 
 Kronecker decomposition: with N = P·Q, H_N = H_P ⊗ H_Q, so for a row viewed as
 the P×Q row-major matrix X, H_N x = vec(H_P X H_Q) (H is symmetric). A tile

@@ -1,4 +1,4 @@
-"""Softmax-Fisher contractions at vocabulary scale (DESIGN.md §3).
+"""Softmax-Fisher contractions at vocabulary scale (docs/design.md §3).
 
 For hidden states h (B×d, the head input after the final norm), unembedding
 W (V×d), optional bias b (V,) and p_i = softmax(W h_i + b), the head metric is
@@ -8,7 +8,7 @@ W (V×d), optional bias b (V,) and p_i = softmax(W h_i + b), the head metric is
 Every op here streams over V in chunks and never holds a B×V or V×k×B tensor:
 extra memory is O(B·(d + k)) plus one chunk (plus the outputs).
 
-Numerics (DESIGN.md §3): everything is computed as a *centered* covariance —
+Numerics (docs/design.md §3): everything is computed as a *centered* covariance —
 never as Wᵀdiag(p)W − μμᵀ, which loses about three digits in float32 on a real
 model. float16/bfloat16 inputs are computed in float32 and returned in the input
 dtype; a half-precision W is never copied whole (the Triton kernels convert
@@ -212,7 +212,7 @@ def gram_mean_chunked(h, W, b, logits, chunk, norm, mu):
 
 
 def gram_truncated_chunked(h, W, b, logits, chunk, norm, tail_tol: float, reduce: str):
-    """Top-p truncation (DESIGN.md §3). Per token, S_i is the smallest set of
+    """Top-p truncation (docs/design.md §3). Per token, S_i is the smallest set of
     largest-p rows with tail mass τ_i = 1 − Σ_{v∈S_i} p_iv ≤ tail_tol, and
 
         G_S = Σ_{v∈S} p_v (w_v − μ_S)(w_v − μ_S)ᵀ,   μ_S = Σ_S p_v w_v / Σ_S p_v,
@@ -758,7 +758,7 @@ def lm_logsumexp(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None
 def softmax_fisher_matmat(h: torch.Tensor | None, W: torch.Tensor, U: torch.Tensor, b: torch.Tensor | None = None,
                           *, logits: torch.Tensor | None = None, chunk: int | None = None,
                           backend: str | None = None) -> torch.Tensor:
-    """Head-metric matrix product G_head(h_i) U_i for every token (DESIGN.md §3).
+    """Head-metric matrix product G_head(h_i) U_i for every token (docs/design.md §3).
 
         G_head(h_i) U_i = Wᵀ (p_i ⊙ (W U_i) − p_i (p_iᵀ W U_i)),  p_i = softmax(W h_i + b),
 

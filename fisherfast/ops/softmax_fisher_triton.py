@@ -1,4 +1,4 @@
-"""Triton kernels of the streamed softmax-Fisher contractions (DESIGN.md §3).
+"""Triton kernels of the streamed softmax-Fisher contractions (docs/design.md §3).
 
 All kernels stream W in tiles of BLOCK_V rows; a program owns a block of
 BLOCK_B tokens and a contiguous range of V (a split), so no B×V tensor is ever

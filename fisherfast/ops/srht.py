@@ -1,4 +1,4 @@
-"""Subsampled randomized Hadamard transform (DESIGN.md §7).
+"""Subsampled randomized Hadamard transform (docs/design.md §7).
 
 A plan fixes, from its seed alone, the padded size N = 2^⌈log₂ n_in⌉, random
 signs D and m gathered output indices. The features are

@@ -1,5 +1,5 @@
 """FisherSketch: 16 KB signatures of a task's head-Fisher geometry, computed in
-one streaming pass and mergeable across shards (DESIGN.md §7)."""
+one streaming pass and mergeable across shards (docs/design.md §7)."""
 from fisherfast.sketch.alignment import AlignmentResult, Marginals, alignment, marginals
 from fisherfast.sketch.sketcher import FisherSketcher, sketch_features
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec

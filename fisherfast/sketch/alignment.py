@@ -1,4 +1,4 @@
-"""Head-Fisher alignment between tasks from their sketches (DESIGN.md §7).
+"""Head-Fisher alignment between tasks from their sketches (docs/design.md §7).
 
 A(i, j) = ⟨F̂_i, F̂_j⟩ / (‖F̂_i‖‖F̂_j‖) ≈ cos(μ_i, μ_j), μ the signatures. The
 debiased variant replaces ‖μ_i‖² by the U-statistic (‖S_i‖² − Σ_j Q_ij)/(n(n−1))

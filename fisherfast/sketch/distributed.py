@@ -1,5 +1,5 @@
 """Merge FisherSketch states (head or full-network) across processes with
-torch.distributed (DESIGN.md §7).
+torch.distributed (docs/design.md §7).
 
 States are sums, so the merged state of shards is their elementwise sum: one
 all-reduce (SUM) of the float64 buffers (a head state's (6, m) sums and sums

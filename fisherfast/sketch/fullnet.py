@@ -1,5 +1,5 @@
 """Full-network FisherSketch: random features of per-sample gradients of every
-linear layer from forward/backward hooks (DESIGN.md §7, last bullet).
+linear layer from forward/backward hooks (docs/design.md §7, last bullet).
 
 For a linear layer z_t = W a_t (+ b) applied at positions t, the per-sample
 gradient of a loss L_x is G = Σ_t δ_t a_tᵀ with δ_t = ∂L_x/∂z_t (and Σ_t δ_t
@@ -32,6 +32,7 @@ import os
 import torch
 from torch import nn
 
+from fisherfast._persist import atomic_write
 from fisherfast.ops import srht
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 from fisherfast.sketch.state import check_sum_buffers, read_state_file
@@ -173,7 +174,7 @@ class FullNetworkSketcher:
                 continue
             ra, sa, rd, sd = self._plans[name]
             a2, d2 = a.reshape(B, -1, a.shape[-1]), delta.detach().reshape(B, -1, delta.shape[-1])
-            # Σ_t (rᵃ·a_t)(rᵟ·δ_t) per sample (DESIGN.md §7), features in float32, sums in float64
+            # Σ_t (rᵃ·a_t)(rᵟ·δ_t) per sample (docs/design.md §7), features in float32, sums in float64
             rg += torch.einsum("btm,btm->bm", srht(a2, ra), srht(d2, rd)).double()
             sg += torch.einsum("btm,btm->bm", srht(a2, sa), srht(d2, sd)).double()
         for recs in self._records.values():
@@ -256,12 +257,13 @@ class FullNetworkState:
         return cls(specs, count, buffers[0].clone(), buffers[1].clone())
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file; the layer specs, version and count go in the metadata."""
+        """Write a safetensors file (atomically, with the umask's permissions); the layer specs, version and
+        count go in the metadata."""
         from safetensors.torch import save_file
 
-        save_file({"sum": self.sum.detach().cpu().contiguous(), "sumsq": self.sumsq.detach().cpu().contiguous()},
-                  os.fspath(path), metadata={"format": FORMAT, "version": str(SKETCH_VERSION),
-                                             "specs": self.specs_json(), "count": str(self.count)})
+        tensors = {"sum": self.sum.detach().cpu().contiguous(), "sumsq": self.sumsq.detach().cpu().contiguous()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={
+            "format": FORMAT, "version": str(SKETCH_VERSION), "specs": self.specs_json(), "count": str(self.count)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, specs: dict[str, SketchSpec] | None = None,

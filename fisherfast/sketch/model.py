@@ -1,4 +1,4 @@
-"""FisherSketch of a Hugging Face causal LM over a dataset (DESIGN.md §7).
+"""FisherSketch of a Hugging Face causal LM over a dataset (docs/design.md §7).
 
 For each sketched position t of each text, the head input a is the input of the
 output embedding (``model.get_output_embeddings()``, i.e. the final normed

@@ -1,4 +1,4 @@
-"""Streaming FisherSketch of a head Fisher (DESIGN.md §7).
+"""Streaming FisherSketch of a head Fisher (docs/design.md §7).
 
 Per sample: head input a ∈ R^d, logit error e = p − e_y ∈ R^K, gradient
 g = e ⊗ a. The joint feature ψ_j(g) = (r_jᵃ·a)(r_jᵉ·e)(s_jᵃ·a)(s_jᵉ·e)/√m has

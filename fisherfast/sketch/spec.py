@@ -1,4 +1,4 @@
-"""The spec of a FisherSketch: everything that fixes its random structure (DESIGN.md §7)."""
+"""The spec of a FisherSketch: everything that fixes its random structure (docs/design.md §7)."""
 from __future__ import annotations
 
 import dataclasses

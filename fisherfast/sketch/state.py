@@ -1,12 +1,12 @@
 """Streaming FisherSketch state: running sums and sums of squares of the
-features, mergeable exactly across shards (DESIGN.md §7)."""
+features, mergeable exactly across shards (docs/design.md §7)."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from fisherfast._persist import read_versioned
+from fisherfast._persist import atomic_write, read_versioned
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 
 KINDS = ("joint", "activation", "error")
@@ -129,13 +129,14 @@ class SketchState:
 
     # -- persistence ---------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file; spec, version and count go in the metadata."""
+        """Write a safetensors file (atomically, with the umask's permissions); spec, version and count go in
+        the metadata."""
         from safetensors.torch import save_file
 
         tensors = {f"sum.{k}": self.sums[k].detach().cpu().contiguous() for k in KINDS}
         tensors.update({f"sumsq.{k}": self.sumsqs[k].detach().cpu().contiguous() for k in KINDS})
-        save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "version": str(SKETCH_VERSION),
-                                                      "spec": self.spec.to_json(), "count": str(self.count)})
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={
+            "format": FORMAT, "version": str(SKETCH_VERSION), "spec": self.spec.to_json(), "count": str(self.count)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, spec: SketchSpec | None = None, device=None) -> "SketchState":

@@ -3,7 +3,7 @@
 A *verbalizer* maps each prompt's ground truth to the answer token the model
 is trained (or evaluated) to produce. Verbalizer-shifted tasks share their
 prompts, hence their head inputs a, exactly; only the label y (and so the logit
-error e = p − e_y, DESIGN.md §7) differs. Anything computed from activations
+error e = p − e_y, docs/design.md §7) differs. Anything computed from activations
 alone sees the same task; the head Fisher F = E[(e eᵀ) ⊗ (a aᵀ)] does not.
 
 The prompts are short product/film reviews written for this package, half

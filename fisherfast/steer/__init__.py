@@ -1,4 +1,4 @@
-"""Steering hidden states along the Fisher geometry (DESIGN.md §5): concept
+"""Steering hidden states along the Fisher geometry (docs/design.md §5): concept
 scores and their gradients, FishBack (minimum-distortion) and baseline
 directions with their cost ratio, iterated steering to a target score,
 off-target distortion, and hooks that apply vectors inside a model's forward

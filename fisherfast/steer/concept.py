@@ -1,5 +1,5 @@
 """Concept scores φ of the next-token distribution and their gradients q = ∇_h φ
-(DESIGN.md §5).
+(docs/design.md §5).
 
 A concept is a set T of target token ids, optionally against a set S of
 source ids:

@@ -1,4 +1,4 @@
-"""Steering directions at a layer and their Fisher cost (DESIGN.md §5).
+"""Steering directions at a layer and their Fisher cost (docs/design.md §5).
 
 FishBack (minimum distortion): among all δ with first-order concept change
 qᵀδ = ρ, the one of least Fisher cost ½ δᵀGδ (to second order the KL between

@@ -1,5 +1,5 @@
 """Apply steering vectors inside a Hugging Face model's forward pass or generation
-through removable hooks (DESIGN.md §5, the steering-vectors / TransformerLens
+through removable hooks (docs/design.md §5, the steering-vectors / TransformerLens
 convention).
 
 Layer convention (as in ``fisherfast.split``): the hidden state at layer ℓ < L

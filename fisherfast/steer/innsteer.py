@@ -1,5 +1,5 @@
 """INNSteer: steering by translation in the latent space of an invertible
-network trained on the activations of two behaviours (DESIGN.md §5).
+network trained on the activations of two behaviours (docs/design.md §5).
 
 The network φ: R^d → R^d is a per-coordinate standardization followed by
 affine coupling layers (RealNVP):

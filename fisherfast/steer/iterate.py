@@ -1,5 +1,5 @@
 """Steering a hidden state to a target concept score, and what it costs
-(DESIGN.md §5).
+(docs/design.md §5).
 
 ``steer_to_target`` iterates: at the current h, the concept gradient q and
 (for FishBack) the pullback metric G are recomputed and a step with

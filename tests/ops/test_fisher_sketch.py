@@ -1,6 +1,6 @@
 """The fused FisherSketch update against its dense definition (explicit ±1
 feature matrices, explicit errors e = p − e_y, float64), and every backend
-against the reference (DESIGN.md §7)."""
+against the reference (docs/design.md §7)."""
 from __future__ import annotations
 
 import math

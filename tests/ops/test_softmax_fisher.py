@@ -1,5 +1,5 @@
 """softmax-Fisher contractions vs the dense float64 formula with F = diag p − p pᵀ
-materialized (DESIGN.md §3), on every backend that can run here."""
+materialized (docs/design.md §3), on every backend that can run here."""
 from __future__ import annotations
 
 import os
@@ -159,7 +159,7 @@ def test_outputs_symmetric_psd(backend):
         assert torch.equal(out, out.transpose(-1, -2))
         eig = torch.linalg.eigvalsh(out.double())
         assert float(eig.min()) >= -1e-6 * float(eig.max())
-    # vᵀ G v = Var_p(w·v) ≥ 0 (DESIGN.md §3), via quad with a single column.
+    # vᵀ G v = Var_p(w·v) ≥ 0 (docs/design.md §3), via quad with a single column.
     v = U[:, :1]
     q = softmax_fisher_quad(h, W, v, b, backend=backend)[:, 0, 0]
     _, p = dense_G(h, W, b)
@@ -209,7 +209,7 @@ def test_gram_tail_truncation(backend, tail_tol):
     assert torch.equal(res.n_kept, n)
     assert float((res.tau - tau).abs().max()) <= 1e-6 and bool((res.tau <= tail_tol + 1e-6).all())
     assert rel(res.G, G_S) <= 1e-5
-    # 0 ⪯ G_S ⪯ G and ‖G − G_S‖₂ ≤ τ/(1−τ)·max_{v∉S} ‖w_v − μ‖² (DESIGN.md §3).
+    # 0 ⪯ G_S ⪯ G and ‖G − G_S‖₂ ≤ τ/(1−τ)·max_{v∉S} ‖w_v − μ‖² (docs/design.md §3).
     W64 = W.double()
     for i in range(4):
         gap = torch.linalg.eigvalsh(G[i] - res.G[i].double())

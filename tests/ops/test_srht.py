@@ -1,5 +1,5 @@
 """SRHT against its dense definition, the one-hot closed form, and its
-unbiasedness (DESIGN.md §7)."""
+unbiasedness (docs/design.md §7)."""
 from __future__ import annotations
 
 import math

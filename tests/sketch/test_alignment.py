@@ -1,5 +1,5 @@
 """Alignment from sketches against the exact kernel identity
-⟨F̂_i, F̂_j⟩ = mean over pairs (x, x′) of (a·a′)²(e·e′)² (DESIGN.md §7), itself
+⟨F̂_i, F̂_j⟩ = mean over pairs (x, x′) of (a·a′)²(e·e′)² (docs/design.md §7), itself
 checked against explicitly materialized empirical Fishers."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """SketchSpec, SketchState and FisherSketcher: determinism, exact merges,
 persistence and its failure modes, standard errors, the true-Fisher sampler
-(DESIGN.md §7)."""
+(docs/design.md §7)."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,7 @@
 """Verbalizer shift on the embedded SmolLM2-135M-Instruct (slow: loads the model).
 
 Oracle: the exact alignment of the empirical head Fishers through the kernel
-identity ⟨F̂_i, F̂_j⟩ = mean_{x, x′} (a·a′)²(e·e′)² (DESIGN.md §7), with a =
+identity ⟨F̂_i, F̂_j⟩ = mean_{x, x′} (a·a′)²(e·e′)² (docs/design.md §7), with a =
 hidden_states[-1] and e = softmax(z) − e_y over the full vocabulary computed
 one unpadded prompt at a time, independently of sketch_model."""
 import pytest

@@ -1,4 +1,4 @@
-// Fast Walsh–Hadamard transform kernels (DESIGN.md §7).
+// Fast Walsh–Hadamard transform kernels (docs/design.md §7).
 //
 // y = H_N x over contiguous rows of length N = 2^L, H_N the Sylvester matrix
 // (natural order): stage s (h = 2^s) maps the pair (i, i + h) inside each

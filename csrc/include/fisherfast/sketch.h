@@ -1,4 +1,4 @@
-// FisherSketch feature helpers shared by the CPU and CUDA kernels (DESIGN.md §7).
+// FisherSketch feature helpers shared by the CPU and CUDA kernels (docs/design.md §7).
 //
 // A plan (from fisherfast.ops.SRHTPlan) is n_blocks sign rows D_b of length
 // N = 2^L and m gathered indices into the flattened (n_blocks·N) outputs of

@@ -1,4 +1,4 @@
-// Per-token pieces of the streamed softmax-Fisher contractions (DESIGN.md §3).
+// Per-token pieces of the streamed softmax-Fisher contractions (docs/design.md §3).
 // Header-only, shared by the CPU driver and the CUDA kernels.
 //
 // One token b, one V-chunk of logits z_c (plus bias) and projections

@@ -1,0 +1,128 @@
+"""The subcommands end to end on a tiny local model folder (``--model DIR``):
+outputs, notices, explanations and what happens when a write fails late."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from fisherfast.sketch import SketchState
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\n" + "one two three four five six " * 8 + "\n"
+                                        "yes\nthe dog sat on the mat and the cat sat on the dog\n")
+    return tmp_path
+
+
+def _sketch(run_cli, model, out, *extra):
+    return run_cli("sketch", "--model", model, "--texts", "texts.txt", "--out", out, "--m", "64", "--no-progress",
+                   *extra)
+
+
+def test_sketch_writes_a_shareable_state_and_reports_truncation(work, run_cli, tiny_model_dir):
+    old = os.umask(0o022)
+    try:
+        result = _sketch(run_cli, tiny_model_dir, "a.safetensors", "--max-length", "10")
+    finally:
+        os.umask(old)
+    assert result.code == 0, result.err
+    assert "2 of 4 texts are longer than --max-length 10 tokens (longest 48)" in result.err
+    assert "1 of 4 texts are a single token and were skipped" in result.err
+    assert stat.S_IMODE(os.stat("a.safetensors").st_mode) == 0o644
+    state = SketchState.load("a.safetensors")
+    # 3 texts of 6, 10 (truncated from 48) and 10 (from 13) tokens: 5 + 9 + 9 next-token positions
+    assert state.count == 23 and state.spec.m == 64 and (state.spec.d, state.spec.K) == (32, 64)
+    assert "wrote a.safetensors" in result.out
+    assert sorted(os.listdir()) == ["a.safetensors", "texts.txt"]
+
+
+def test_sketch_replaces_its_own_output_only_with_force(work, run_cli, tiny_model_dir):
+    assert _sketch(run_cli, tiny_model_dir, "a.safetensors").code == 0
+    before = open("a.safetensors", "rb").read()
+    result = _sketch(run_cli, tiny_model_dir, "a.safetensors", "--seed", "1")
+    assert result.code == 2 and "pass --force" in result.err
+    assert open("a.safetensors", "rb").read() == before
+    assert _sketch(run_cli, tiny_model_dir, "a.safetensors", "--seed", "1", "--force").code == 0
+    assert SketchState.load("a.safetensors").spec.seed == 1
+
+
+def test_a_late_write_failure_keeps_the_result(work, run_cli, tiny_model_dir, monkeypatch):
+    from fisherfast.cli import _files
+
+    real, calls = _files.atomic_write, []
+
+    def fails_once(path, write):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real(path, write)
+
+    monkeypatch.setattr(_files, "atomic_write", fails_once)
+    result = _sketch(run_cli, tiny_model_dir, "a.safetensors")
+    assert result.code == 1 and "No space left on device" in result.err
+    [saved] = [name for name in os.listdir() if name.startswith("a.recovered-")]
+    assert f"saved it to {os.path.abspath(saved)} instead" in result.err
+    assert SketchState.load(saved).count > 0 and not os.path.exists("a.safetensors")
+
+
+def test_align_explains_its_columns_and_names_the_files_of_each_spec(work, run_cli, tiny_model_dir):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert _sketch(run_cli, tiny_model_dir, f"{name}.safetensors", "--seed", str(seed)).code == 0
+    result = run_cli("align", "a.safetensors", "b.safetensors", "--out", "h.svg")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    for column in ("A", "S_a", "S_e", "ρ"):
+        assert sum(line.startswith(f"{column} ") and len(line.split()) > 4 for line in lines) == 1, column
+        assert any(line.split()[:3] == [column, "a", "b"] for line in lines), column
+    assert open("h.svg", "rb").read().lstrip().startswith((b"<?xml", b"<svg"))
+
+    result = run_cli("align", "a.safetensors", "c.safetensors")
+    line = result.err.strip()
+    assert result.code == 2 and "\n" not in line
+    assert "a.safetensors: SketchSpec(d=32, K=64, m=64, seed=0" in line
+    assert "c.safetensors: SketchSpec(d=32, K=64, m=64, seed=1" in line
+
+
+def test_spectrum_checks_layers_against_the_folder_config_and_writes_the_plot(work, run_cli, tiny_model_dir,
+                                                                              no_model):
+    result = run_cli("spectrum", "--model", tiny_model_dir, "--layer", "4")
+    assert result.code == 2 and "--layer 4: this model has layers 0..3" in result.err
+
+
+def test_an_architecture_split_does_not_support_is_refused_before_loading(work, run_cli, tiny_model_dir, no_model):
+    import json
+    import shutil
+
+    folder = work / "other-model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "bert"
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run_cli("steer", "--model", folder, "--prompt", "the cat", "--target", "dog", "--layer", "1")
+    assert result.code == 2 and "architecture 'bert' cannot be split at a layer" in result.err
+
+
+def test_spectrum_on_the_tiny_model(work, run_cli, tiny_model_dir):
+    (work / "prompts.txt").write_text("the cat sat on the\nthe capital of france is\none two three\n")
+    result = run_cli("spectrum", "--model", tiny_model_dir, "--layer", "1", "3", "--prompts", "prompts.txt",
+                     "--max-prompts", "2", "--out", "s.pdf", "--no-progress")
+    assert result.code == 0, result.err
+    assert "last token of 2 prompts" in result.out and "| 1 | 2 |" in result.out and "| 3 | 2 |" in result.out
+    assert "shaded band = 10–90% range over prompts" in result.out
+    assert open("s.pdf", "rb").read(5) == b"%PDF-"
+
+
+def test_steer_on_the_tiny_model(work, run_cli, tiny_model_dir):
+    result = run_cli("steer", "--model", tiny_model_dir, "--prompt", "the capital of france is", "--target", "paris",
+                     "--layer", "2", "--prob", "0.3", "--new-tokens", "2", "--no-progress")
+    assert result.code == 0, result.err
+    assert "| fishback |" in result.out and "| euclidean |" in result.out
+    assert "generation with the fishback vector hooked in at layer 2" in result.out
+    result = run_cli("steer", "--model", tiny_model_dir, "--prompt", "the cat", "--target", "dog", "--layer", "1",
+                     "--method", "euclidean", "--new-tokens", "0", "--no-progress")
+    assert result.code == 0 and "| euclidean |" in result.out and "| fishback |" not in result.out
+    assert "generation" not in result.out
