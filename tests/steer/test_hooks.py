@@ -190,3 +190,26 @@ def test_bad_inputs(models):
     with pytest.raises(ValueError, match="attention_mask"):
         with steering(model, {1: v}):
             model(input_ids=torch.tensor([PROMPTS[0]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ the embedded SmolLM2 (slow)
+
+@pytest.mark.slow
+def test_smollm2_padded_batch_and_cache_give_the_reference_tokens():
+    from fisherfast.models import load_default
+
+    model, tokenizer = load_default()
+    model.generation_config.eos_token_id = None  # compare whole continuations, never stop early
+    london = model.get_output_embeddings().weight[tokenizer.encode(" London")[0]]
+    v = 40 * london / london.norm()
+    prompts = ["The capital of France is", "My favourite city to visit is", "I live in"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    assert batch.attention_mask.sum(-1).tolist() != [batch.input_ids.shape[1]] * 3  # really padded
+    with steering(model, {24: v}):  # from_prompt_last
+        steered = generate(model, batch.input_ids, batch.attention_mask)
+        no_cache = generate(model, batch.input_ids, batch.attention_mask, use_cache=False)
+        alone = [generate(model, tokenizer(p, return_tensors="pt").input_ids)[0] for p in prompts]
+    assert steered == no_cache == alone
+    first = tokenizer(prompts[0]).input_ids
+    assert alone[0] == reference_generate(model, first, 24, v, CHOICES["from_prompt_last"])
+    assert steered != generate(model, batch.input_ids, batch.attention_mask)
