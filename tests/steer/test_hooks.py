@@ -148,7 +148,7 @@ def test_padded_forward_equals_per_prompt_forward(models, arch, side):
     ids, mask = pad(PROMPTS, side)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # each row's own positions (as generate passes them)
     unsteered = [model(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS]
-    for choice in ("prompt_last", "from_prompt_last", [0, -3]):
+    for choice in ("prompt_last", "from_prompt_last", "all", [0, -3]):
         with steering(model, {1: v, LAYERS: -v}, positions=choice):
             batch = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
             alone = [model(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS]
