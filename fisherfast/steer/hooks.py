@@ -79,7 +79,7 @@ class _Tracker:
         self.positions = positions
         self.prompt_length = prompt_length
         self.prompt: _Prompt | None = None
-        self.where: torch.Tensor | None = None  # (B, q) bool for the call in progress, None outside calls
+        self.where: torch.Tensor | None = None  # (B, q) bool for the call in progress; None: edit nothing
 
     def begin(self, module, args, kwargs):
         bound = self.signature.bind_partial(*args, **kwargs).arguments
@@ -105,7 +105,8 @@ class _Tracker:
         elif self.prompt.n.shape[0] != B:
             raise ValueError(f"a forward call of batch {B} continues a prompt of batch {self.prompt.n.shape[0]}; "
                              f"open a new steering block for a new batch")
-        self.where = self._select(k[:, -q:], real[:, -q:])
+        where = self._select(k[:, -q:], real[:, -q:])
+        self.where = where if bool(where.any()) else None  # one check per call, not per block
 
     def end(self, *_):
         self.where = None
@@ -241,7 +242,7 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
     tracker = _Tracker(base, where_spec, lengths)
 
     def edit(hidden, vector):
-        if tracker.where is None or not bool(tracker.where.any()):
+        if tracker.where is None:
             return hidden
         return _edit(hidden, vector, tracker.where, mode)
 

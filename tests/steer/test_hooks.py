@@ -139,6 +139,19 @@ def test_independent_forward_calls_in_one_block_are_separate_prompts(models):
         torch.testing.assert_close(logits, expected)
 
 
+def test_split_models_own_block_calls_are_not_edited(models):
+    from fisherfast.split import SplitModel
+
+    model, v, ids = models["gpt_neox"], vector(), PROMPTS[0]
+    split = SplitModel(model, 1)
+    ctx = split.context(ids)
+    plain = split.logits(ctx, ctx.h)
+    with steering(model, {2: v}, positions="all"):
+        torch.testing.assert_close(split.logits(ctx, ctx.h), plain, rtol=0, atol=0)
+        steered = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    assert float((steered - plain).abs().max()) > 1e-2
+
+
 # ------------------------------------------------------------------ padded batches
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
