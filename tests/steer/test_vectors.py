@@ -1,0 +1,132 @@
+"""fisherfast.steer.SteeringVectors: safetensors round trip with its metadata
+checks, and llama.cpp control-vector GGUF export read back with gguf's own
+reader (tensor names, values, metadata keys)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fisherfast.steer import SteeringVectors, steering
+
+D = 32
+
+
+def sample(dtype=torch.float64, layers=(2, 3, 5)):
+    g = torch.Generator().manual_seed(4)
+    return SteeringVectors({layer: torch.randn(D, generator=g, dtype=dtype) for layer in layers}, D,
+                           model="tiny-llama", method="fishback", settings={"rho": 0.5, "target": [5, 17]})
+
+
+def test_safetensors_round_trip(tmp_path):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        sv = sample(dtype)
+        sv.save(tmp_path / "v.safetensors")
+        back = SteeringVectors.load(tmp_path / "v.safetensors", hidden_size=D, model="tiny-llama")
+        assert list(back.vectors) == [2, 3, 5]
+        for layer, v in sv.vectors.items():
+            assert back.vectors[layer].dtype == dtype and torch.equal(back.vectors[layer], v)
+        assert (back.hidden_size, back.model, back.method) == (D, "tiny-llama", "fishback")
+        assert dict(back.settings) == {"rho": 0.5, "target": [5, 17]}
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "v.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "fisherfast.steering_vectors" and meta["version"] == "1" and "layer" in meta["spec"]
+
+
+def test_load_checks_hidden_size_model_and_format(tmp_path):
+    path = tmp_path / "v.safetensors"
+    sample().save(path)
+    with pytest.raises(ValueError, match="hidden size 32; expected hidden size 576"):
+        SteeringVectors.load(path, hidden_size=576)
+    with pytest.raises(ValueError, match="for model 'tiny-llama'; expected model 'SmolLM2'"):
+        SteeringVectors.load(path, model="SmolLM2")
+    with pytest.raises(FileNotFoundError, match="no steering vectors file"):
+        SteeringVectors.load(tmp_path / "absent.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"layer.1": torch.zeros(3)}, tmp_path / "other.safetensors", metadata={"format": "x", "version": "1"})
+    with pytest.raises(ValueError, match="is not a fisherfast.steering_vectors file"):
+        SteeringVectors.load(tmp_path / "other.safetensors")
+    save_file({"layer.1": torch.zeros(3)}, tmp_path / "bad.safetensors", metadata={
+        "format": "fisherfast.steering_vectors", "version": "1", "hidden_size": "4", "model": "", "method": "",
+        "settings": "{}"})
+    with pytest.raises(ValueError, match="corrupted steering vectors"):
+        SteeringVectors.load(tmp_path / "bad.safetensors")
+
+
+def test_gguf_export_round_trip(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    sv = sample(torch.float64, layers=(2, 3, 5))
+    path = tmp_path / "v.gguf"
+    sv.export_gguf(path)
+    reader = gguf.GGUFReader(path)
+
+    def field(name):
+        f = reader.get_field(name)
+        assert f is not None, name
+        return f.contents()
+
+    assert field("general.architecture") == "controlvector"
+    assert field("controlvector.model_hint") == "tiny-llama"
+    assert field("controlvector.layer_count") == 3
+    assert field("fisherfast.method") == "fishback"
+    assert json.loads(field("fisherfast.settings")) == {"rho": 0.5, "target": [5, 17]}
+    tensors = {t.name: t for t in reader.tensors}
+    # direction.N is added by llama.cpp to the output of block N (0-based) = fisherfast layer N + 1
+    assert sorted(tensors) == ["direction.1", "direction.2", "direction.4"]
+    for layer, v in sv.vectors.items():
+        t = tensors[f"direction.{layer - 1}"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32 and list(t.shape) == [D]
+        np.testing.assert_array_equal(np.asarray(t.data), v.to(torch.float32).numpy())
+    sv.export_gguf(tmp_path / "hint.gguf", model_hint="llama")
+    assert gguf.GGUFReader(tmp_path / "hint.gguf").get_field("controlvector.model_hint").contents() == "llama"
+
+
+def test_export_rejects_layers_without_a_llama_cpp_counterpart(tmp_path):
+    for layer in (0, 1):
+        with pytest.raises(ValueError, match=rf"layers \[{layer}\] cannot be exported"):
+            sample(layers=(layer, 4)).export_gguf(tmp_path / "v.gguf")
+        assert not (tmp_path / "v.gguf").exists()
+
+
+def test_for_model_and_steering_accept_them(tiny_lm):
+    model = tiny_lm("llama", d=D, layers=3, seed=1)
+    g = torch.Generator().manual_seed(2)
+    delta = torch.randn(D, generator=g, dtype=torch.float64)
+    sv = SteeringVectors.for_model(model, {2: delta}, method="euclidean", settings={"layer": 2})
+    assert sv.hidden_size == D and sv.model == "llama" and sv.method == "euclidean"
+    ids = torch.tensor([[3, 14, 15, 9]])
+    with steering(model, sv):
+        a = model(input_ids=ids).logits
+    with steering(model, {2: delta}):
+        b = model(input_ids=ids).logits
+    assert torch.equal(a, b) and not torch.equal(a, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match=r"layers must be ints in \[0, 3\]"):
+        SteeringVectors.for_model(model, {4: delta})
+
+
+def test_bad_inputs():
+    v = torch.zeros(D)
+    with pytest.raises(ValueError, match="non-empty"):
+        SteeringVectors({}, D)
+    with pytest.raises(ValueError, match="layer must be an int ≥ 0"):
+        SteeringVectors({-1: v}, D)
+    with pytest.raises(ValueError, match="layer must be an int ≥ 0"):
+        SteeringVectors({"3": v}, D)
+    with pytest.raises(ValueError, match=r"shape \(33,\) \(hidden_size\)"):
+        SteeringVectors({2: v}, D + 1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        SteeringVectors({2: torch.full((D,), float("nan"))}, D)
+    with pytest.raises(ValueError, match="hidden_size"):
+        SteeringVectors({2: v}, 0)
+    with pytest.raises(ValueError, match="JSON"):
+        SteeringVectors({2: v}, D, settings={"x": object()})
+    with pytest.raises(TypeError, match="model must be a str"):
+        SteeringVectors({2: v}, D, model=None)
+    sv = SteeringVectors({2: v}, D)
+    with pytest.raises(TypeError):
+        sv.vectors[3] = v  # read-only
