@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from fisherfast.metric import (MetricDiagnostics, PullbackMetric, plot_spectra, pullback_fisher, spectrum_diagnostics,
+from fisherfast.metric import (DenseMetric, MetricDiagnostics, PullbackMetric, plot_spectra, pullback_fisher, spectrum_diagnostics,
                                spectrum_survey, survey_table)
 from fisherfast.split import SplitModel
 
@@ -303,7 +303,7 @@ def test_diagnostics_match_numpy_on_a_dense_matrix():
     Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     lam = np.exp(-np.arange(d) / 4.0)
     G = torch.from_numpy((Q * lam) @ Q.T)
-    diag = PullbackMetric(d, dense=G, dtype=G.dtype, device=G.device, mode="exact", n_points=1).diagnostics()
+    diag = DenseMetric(G).diagnostics()
     ev = np.linalg.eigvalsh(G.numpy())[::-1]
     pr = ev.sum() ** 2 / (ev ** 2).sum()
     assert math.isclose(diag.participation_ratio, pr, rel_tol=1e-10)
