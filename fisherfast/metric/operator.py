@@ -315,7 +315,9 @@ class MatrixFreeMetric(PullbackMetric):
             return super().eig(k)
         from scipy.sparse.linalg import eigsh
 
-        values, vectors = eigsh(self.to_scipy(), k=k, which="LA")
+        # A fixed start vector: the same products on every call (and every rank, see distributed).
+        v0 = np.random.default_rng(0).standard_normal(self.d)
+        values, vectors = eigsh(self.to_scipy(), k=k, which="LA", v0=v0)
         order = np.argsort(values)[::-1].copy()
         return (torch.from_numpy(values[order]).to(self.dtype),
                 torch.from_numpy(vectors[:, order]).to(self.device, self.dtype))
