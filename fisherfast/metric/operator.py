@@ -333,11 +333,8 @@ class DampedMetric(PullbackMetric):
     def __init__(self, base: PullbackMetric, damping: float):
         if not isinstance(base, PullbackMetric):
             raise TypeError(f"base must be a PullbackMetric, got {type(base).__name__}")
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
-                or damping < 0:
-            raise ValueError(f"damping must be a finite number ≥ 0, got {damping!r}")
         super().__init__(base.d, dtype=base.dtype, device=base.device, report=base.report)
-        self.base, self.damping = base, float(damping)
+        self.base, self.damping = base, _check_damping(damping)
         self.is_matrix_free = base.is_matrix_free
 
     def __repr__(self) -> str:
@@ -347,7 +344,8 @@ class DampedMetric(PullbackMetric):
         return self.base._matmat(U) + self.damping * U
 
     def damped(self, damping):
-        return DampedMetric(self.base, self.damping + DampedMetric(self.base, damping).damping)
+        """(G + λI) + μI = G + (λ + μ)I, over the same base."""
+        return DampedMetric(self.base, self.damping + _check_damping(damping))
 
     def dense(self):
         if self._dense_cache is None:
@@ -364,3 +362,10 @@ class DampedMetric(PullbackMetric):
     def eig(self, k):
         values, vectors = self.base.eig(k)
         return values + self.damping, vectors
+
+
+def _check_damping(damping) -> float:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
+            or damping < 0:
+        raise ValueError(f"damping must be a finite number ≥ 0, got {damping!r}")
+    return float(damping)

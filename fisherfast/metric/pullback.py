@@ -173,23 +173,24 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
         trace_probes = DEFAULT_TRACE_PROBES if trace_probes is None else _positive_int("trace_probes", trace_probes)
         return _nystrom(run, k, trace_probes, _generator(seed, generator, run.device))
     if mode == "exact":
-        return run.dense(lambda ctx, x: (_exact(split, ctx, x, chunk, run.dtype), None))
+        G, _ = run.accumulate(lambda ctx, x: (_exact(split, ctx, x, chunk, run.dtype), None))
+        return DenseMetric(G, report=run.report())
     if mode == "topk":
         tail_tol = DEFAULT_TAIL_TOL if tail_tol is None else tail_tol
         if isinstance(tail_tol, bool) or not isinstance(tail_tol, (int, float)) or not 0 < tail_tol < 1:
             raise ValueError(f"tail_tol must be a float in (0, 1), got {tail_tol!r}")
-        G, records = run.dense(lambda ctx, x: _topk(split, ctx, x, float(tail_tol), chunk, run.dtype), True)
+        G, records = run.accumulate(lambda ctx, x: _topk(split, ctx, x, float(tail_tol), chunk, run.dtype))
         return DenseMetric(G, report=run.report(tail_tol=float(tail_tol), tau=tuple(r[0] for r in records),
                                                 n_kept=tuple(r[1] for r in records)))
     if mode == "monte_carlo":
         n_samples = DEFAULT_N_SAMPLES if n_samples is None else _positive_int("n_samples", n_samples)
         gen = _generator(seed, generator, run.device)
-        G, records = run.dense(lambda ctx, x: _monte_carlo(split, ctx, x, n_samples, gen, chunk, run.dtype), True)
+        G, records = run.accumulate(lambda ctx, x: _monte_carlo(split, ctx, x, n_samples, gen, chunk, run.dtype))
         # E‖Ĝ − G‖_F² = (E‖g‖⁴ − ‖G‖_F²)/S per point; the point means are averaged.
         std_error = float(torch.tensor(records, dtype=torch.float64).clamp_min(0).sum().sqrt()) / len(points)
         return DenseMetric(G, report=run.report(n_samples=n_samples, std_error_fro=std_error))
     names, token_sets = concept_schema(concepts, split.V)
-    G, records = run.dense(lambda ctx, x: _concept(split, ctx, x, token_sets, chunk, run.dtype), True)
+    G, records = run.accumulate(lambda ctx, x: _concept(split, ctx, x, token_sets, chunk, run.dtype))
     return DenseMetric(G, report=run.report(concepts=tuple(names), q=tuple(records)))
 
 
@@ -217,8 +218,9 @@ class _Run:
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.world == 1 else _dist.all_reduce_sum(x, self.group)
 
-    def dense(self, point_metric, with_records: bool = False):
-        """(1/n) Σ_i G_i over all points (all-reduced), and the per-point records in point order."""
+    def accumulate(self, point_metric):
+        """(1/n) Σ_i G_i over all points (all-reduced across ranks) and the per-point
+        records in point order; ``point_metric(ctx, x)`` → (G_i, record)."""
         d = self.split.d
         G = torch.zeros(d, d, dtype=self.dtype, device=self.device)
         records = []
@@ -228,8 +230,6 @@ class _Run:
             G += G_i
             records.append((i, record))
         G = self.all_sum(G) / len(self.points)
-        if not with_records:
-            return DenseMetric(G, report=self.report())
         ordered = [r for _, r in records] if self.world == 1 else \
             _dist.gather_in_order(records, self.group, len(self.points))
         return G, ordered
