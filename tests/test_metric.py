@@ -437,6 +437,6 @@ def test_auto_mode_chooses_exact_at_small_d_and_matrix_free_at_large_d(llama, mo
     assert auto_mode(576) == "exact" and auto_mode(4096) == "matrix_free"
     G = pullback_fisher(split, contexts[0], mode="auto")
     assert G.mode == "exact" and not G.is_matrix_free and rel_fro(G.dense(), oracles[0]) < TOL
-    monkeypatch.setattr(pullback_module, "AUTO_MATRIX_FREE_MIN_D", D - 1)
+    monkeypatch.setattr(pullback_module, "AUTO_EXACT_MAX_D", D - 1)
     G = pullback_fisher(split, contexts[0], mode="auto")
     assert G.mode == "matrix_free" and G.is_matrix_free and rel_fro(G.dense(), oracles[0]) < TOL

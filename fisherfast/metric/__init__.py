@@ -17,7 +17,7 @@
 from fisherfast.metric.diagnostics import MetricDiagnostics, spectrum_diagnostics
 from fisherfast.metric.operator import (DampedMetric, DenseMetric, LowRankMetric, MatrixFreeMetric, MetricReport,
                                         PullbackMetric)
-from fisherfast.metric.pullback import (AUTO_MATRIX_FREE_MIN_D, DEFAULT_K, DEFAULT_N_SAMPLES, DEFAULT_TAIL_TOL,
+from fisherfast.metric.pullback import (AUTO_EXACT_MAX_D, DEFAULT_K, DEFAULT_N_SAMPLES, DEFAULT_TAIL_TOL,
                                         DEFAULT_TRACE_PROBES, METRIC_MODES, MODES, auto_mode, pullback_fisher,
                                         work_dtype)
 from fisherfast.metric.schema import concept_schema
@@ -26,4 +26,4 @@ from fisherfast.metric.survey import SpectrumSurvey, plot_spectra, spectrum_surv
 __all__ = ["pullback_fisher", "PullbackMetric", "DenseMetric", "LowRankMetric", "MatrixFreeMetric", "DampedMetric",
            "MetricReport", "MetricDiagnostics", "spectrum_diagnostics", "SpectrumSurvey", "spectrum_survey",
            "survey_table", "plot_spectra", "concept_schema", "auto_mode", "work_dtype", "METRIC_MODES", "MODES",
-           "AUTO_MATRIX_FREE_MIN_D", "DEFAULT_K", "DEFAULT_TRACE_PROBES", "DEFAULT_TAIL_TOL", "DEFAULT_N_SAMPLES"]
+           "AUTO_EXACT_MAX_D", "DEFAULT_K", "DEFAULT_TRACE_PROBES", "DEFAULT_TAIL_TOL", "DEFAULT_N_SAMPLES"]

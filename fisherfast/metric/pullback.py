@@ -46,25 +46,28 @@ DEFAULT_K = 64
 DEFAULT_TRACE_PROBES = 16
 DEFAULT_TAIL_TOL = 1e-3
 DEFAULT_N_SAMPLES = 256
-# mode="auto": matrix-free above this d, exact at or below (bench/bench_metric.py --auto,
-# random-init Llama blocks, one thread; see ``auto_mode``).
-AUTO_MATRIX_FREE_MIN_D = 2048
+# mode="auto": exact up to this d, matrix-free above (see ``auto_mode``).
+AUTO_EXACT_MAX_D = 2048
 
 
 def auto_mode(d: int) -> str:
     """The mode ``mode="auto"`` picks at dimension d: "exact" for d ≤
-    ``AUTO_MATRIX_FREE_MIN_D``, else "matrix_free".
+    ``AUTO_EXACT_MAX_D`` (2,048), else "matrix_free".
 
     Why by d: the exact build costs d reverse products plus a V·d² head Gram;
-    one matrix-free product costs about 3–4 forwards of the upper blocks plus
-    two reads of W. Measured (bench/bench_metric.py --auto, random-init Llama
-    blocks at d = 576 / 2,048 / 4,096, one thread), the exact build equals
-    roughly 25 / 190 / 600 matrix-free products; a damped CG solve takes
-    50–250 products, so exact wins at SmolLM2's d = 576 and matrix-free from
-    d ≈ 2,048 up. Use "exact" when you need the spectrum (diagnostics and
-    dense() materialize a matrix-free metric with d products anyway).
+    one matrix-free product costs a few passes of one token through the upper
+    blocks plus about one read of W. Measured with bench/bench_metric.py
+    ``--auto`` (two random-init Llama blocks shaped like SmolLM2, TinyLlama
+    and Llama-2-7B, V = 8,192, one thread; on a shared, loaded machine), the
+    exact build cost as much as 17 / 119 / 545 matrix-free products at
+    d = 576 / 2,048 / 4,096. A damped CG solve takes 50–250 products (fewer
+    with a Nyström preconditioner, which itself costs k products), so exact
+    wins up to d ≈ 2,048 and matrix-free beyond. The head's share grows with
+    V (V·d² for the exact Gram, about V·d per product) and leaves the ratio
+    about the same. Ask for "exact" when you need the spectrum: dense(),
+    trace() and diagnostics() of a matrix-free metric cost d products.
     """
-    return "exact" if d <= AUTO_MATRIX_FREE_MIN_D else "matrix_free"
+    return "exact" if d <= AUTO_EXACT_MAX_D else "matrix_free"
 
 
 def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | None = None,
