@@ -26,6 +26,12 @@ Implementations: ``DenseMetric`` (a stored d×d matrix: exact, topk,
 monte_carlo, concept), ``LowRankMetric`` (a Nyström factor U diag(λ) Uᵀ:
 low_rank), ``MatrixFreeMetric`` (a product function: matrix_free) and
 ``DampedMetric`` (G + λI over any of them).
+
+A solver of G_λ x = q takes the base type and needs no other branch:
+``A = G.damped(λ)``; if ``A.is_matrix_free``, conjugate gradients on
+``A.to_scipy()`` (one product per iteration; a ``LowRankMetric`` of the same
+points gives a Nyström preconditioner through ``eig``), else Cholesky of
+``A.dense()``.
 """
 from __future__ import annotations
 
