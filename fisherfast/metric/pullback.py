@@ -248,10 +248,9 @@ def _vjp(split, ctx, x, C, chunk, dtype):
     return split.vjp(ctx, x, C.to(split.W.dtype).contiguous(), chunk=chunk).to(dtype)
 
 
-def _head(split, ctx, x):
-    """a = N(r_L(h)) and p = softmax(W a + b) in float64."""
-    a = split.head_input(ctx, x)
-    return a, torch.softmax(split.logits_from_head_input(a).double(), -1)
+def _probs(split, ctx, x):
+    """p = softmax(W a + b) at a = N(r_L(h)), in float64."""
+    return torch.softmax(split.logits_from_head_input(split.head_input(ctx, x)).double(), -1)
 
 
 # --------------------------------------------------------------------------- per-point modes
@@ -280,7 +279,7 @@ def _topk(split, ctx, x, tail_tol, chunk, dtype):
 
 
 def _monte_carlo(split, ctx, x, n_samples, generator, chunk, dtype):
-    _, p = _head(split, ctx, x)
+    p = _probs(split, ctx, x)
     y = torch.multinomial(p, n_samples, replacement=True, generator=generator)
     W = split.W.to(dtype)
     mu = p.to(dtype) @ W                                            # μ = Wᵀp
@@ -291,7 +290,7 @@ def _monte_carlo(split, ctx, x, n_samples, generator, chunk, dtype):
 
 
 def _concept(split, ctx, x, token_sets, chunk, dtype):
-    _, p = _head(split, ctx, x)
+    p = _probs(split, ctx, x)
     W = split.W
     mu = (p.to(dtype) @ W.to(dtype)).double()                      # μ = Wᵀp
     rows, q = [], []
