@@ -1,16 +1,13 @@
 """pullback_fisher(..., distributed=True) across 2 CPU processes (gloo on loopback)
 equals the single-process metric over the same points, in every mode that is
 deterministic; the per-point reports come back in point order."""
-import datetime
 import os
-import socket
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import gloo_group, leave, run_workers
 
 from fisherfast.metric import pullback_fisher
 from fisherfast.split import SplitModel
@@ -44,37 +41,17 @@ def metrics(split, contexts, rank, **kw):
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    """Writes this rank's metrics under ``out``, then leaves with os._exit (the gloo
-    teardown race of tests/sketch/test_distributed.py: pytorch/pytorch#190489)."""
+    """Writes this rank's metrics under ``out``."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_group(rank, WORLD, port, TIMEOUT_S):
         split, contexts = split_and_contexts()
         torch.save(metrics(split, contexts, rank, distributed=True), os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    leave()
 
 
 def test_two_processes_equal_one(tmp_path):
-    context = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} gloo workers did not finish within {TIMEOUT_S} s")
+    run_workers(_worker, (str(tmp_path),), WORLD, TIMEOUT_S)
     split, contexts = split_and_contexts()
     want = metrics(split, contexts, rank=0)
     assert int(want["world_size"]) == 1
