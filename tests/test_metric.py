@@ -60,7 +60,10 @@ def test_exact_matches_jacrev_of_full_logits(tiny_lm, arch):
     ctx = split.context(PROMPTS[1])
     G = pullback_fisher(split, ctx, mode="exact")
     assert isinstance(G, PullbackMetric) and G.shape == (D, D)
-    assert rel_fro(G.dense(), oracle_metric(split, ctx)) < TOL
+    G_ref = oracle_metric(split, ctx)
+    assert rel_fro(G.dense(), G_ref) < TOL
+    U = torch.randn(D, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert rel_fro(pullback_fisher(split, ctx, mode="matrix_free") @ U, G_ref @ U) < TOL
 
 
 def test_exact_averages_over_contexts_and_points(llama):
