@@ -13,9 +13,8 @@ import math
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from fisherfast.metric import (MetricDiagnostics, PullbackMetric, plot_spectra, pullback_fisher, spectrum_diagnostics,
+from fisherfast.metric import (DenseMetric, MetricDiagnostics, PullbackMetric, plot_spectra, pullback_fisher, spectrum_diagnostics,
                                spectrum_survey, survey_table)
 from fisherfast.split import SplitModel
 
@@ -26,33 +25,7 @@ V, D, LAYERS = 61, 32, 3
 TOL = 1e-6
 
 
-def tiny_model(arch: str, vocab: int = V, d: int = D, head_scale: float = 25.0, seed: int = 0):
-    """A random-init causal LM of ``arch`` in float64, with its unembedding scaled so
-    that p is peaked (random init alone gives an almost uniform p)."""
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=LAYERS, num_attention_heads=4)
-    if arch == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **common, intermediate_size=2 * d, num_key_value_heads=2, max_position_embeddings=64))
-    elif arch == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            **common, intermediate_size=2 * d, num_key_value_heads=2, max_position_embeddings=64))
-    elif arch == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=vocab, n_embd=d, n_layer=LAYERS, n_head=4, n_positions=64))
-    elif arch == "gpt_neox":
-        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-            **common, intermediate_size=2 * d, max_position_embeddings=64))
-    elif arch == "gemma3_text":
-        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
-            **common, intermediate_size=2 * d, num_key_value_heads=2, head_dim=8, sliding_window=3,
-            max_position_embeddings=64))
-    else:
-        raise ValueError(arch)
-    model.config._attn_implementation = "eager"
-    model = model.double().eval().requires_grad_(False)
-    model.get_output_embeddings().weight.mul_(head_scale)
-    return model
+HEAD_SCALE = 25.0   # a peaked p (random init alone gives an almost uniform one)
 
 
 PROMPTS = [[3, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7, 9, 3], [2, 7, 1, 8]]
@@ -72,8 +45,8 @@ def rel_fro(A, B):
 
 
 @pytest.fixture(scope="module")
-def llama():
-    split = SplitModel(tiny_model("llama"), layer=1)
+def llama(tiny_lm):
+    split = SplitModel(tiny_lm("llama", head_scale=HEAD_SCALE), layer=1)
     contexts = split.contexts(PROMPTS)
     oracles = [oracle_metric(split, ctx) for ctx in contexts]
     return split, contexts, oracles
@@ -82,12 +55,15 @@ def llama():
 # ----------------------------------------------------------------------------- exact
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gpt_neox", "gemma3_text"])
-def test_exact_matches_jacrev_of_full_logits(arch):
-    split = SplitModel(tiny_model(arch), layer=1)
+def test_exact_matches_jacrev_of_full_logits(tiny_lm, arch):
+    split = SplitModel(tiny_lm(arch, head_scale=HEAD_SCALE), layer=1)
     ctx = split.context(PROMPTS[1])
     G = pullback_fisher(split, ctx, mode="exact")
     assert isinstance(G, PullbackMetric) and G.shape == (D, D)
-    assert rel_fro(G.dense(), oracle_metric(split, ctx)) < TOL
+    G_ref = oracle_metric(split, ctx)
+    assert rel_fro(G.dense(), G_ref) < TOL
+    U = torch.randn(D, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert rel_fro(pullback_fisher(split, ctx, mode="matrix_free") @ U, G_ref @ U) < TOL
 
 
 def test_exact_averages_over_contexts_and_points(llama):
@@ -103,15 +79,15 @@ def test_exact_averages_over_contexts_and_points(llama):
     assert rel_fro(G_points.dense(), expected) < TOL
 
 
-def test_exact_at_the_last_layer_is_the_norm_and_head_alone():
-    split = SplitModel(tiny_model("llama"), layer=LAYERS)
+def test_exact_at_the_last_layer_is_the_norm_and_head_alone(tiny_lm):
+    split = SplitModel(tiny_lm("llama", head_scale=HEAD_SCALE), layer=LAYERS)
     ctx = split.context(PROMPTS[0])
     assert rel_fro(pullback_fisher(split, ctx).dense(), oracle_metric(split, ctx)) < TOL
 
 
-def test_exact_float32_is_within_1e4_of_float64():
-    model64 = tiny_model("llama")
-    model32 = tiny_model("llama").float()
+def test_exact_float32_is_within_1e4_of_float64(tiny_lm):
+    model64 = tiny_lm("llama", head_scale=HEAD_SCALE)
+    model32 = tiny_lm("llama", head_scale=HEAD_SCALE).float()
     split64, split32 = SplitModel(model64, layer=1), SplitModel(model32, layer=1)
     G64 = oracle_metric(split64, split64.context(PROMPTS[1]))
     G32 = pullback_fisher(split32, split32.context(PROMPTS[1])).dense()
@@ -169,9 +145,9 @@ def test_eig_matrix_free_lanczos_matches_dense_eigh(llama):
 
 # ----------------------------------------------------------------------------- low-rank
 
-def test_low_rank_is_exact_when_k_exceeds_the_rank():
+def test_low_rank_is_exact_when_k_exceeds_the_rank(tiny_lm):
     """With V − 1 < d the metric has rank ≤ V − 1; Nyström from k ≥ rank probes recovers it."""
-    split = SplitModel(tiny_model("llama", vocab=12), layer=1)
+    split = SplitModel(tiny_lm("llama", vocab=12, head_scale=HEAD_SCALE), layer=1)
     ctx = split.context([3, 1, 4, 1, 5])
     G_ref = oracle_metric(split, ctx)
     assert int(torch.linalg.matrix_rank(G_ref, rtol=TOL)) <= 11
@@ -303,7 +279,7 @@ def test_diagnostics_match_numpy_on_a_dense_matrix():
     Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     lam = np.exp(-np.arange(d) / 4.0)
     G = torch.from_numpy((Q * lam) @ Q.T)
-    diag = PullbackMetric(d, dense=G, dtype=G.dtype, device=G.device, mode="exact", n_points=1).diagnostics()
+    diag = DenseMetric(G).diagnostics()
     ev = np.linalg.eigvalsh(G.numpy())[::-1]
     pr = ev.sum() ** 2 / (ev ** 2).sum()
     assert math.isclose(diag.participation_ratio, pr, rel_tol=1e-10)
@@ -359,8 +335,8 @@ def test_spectrum_survey_per_prompt_and_mean(llama, tmp_path):
 
 # ----------------------------------------------------------------------------- bad inputs
 
-def test_soft_capped_logits_are_refused():
-    model = tiny_model("gemma3_text")
+def test_soft_capped_logits_are_refused(tiny_lm):
+    model = tiny_lm("gemma3_text", head_scale=HEAD_SCALE)
     model.config.final_logit_softcapping = 30.0
     split = SplitModel(model, layer=1)
     with pytest.raises(ValueError, match="soft-caps its logits"):
@@ -404,3 +380,66 @@ def test_bad_contexts_and_products_raise(llama):
         G.eig(0)
     with pytest.raises(ValueError, match="metric is zero"):
         spectrum_diagnostics(torch.zeros(4))
+
+
+# ----------------------------------------------------------------------------- half-precision models
+
+# Unit roundoff of the model's dtype; G passes through a few roundings per block, so a right
+# result is within a small multiple of it (measured 1.5–4 u), a wrong one is off by O(1).
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+HALF_MODES = [("exact", {}), ("matrix_free", {}), ("low_rank", dict(k=16, seed=0)), ("topk", dict(tail_tol=1e-6)),
+              ("monte_carlo", dict(n_samples=4000, seed=0, chunk=4000)), ("concept", dict(concepts=[[1, 2], [7]]))]
+
+
+@pytest.fixture(scope="module")
+def half_models(tiny_lm):
+    """{dtype: (split of the half model, its float64 twin with the same rounded weights)}; V = 12 so
+    the metric's rank (≤ V − 1 = 11) is below low_rank's k = 16 and Nyström is exact too."""
+    out = {}
+    for dtype in UNIT_ROUNDOFF:
+        half = tiny_lm("llama", vocab=12, head_scale=10.0).to(dtype)
+        twin = tiny_lm("llama", vocab=12, head_scale=10.0)
+        twin.load_state_dict({name: w.double() for name, w in half.state_dict().items()})
+        out[dtype] = (SplitModel(half, layer=1), SplitModel(twin, layer=1))
+    return out
+
+
+@pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF), ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode, options", HALF_MODES, ids=[m for m, _ in HALF_MODES])
+def test_half_precision_models_run_every_mode_in_float32(half_models, dtype, mode, options):
+    split, twin = half_models[dtype]
+    ctx, ctx64 = split.context(PROMPTS[1]), twin.context(PROMPTS[1])
+    h64 = ctx.h.double()   # the half model's own state, so both metrics are taken at one point
+    if mode == "concept":
+        sets = [[1, 2], [7]]
+        other = [t for t in range(12) if t not in (1, 2, 7)]
+
+        def q_of(x):
+            p = torch.softmax(twin.logits(ctx64, x), -1)
+            return torch.stack([p[s].sum() for s in sets] + [p[other].sum()])
+
+        J_q = torch.func.jacrev(q_of)(h64)
+        G_ref = 0.25 * J_q.T @ torch.diag(1 / q_of(h64)) @ J_q
+    else:
+        G_ref = oracle_metric(twin, ctx64, h64)
+    G = pullback_fisher(split, ctx, mode=mode, **options)
+    assert G.dtype == torch.float32
+    bound = 8 * UNIT_ROUNDOFF[dtype]
+    if mode == "monte_carlo":   # sampling error on top: within 3 of its own standard errors
+        bound += 3 * G.info["std_error_fro"] / float(torch.linalg.matrix_norm(G_ref))
+    assert rel_fro(G.dense(), G_ref) < bound
+
+
+# ----------------------------------------------------------------------------- auto
+
+def test_auto_mode_chooses_exact_at_small_d_and_matrix_free_at_large_d(llama, monkeypatch):
+    from fisherfast.metric import auto_mode
+    from fisherfast.metric import pullback as pullback_module
+
+    split, contexts, oracles = llama
+    assert auto_mode(576) == "exact" and auto_mode(4096) == "matrix_free"
+    G = pullback_fisher(split, contexts[0], mode="auto")
+    assert G.mode == "exact" and not G.is_matrix_free and rel_fro(G.dense(), oracles[0]) < TOL
+    monkeypatch.setattr(pullback_module, "AUTO_EXACT_MAX_D", D - 1)
+    G = pullback_fisher(split, contexts[0], mode="auto")
+    assert G.mode == "matrix_free" and G.is_matrix_free and rel_fro(G.dense(), oracles[0]) < TOL

@@ -1,4 +1,4 @@
-"""Steering vectors as files (DESIGN.md §5): a set of per-layer vectors with the
+"""Steering vectors as files (docs/design.md §5): a set of per-layer vectors with the
 model, method and settings that produced them, saved and loaded with
 safetensors, and exported to llama.cpp's control-vector GGUF so that llama.cpp
 or ollama can serve them.
