@@ -49,7 +49,7 @@ from typing import Callable, Sequence
 import torch
 from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
 
-__all__ = ["SplitModel", "SplitContext", "SUPPORTED_MODEL_TYPES", "decoder_blocks"]
+__all__ = ["SplitModel", "SplitContext", "Continuation", "SUPPORTED_MODEL_TYPES", "decoder_blocks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +161,46 @@ def _per_kv_head(x, M):
     return torch.stack([(x[:, j].reshape(n * g, a) @ M[j]).reshape(n, g, -1) for j in range(Hkv)], dim=1)
 
 
+_ATTN_SEQ_NAME = "fisherfast_split_sequence"
+
+
+def _split_attention_sequence(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                              split_prefix=None, split_softmax_fp32=True, **kwargs):
+    """Eager attention of n queries (positions t..t+n-1) against the cached prefix
+    and themselves, for ``SplitModel.sequence_logits``.
+
+    query (N, H, n, hd); key, value (N, Hkv, n, hd); split_prefix: (K, V), each
+    (1, Hkv, t, hd), or None at t = 0; attention_mask (1, 1, n, t+n) additive
+    (causal among the n). Query head j uses kv head j // (H/Hkv), as
+    transformers' repeat_kv.
+    """
+    N, H, n, hd = query.shape
+    g = H // key.shape[1]
+    if scaling is None:
+        scaling = hd ** -0.5
+    if split_prefix is not None:
+        K, V = split_prefix
+        key = torch.cat([K.expand(N, -1, -1, -1), key], dim=2)
+        value = torch.cat([V.expand(N, -1, -1, -1), value], dim=2)
+    key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    s = (query @ key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if attention_mask is not None:
+        s = s + attention_mask
+    if split_softmax_fp32:
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
+    else:
+        p = torch.softmax(s, dim=-1).to(value.dtype)
+    return (p @ value).transpose(1, 2), None
+
+
 def _register_attention():
     from transformers import AttentionInterface
 
-    if _ATTN_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(_ATTN_NAME, _split_attention)
+    for name, fn in ((_ATTN_NAME, _split_attention), (_ATTN_SEQ_NAME, _split_attention_sequence)):
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, fn)
 
 
 @dataclasses.dataclass
@@ -181,6 +216,8 @@ class SplitContext:
             each (1, heads, t, head_dim).
         block_kwargs: per upper block, the keyword arguments (mask, rotary
             embeddings) for a single query at position t.
+        continuation: None, or the ``Continuation`` y₁…y_n read by
+            ``SplitModel.sequence_logits``.
     """
 
     h: torch.Tensor
@@ -190,6 +227,24 @@ class SplitContext:
     kv: dict
     block_kwargs: list
     owner_id: int
+    continuation: "Continuation | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """Tokens y₁…y_n after position t, for logits at positions t..t+n-1.
+
+    Attributes:
+        ids: (n,) y₁…y_n (y_n is predicted, never fed in).
+        x: (n-1, d) the lower-layer states at layer ℓ of y₁…y_{n-1} (positions
+            t+1..t+n-1), fixed: the edit at (ℓ, t) cannot reach below layer ℓ.
+        block_kwargs: per upper block, the keyword arguments for the n queries
+            at positions t..t+n-1 against keys 0..t+n-1.
+    """
+
+    ids: torch.Tensor
+    x: torch.Tensor
+    block_kwargs: list
 
 
 class SplitModel:
@@ -245,23 +300,36 @@ class SplitModel:
         _register_attention()
 
     # ------------------------------------------------------------------ context
-    def context(self, input_ids, attention_mask=None, position: int = -1) -> SplitContext:
+    def context(self, input_ids, attention_mask=None, position: int = -1, continuation=None) -> SplitContext:
         """Run the lower pass once and cache what the upper map needs.
 
         Args:
-            input_ids: (T,) or (1, T) token ids (a list of ints is accepted).
+            input_ids: (T,) or (1, T) token ids in [0, V) (a list of ints is accepted).
             attention_mask: optional (T,) or (1, T) 0/1 padding mask; position t
                 must be a real token.
             position: t ∈ [-T, T-1] (negative counts from the end). Position
                 ids are 0..T-1, as in ``model(input_ids)``.
+            continuation: optional tokens y₁…y_n (n ≥ 1, repeats allowed) that
+                follow position t, for ``sequence_logits`` (logits at t..t+n-1
+                with h edited at t); the prompt after t is dropped.
 
         Returns:
             SplitContext with ``h`` the model's own (d,) state at (ℓ, t).
 
+        Raises:
+            ValueError naming ``input_ids``/``continuation`` for ids outside
+            [0, V) (before any work), and for bad shapes, positions or masks.
+
         Cost: one forward of the model through blocks 0..ℓ-1 on positions
-        0..t, and one pass of blocks ℓ..L-1 over positions 0..t-1.
+        0..t (0..t+n-1 with a continuation), and one pass of blocks ℓ..L-1
+        over positions 0..t-1.
         """
         ids = self._check_ids(input_ids, "input_ids")
+        self._check_vocab(ids, "input_ids")
+        cont = None
+        if continuation is not None:
+            cont = self._check_ids(continuation, "continuation")
+            self._check_vocab(cont, "continuation")
         T = ids.shape[1]
         if isinstance(position, bool) or not isinstance(position, int):
             raise TypeError(f"position: expected an int, got {type(position).__name__}")
@@ -282,7 +350,12 @@ class SplitModel:
         if self.model.training:
             raise ValueError("model: is in training mode (dropout makes the upper map random); call model.eval()")
         ids = ids[:, : t + 1]
-        x = self._lower(ids, mask)                                  # (1, t+1, d): input of block ℓ
+        fed, fed_mask = ids, mask
+        if cont is not None:  # y₁…y_{n-1} are fed in; y_n is only predicted
+            fed = torch.cat([ids, cont[:, :-1]], dim=1)
+            fed_mask = None if mask is None else torch.cat([mask, mask.new_ones(1, cont.shape[1] - 1)], dim=1)
+        x_all = self._lower(fed, fed_mask)
+        x = x_all[:, : t + 1]                                       # (1, t+1, d): input of block ℓ
         device = x.device
         keep = torch.ones(t + 1, dtype=torch.bool, device=device) if mask is None else mask[0].bool()
         prefix = _RecordKV()
@@ -295,6 +368,14 @@ class SplitModel:
                     y = functional_call(self._blocks[i], self._params[j], (y,), {**kw, self._arch.cache_kwarg: prefix})
             block_kwargs = [self._block_kwargs(i, x[:, t:], torch.tensor([t], device=device), keep, t + 1)
                             for i in self._upper]
+            sequence = None
+            if cont is not None:
+                n = cont.shape[1]
+                keep_all = torch.cat([keep, torch.ones(n - 1, dtype=torch.bool, device=device)])
+                pos = torch.arange(t, t + n, device=device)
+                sequence = Continuation(ids=cont[0].clone(), x=x_all[0, t + 1:].detach().clone(),
+                                        block_kwargs=[self._block_kwargs(i, x_all[:, t:], pos, keep_all, t + n)
+                                                      for i in self._upper])
         # block i's attention records under its layer_idx, which is i. Padded
         # prefix keys are masked out, but their rows can hold NaN (a query
         # with every key masked); zero them so NaN·0 cannot leak into f_ℓ.
@@ -302,7 +383,7 @@ class SplitModel:
         kv = {i: (torch.where(real, k, 0.0).detach(), torch.where(real, v, 0.0).detach())
               for i, (k, v) in prefix.kv.items()}
         return SplitContext(h=x[0, t].detach().clone(), position=t, layer=self.layer, input_ids=ids[0].clone(),
-                            kv=kv, block_kwargs=block_kwargs, owner_id=id(self))
+                            kv=kv, block_kwargs=block_kwargs, owner_id=id(self), continuation=sequence)
 
     def contexts(self, prompts_ids: Sequence, position: int = -1) -> list[SplitContext]:
         """``[self.context(ids, position=position) for ids in prompts_ids]``."""
@@ -327,6 +408,31 @@ class SplitModel:
         """z = W a + b (then Gemma3's soft-cap c·tanh(z/c)): h (..., d) → (..., V)."""
         h = self._check_h(ctx, h, "h", batched=True)
         return self.logits_from_head_input(self._head_input(ctx, h))
+
+    def sequence_logits(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., n, V) at positions t..t+n-1 for h (..., d) at (ℓ, t):
+        row i predicts y_{i+1} of ``ctx.continuation`` (built by
+        ``context(..., continuation=y)``).
+
+        Blocks ℓ..L-1 run over the n positions t..t+n-1 together (causal among
+        them, attending to the cached prefix), with the continuation's
+        lower-layer states fixed, so the edit at t reaches the later positions
+        only through attention in the upper blocks — as a hook adding to block
+        ℓ's input at t alone does in the model's own forward. Cost: n tokens
+        through L-ℓ blocks per candidate.
+        """
+        h = self._check_h(ctx, h, "h", batched=True)
+        cont = ctx.continuation
+        if cont is None:
+            raise ValueError("ctx: has no continuation; build it with split.context(ids, continuation=tokens)")
+        lead, n = h.shape[:-1], cont.ids.shape[0]
+        y = h.reshape(-1, 1, self.d)
+        y = torch.cat([y, cont.x[None].expand(y.shape[0], n - 1, self.d)], dim=1)
+        with self._attn(_ATTN_SEQ_NAME):
+            for j, i in enumerate(self._upper):
+                kw = dict(cont.block_kwargs[j], split_prefix=ctx.kv.get(i), split_softmax_fp32=self._arch.softmax_fp32)
+                y = functional_call(self._blocks[i], self._params[j], (y,), kw)
+        return self.logits_from_head_input(self._apply_norm(y)).reshape(*lead, n, -1)
 
     def logits_from_head_input(self, a: torch.Tensor) -> torch.Tensor:
         """z = W a + b, then the model's own post-processing of its logits."""
@@ -488,6 +594,13 @@ class SplitModel:
         if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise ValueError(f"{name}: expected shape (T,) or (1, T) with T ≥ 1, got {tuple(ids.shape)}")
         return ids.to(self.W.device)
+
+    def _check_vocab(self, ids, name):
+        """Token ids must index the input embedding: [0, V_in)."""
+        V_in = self.model.get_input_embeddings().num_embeddings
+        bad = ids[(ids < 0) | (ids >= V_in)]
+        if bad.numel():
+            raise ValueError(f"{name}: token ids must be in [0, {V_in}) (the model's vocabulary), got {int(bad[0])}")
 
     def _check_h(self, ctx, h, name, batched):
         if not isinstance(ctx, SplitContext):
