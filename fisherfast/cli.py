@@ -176,12 +176,12 @@ def _steer_report(model, tokenizer, prompt: str, word: str, layer: int, goal: fl
           f"({time.perf_counter() - start:.1f} s):")
     print("| method | reached | steps | p | KL(p₀‖p) | off-target KL | ‖δ‖ |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['reached']} | {r['steps']} | {r['target_prob']:.3f} | {r['kl']:.3f} | "
-              f"{r['off_target_kl']:.3f} | {r['delta_norm']:.1f} |")
-    with steering(model, {layer: rows[0]["delta"]}):
+        print(f"| {r.method} | {r.reached} | {r.steps} | {r.target_prob:.3f} | {r.kl:.3f} | "
+              f"{r.off_target_kl:.3f} | {r.delta_norm:.1f} |")
+    with steering(model, {layer: rows[0].delta}):
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(out[0, ids.shape[1]:])
-    print(f"generation with the {rows[0]['method']} vector hooked in at layer {layer}: {prompt!r} → {text!r}")
+    print(f"generation with the {rows[0].method} vector hooked in at layer {layer}: {prompt!r} → {text!r}")
 
 
 def _demo_steering(model, tokenizer, args) -> None:
