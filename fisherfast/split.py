@@ -49,6 +49,8 @@ from typing import Callable, Sequence
 import torch
 from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
 
+from fisherfast._split_sequence import ATTN_SEQUENCE, Continuation, run_sequence, sequence_attention
+
 __all__ = ["SplitModel", "SplitContext", "Continuation", "SUPPORTED_MODEL_TYPES", "decoder_blocks"]
 
 
@@ -161,44 +163,10 @@ def _per_kv_head(x, M):
     return torch.stack([(x[:, j].reshape(n * g, a) @ M[j]).reshape(n, g, -1) for j in range(Hkv)], dim=1)
 
 
-_ATTN_SEQ_NAME = "fisherfast_split_sequence"
-
-
-def _split_attention_sequence(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                              split_prefix=None, split_softmax_fp32=True, **kwargs):
-    """Eager attention of n queries (positions t..t+n-1) against the cached prefix
-    and themselves, for ``SplitModel.sequence_logits``.
-
-    query (N, H, n, hd); key, value (N, Hkv, n, hd); split_prefix: (K, V), each
-    (1, Hkv, t, hd), or None at t = 0; attention_mask (1, 1, n, t+n) additive
-    (causal among the n). Query head j uses kv head j // (H/Hkv), as
-    transformers' repeat_kv.
-    """
-    N, H, n, hd = query.shape
-    g = H // key.shape[1]
-    if scaling is None:
-        scaling = hd ** -0.5
-    if split_prefix is not None:
-        K, V = split_prefix
-        key = torch.cat([K.expand(N, -1, -1, -1), key], dim=2)
-        value = torch.cat([V.expand(N, -1, -1, -1), value], dim=2)
-    key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
-    s = (query @ key.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    if attention_mask is not None:
-        s = s + attention_mask
-    if split_softmax_fp32:
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
-    else:
-        p = torch.softmax(s, dim=-1).to(value.dtype)
-    return (p @ value).transpose(1, 2), None
-
-
 def _register_attention():
     from transformers import AttentionInterface
 
-    for name, fn in ((_ATTN_NAME, _split_attention), (_ATTN_SEQ_NAME, _split_attention_sequence)):
+    for name, fn in ((_ATTN_NAME, _split_attention), (ATTN_SEQUENCE, sequence_attention)):
         if name not in AttentionInterface._global_mapping:
             AttentionInterface.register(name, fn)
 
@@ -228,23 +196,6 @@ class SplitContext:
     block_kwargs: list
     owner_id: int
     continuation: "Continuation | None" = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Continuation:
-    """Tokens y₁…y_n after position t, for logits at positions t..t+n-1.
-
-    Attributes:
-        ids: (n,) y₁…y_n (y_n is predicted, never fed in).
-        x: (n-1, d) the lower-layer states at layer ℓ of y₁…y_{n-1} (positions
-            t+1..t+n-1), fixed: the edit at (ℓ, t) cannot reach below layer ℓ.
-        block_kwargs: per upper block, the keyword arguments for the n queries
-            at positions t..t+n-1 against keys 0..t+n-1.
-    """
-
-    ids: torch.Tensor
-    x: torch.Tensor
-    block_kwargs: list
 
 
 class SplitModel:
@@ -422,17 +373,10 @@ class SplitModel:
         through L-ℓ blocks per candidate.
         """
         h = self._check_h(ctx, h, "h", batched=True)
-        cont = ctx.continuation
-        if cont is None:
+        if ctx.continuation is None:
             raise ValueError("ctx: has no continuation; build it with split.context(ids, continuation=tokens)")
-        lead, n = h.shape[:-1], cont.ids.shape[0]
-        y = h.reshape(-1, 1, self.d)
-        y = torch.cat([y, cont.x[None].expand(y.shape[0], n - 1, self.d)], dim=1)
-        with self._attn(_ATTN_SEQ_NAME):
-            for j, i in enumerate(self._upper):
-                kw = dict(cont.block_kwargs[j], split_prefix=ctx.kv.get(i), split_softmax_fp32=self._arch.softmax_fp32)
-                y = functional_call(self._blocks[i], self._params[j], (y,), kw)
-        return self.logits_from_head_input(self._apply_norm(y)).reshape(*lead, n, -1)
+        with self._attn(ATTN_SEQUENCE):
+            return run_sequence(self, ctx, h)
 
     def logits_from_head_input(self, a: torch.Tensor) -> torch.Tensor:
         """z = W a + b, then the model's own post-processing of its logits."""
