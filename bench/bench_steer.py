@@ -102,8 +102,10 @@ def solve_comparison(model, tokenizer, layer: int, rconds=(1e-9, 1e-6, 1e-4, 1e-
     """FishBack's damped solve G_λ⁻¹q (λ = 1e-3·qᵀGq/qᵀq) against the pseudo-inverse
     G⁺q with rank cutoff rcond·λ_max, at h₀ of the bench prompt: cosine with the
     damped direction, the kept rank, the best p along the frozen ray (scan over
-    α), KL at matched p (the smaller of 0.5 and 90% of both rays' best p), and
-    the iterated run to p = 0.5 with each solve."""
+    α), KL at matched p, and the iterated run to p = 0.5 with each solve.
+    Matched p is the smaller of 0.5 and 90% of the best p on the pinv ray and
+    on the damped ray; the damped direction's KLs at that p are reported
+    beside (``*_damped``)."""
     split = SplitModel(model, layer)
     ctx = split.context(tokenizer(PROMPT, return_tensors="pt").input_ids[0])
     concept = ConceptScore(tokenizer.encode(WORD))
@@ -120,10 +122,10 @@ def solve_comparison(model, tokenizer, layer: int, rconds=(1e-9, 1e-6, 1e-4, 1e-
             best[name] = 0.999
         except TargetNotReached as err:
             best[name] = math.exp(err.best_score)
-    p_match = min(GOAL, 0.9 * min(best.values()))
     rows = []
     for name, kw in solves:
         v = directions[name]
+        p_match = min(GOAL, 0.9 * min(best[name], best["damped"]))  # reachable on both rays
         record = {"layer": layer, "solve": name, "p0": math.exp(phi0),
                   "kept_rank": int((eigenvalues > kw.get("rcond", 0) * eigenvalues[-1]).sum()) if "rcond" in kw
                   else split.d,
@@ -131,9 +133,10 @@ def solve_comparison(model, tokenizer, layer: int, rconds=(1e-9, 1e-6, 1e-4, 1e-
                       v.double(), directions["damped"].double(), dim=0)),
                   "ray_best_p": best[name], "p_matched": p_match}
         if best[name] > math.exp(phi0):
-            alpha = scale_to_target(split, ctx, concept, v, math.log(p_match))
-            frozen = evaluate_delta(split, ctx, concept, alpha * v, method=name)
-            record.update(kl_matched=frozen.kl, off_target_kl_matched=frozen.off_target_kl)
+            for suffix, vector in (("", v), ("_damped", directions["damped"])):
+                alpha = scale_to_target(split, ctx, concept, vector, math.log(p_match))
+                frozen = evaluate_delta(split, ctx, concept, alpha * vector, method=name)
+                record.update({f"kl_matched{suffix}": frozen.kl, f"off_target_kl_matched{suffix}": frozen.off_target_kl})
         start = time.perf_counter()
         run = steer_to_target(split, ctx, concept, math.log(GOAL), **kw)
         iterated = evaluate_delta(split, ctx, concept, run.delta, method=name, reached=run.reached, steps=run.steps)
