@@ -25,7 +25,7 @@ pseudo-inverse G⁺q with rank cutoffs rcond — their cosine, the best
 probability along each frozen ray, KL at matched probability, and the
 iterated run with each.
 
-    python bench/bench_steer.py [--layer 15 24] [--quick] [--solves]
+    python bench/bench_steer.py [--layer 15 24] [--quick] [--solves] [--no-timing]
 """
 from __future__ import annotations
 
@@ -179,6 +179,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--layer", type=int, nargs="+", default=[15, 24])
     parser.add_argument("--quick", action="store_true", help="layer 24 only, one repeat")
     parser.add_argument("--solves", action="store_true", help="only FishBack's damped vs pseudo-inverse solves")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="skip the exact vs matrix-free direction timing (minutes per layer on a loaded CPU)")
     args = parser.parse_args(argv)
     layers = [24] if args.quick else args.layer
     model, tokenizer = load_default()
@@ -193,10 +195,11 @@ def main(argv=None) -> dict:
     columns = ["layer", "method", "reached", "steps", "p", "kl", "off_target_kl", "cost_ratio_at_h0", "delta_norm",
                "seconds", "note"]
     table = markdown_table(rows, columns)
-    timing = [direction_timing(model, tokenizer, layer, 1 if args.quick else 3) for layer in layers]
-    timing_table = markdown_table(timing, list(timing[0]))
     print(f"SmolLM2-135M, {PROMPT!r}: p({WORD!r}) → {GOAL}, torch threads {torch.get_num_threads()}\n")
-    print(table)
+    print(table, flush=True)
+    timing = [] if args.no_timing else [direction_timing(model, tokenizer, layer, 1 if args.quick else 3)
+                                        for layer in layers]
+    timing_table = markdown_table(timing, list(timing[0])) if timing else "(timing skipped: --no-timing)"
     print("\none FishBack direction (metric + solve):\n")
     print(timing_table)
     path = write_results("steer", rows + timing, meta={"prompt": PROMPT, "word": WORD, "goal": GOAL},
