@@ -29,7 +29,10 @@ layer 24, against 0.63 (0.003) damped. Cutoffs 1e-6 / 1e-4 / 1e-2 keep
 336 / 124 / 13 eigenvalues at layer 15 (cosine with damped 0.41 / 0.91 /
 0.36): iterated to 0.5 they cost total KL 1.04 / 0.76 / 0.78 and off-target
 KL 0.42 / 0.13 / 0.16, against 0.65 and 0.024 damped; at layer 24 rcond 1e-4
-matches damped (0.63, off-target 0.0034 vs 0.0029). The damped solve is the
+matches damped (0.63, off-target 0.0034 vs 0.0029). Frozen at h₀ and scaled
+to a probability both rays reach, every pseudo-inverse direction costs more
+off-target KL than the damped one (layer 15, rcond 1e-4: 0.14 vs 0.015 at
+p = 0.27; layer 24: 0.0053 vs 0.0040 at p = 0.5). The damped solve is the
 default because it is never worse and often far better; 1e-4 is the best
 pseudo-inverse cutoff found.
 
