@@ -35,7 +35,7 @@ import numbers
 
 import torch
 
-__all__ = ["check_token_ids", "ConceptScore", "SequenceConcept", "check_concept", "CONCEPT_TYPES"]
+__all__ = ["check_token_ids", "check_logits", "ConceptScore", "SequenceConcept", "check_concept", "CONCEPT_TYPES"]
 
 
 def check_token_ids(name: str, ids, *, vocab_size: int | None = None, allow_repeats: bool = False) -> torch.Tensor:
