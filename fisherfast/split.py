@@ -50,9 +50,10 @@ import torch
 from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
 
 from fisherfast._offload import bypass_dispatch_hooks, execution_device, is_offloaded, materialized_parameters
+from fisherfast._split_sequence import ATTN_SEQUENCE, Continuation, run_sequence, sequence_attention
 from fisherfast.linearization import Linearization
 
-__all__ = ["SplitModel", "SplitContext", "Linearization", "SUPPORTED_MODEL_TYPES", "decoder_blocks"]
+__all__ = ["SplitModel", "SplitContext", "Continuation", "Linearization", "SUPPORTED_MODEL_TYPES", "decoder_blocks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +168,9 @@ def _per_kv_head(x, M):
 def _register_attention():
     from transformers import AttentionInterface
 
-    if _ATTN_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(_ATTN_NAME, _split_attention)
+    for name, fn in ((_ATTN_NAME, _split_attention), (ATTN_SEQUENCE, sequence_attention)):
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, fn)
 
 
 def _to_device(value, device):
@@ -193,6 +195,8 @@ class SplitContext:
             each (1, heads, t, head_dim).
         block_kwargs: per upper block, the keyword arguments (mask, rotary
             embeddings) for a single query at position t.
+        continuation: None, or the ``Continuation`` y₁…y_n read by
+            ``SplitModel.sequence_logits``.
     """
 
     h: torch.Tensor
@@ -202,6 +206,7 @@ class SplitContext:
     kv: dict
     block_kwargs: list
     owner_id: int
+    continuation: "Continuation | None" = None
 
 
 class SplitModel:
@@ -261,23 +266,36 @@ class SplitModel:
         _register_attention()
 
     # ------------------------------------------------------------------ context
-    def context(self, input_ids, attention_mask=None, position: int = -1) -> SplitContext:
+    def context(self, input_ids, attention_mask=None, position: int = -1, continuation=None) -> SplitContext:
         """Run the lower pass once and cache what the upper map needs.
 
         Args:
-            input_ids: (T,) or (1, T) token ids (a list of ints is accepted).
+            input_ids: (T,) or (1, T) token ids in [0, V) (a list of ints is accepted).
             attention_mask: optional (T,) or (1, T) 0/1 padding mask; position t
                 must be a real token.
             position: t ∈ [-T, T-1] (negative counts from the end). Position
                 ids are 0..T-1, as in ``model(input_ids)``.
+            continuation: optional tokens y₁…y_n (n ≥ 1, repeats allowed) that
+                follow position t, for ``sequence_logits`` (logits at t..t+n-1
+                with h edited at t); the prompt after t is dropped.
 
         Returns:
             SplitContext with ``h`` the model's own (d,) state at (ℓ, t).
 
+        Raises:
+            ValueError naming ``input_ids``/``continuation`` for ids outside
+            [0, V) (before any work), and for bad shapes, positions or masks.
+
         Cost: one forward of the model through blocks 0..ℓ-1 on positions
-        0..t, and one pass of blocks ℓ..L-1 over positions 0..t-1.
+        0..t (0..t+n-1 with a continuation), and one pass of blocks ℓ..L-1
+        over positions 0..t-1.
         """
         ids = self._check_ids(input_ids, "input_ids")
+        self._check_vocab(ids, "input_ids")
+        cont = None
+        if continuation is not None:
+            cont = self._check_ids(continuation, "continuation")
+            self._check_vocab(cont, "continuation")
         T = ids.shape[1]
         if isinstance(position, bool) or not isinstance(position, int):
             raise TypeError(f"position: expected an int, got {type(position).__name__}")
@@ -298,7 +316,12 @@ class SplitModel:
         if self.model.training:
             raise ValueError("model: is in training mode (dropout makes the upper map random); call model.eval()")
         ids = ids[:, : t + 1]
-        x = self._lower(ids, mask)                                  # (1, t+1, d): input of block ℓ
+        fed, fed_mask = ids, mask
+        if cont is not None:  # y₁…y_{n-1} are fed in; y_n is only predicted
+            fed = torch.cat([ids, cont[:, :-1]], dim=1)
+            fed_mask = None if mask is None else torch.cat([mask, mask.new_ones(1, cont.shape[1] - 1)], dim=1)
+        x_all = self._lower(fed, fed_mask)
+        x = x_all[:, : t + 1]                                       # (1, t+1, d): input of block ℓ
         device = x.device
         keep = torch.ones(t + 1, dtype=torch.bool, device=device) if mask is None else mask[0].bool()
         prefix = _RecordKV()
@@ -311,6 +334,14 @@ class SplitModel:
                     y = self._call_block(j, y, {**kw, self._arch.cache_kwarg: prefix})
             block_kwargs = [self._block_kwargs(i, x[:, t:], torch.tensor([t], device=device), keep, t + 1)
                             for i in self._upper]
+            sequence = None
+            if cont is not None:
+                n = cont.shape[1]
+                keep_all = torch.cat([keep, torch.ones(n - 1, dtype=torch.bool, device=device)])
+                pos = torch.arange(t, t + n, device=device)
+                sequence = Continuation(ids=cont[0].clone(), x=x_all[0, t + 1:].detach().clone(),
+                                        block_kwargs=[self._block_kwargs(i, x_all[:, t:], pos, keep_all, t + n)
+                                                      for i in self._upper])
         # block i's attention records under its layer_idx, which is i. Padded
         # prefix keys are masked out, but their rows can hold NaN (a query
         # with every key masked); zero them so NaN·0 cannot leak into f_ℓ.
@@ -318,7 +349,7 @@ class SplitModel:
         kv = {i: (torch.where(real, k, 0.0).detach(), torch.where(real, v, 0.0).detach())
               for i, (k, v) in prefix.kv.items()}
         return SplitContext(h=x[0, t].detach().clone(), position=t, layer=self.layer, input_ids=ids[0].clone(),
-                            kv=kv, block_kwargs=block_kwargs, owner_id=id(self))
+                            kv=kv, block_kwargs=block_kwargs, owner_id=id(self), continuation=sequence)
 
     def contexts(self, prompts_ids: Sequence, position: int = -1) -> list[SplitContext]:
         """``[self.context(ids, position=position) for ids in prompts_ids]``."""
@@ -343,6 +374,24 @@ class SplitModel:
         """z = W a + b (then Gemma3's soft-cap c·tanh(z/c)): h (..., d) → (..., V)."""
         h = self._check_h(ctx, h, "h", batched=True)
         return self.logits_from_head_input(self._head_input(ctx, h))
+
+    def sequence_logits(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., n, V) at positions t..t+n-1 for h (..., d) at (ℓ, t):
+        row i predicts y_{i+1} of ``ctx.continuation`` (built by
+        ``context(..., continuation=y)``).
+
+        Blocks ℓ..L-1 run over the n positions t..t+n-1 together (causal among
+        them, attending to the cached prefix), with the continuation's
+        lower-layer states fixed, so the edit at t reaches the later positions
+        only through attention in the upper blocks — as a hook adding to block
+        ℓ's input at t alone does in the model's own forward. Cost: n tokens
+        through L-ℓ blocks per candidate.
+        """
+        h = self._check_h(ctx, h, "h", batched=True)
+        if ctx.continuation is None:
+            raise ValueError("ctx: has no continuation; build it with split.context(ids, continuation=tokens)")
+        with self._attn(ATTN_SEQUENCE):
+            return run_sequence(self, ctx, h)
 
     def logits_from_head_input(self, a: torch.Tensor) -> torch.Tensor:
         """z = W a + b, then the model's own post-processing of its logits."""
@@ -572,6 +621,13 @@ class SplitModel:
         if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise ValueError(f"{name}: expected shape (T,) or (1, T) with T ≥ 1, got {tuple(ids.shape)}")
         return ids.to(self.W.device)
+
+    def _check_vocab(self, ids, name):
+        """Token ids must index the input embedding: [0, V_in)."""
+        V_in = self.model.get_input_embeddings().num_embeddings
+        bad = ids[(ids < 0) | (ids >= V_in)]
+        if bad.numel():
+            raise ValueError(f"{name}: token ids must be in [0, {V_in}) (the model's vocabulary), got {int(bad[0])}")
 
     def _check_h(self, ctx, h, name, batched):
         if not isinstance(ctx, SplitContext):

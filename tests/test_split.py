@@ -161,6 +161,61 @@ def test_jacobian_jvp_vjp_vs_jacrev_of_full_forward(arch):
         torch.testing.assert_close((U * Bt).sum(1), (BtU * V_t).sum(1), **tol)
 
 
+def _edited_full_logits(sp, ids, t, delta):
+    """Oracle: the model's own logits (all positions) with δ added to block ℓ's input at position t (a pre-hook)."""
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        x = torch.cat([x[:, :t], x[:, t:t + 1] + delta, x[:, t + 1:]], dim=1)
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
+    handle = _target(sp).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        return sp.model(input_ids=ids[None]).logits[0]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sequence_logits_match_the_edited_full_forward(arch):
+    """Logits at t..t+n-1 with h edited at t equal the model's own forward on
+    prompt + continuation with the edit applied by a hook, for batched candidates
+    (a repeated token in the continuation included)."""
+    model = make_model(arch, torch.float64)
+    ids = prompt()
+    t, y = 5, torch.tensor([7, 7, 30, 2])
+    fed = torch.cat([ids[:t + 1], y[:-1]])
+    L = model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(5)
+    for layer in (0, 1, L):
+        sp = SplitModel(model, layer)
+        ctx = sp.context(ids, position=t, continuation=y)
+        assert ctx.continuation.ids.tolist() == y.tolist() and ctx.continuation.x.shape == (3, sp.d)
+        torch.testing.assert_close(sp.logits(ctx, ctx.h), model(ids[None]).logits[0, t])  # position t unchanged
+        deltas = torch.randn(2, sp.d, generator=g, dtype=torch.float64)
+        z = sp.sequence_logits(ctx, ctx.h + deltas)
+        assert z.shape == (2, 4, sp.V)
+        for delta, got in zip(deltas, z):
+            torch.testing.assert_close(got, _edited_full_logits(sp, fed, t, delta)[t:])
+        one = SplitModel(model, layer).context(ids, position=t, continuation=y[:1])
+        torch.testing.assert_close(SplitModel.sequence_logits(sp, ctx, ctx.h)[0], sp.logits(ctx, ctx.h))
+        assert one.continuation.x.shape == (0, sp.d)
+
+
+def test_sequence_logits_with_left_padding():
+    model = make_model("llama")
+    ids, mask = prompt(), torch.ones(T, dtype=torch.long)
+    mask[:3] = 0
+    y = torch.tensor([4, 9])
+    ref = model(torch.cat([ids, y[:1]])[None], attention_mask=torch.cat([mask, mask[:1] * 0 + 1])[None]).logits[0]
+    sp = SplitModel(model, 1)
+    ctx = sp.context(ids, attention_mask=mask, continuation=y)
+    torch.testing.assert_close(sp.sequence_logits(ctx, ctx.h), ref[T - 1:])
+    with pytest.raises(ValueError, match="no continuation"):
+        sp.sequence_logits(sp.context(ids), ctx.h)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_norm_jacobian_factorizes_B(arch):
     """B = J_N(r_L) A with A = ∂r_L/∂h (docs/design.md §2)."""
@@ -246,6 +301,15 @@ def test_bad_input():
         sp.context(ids.float())
     with pytest.raises(ValueError, match="input_ids"):
         sp.context(ids.reshape(3, 3))
+    for bad in (101, -1):  # outside [0, V): a ValueError before the embedding's IndexError
+        wrong = ids.clone()
+        wrong[2] = bad
+        with pytest.raises(ValueError, match=r"input_ids: token ids must be in \[0, 101\)"):
+            sp.context(wrong)
+        with pytest.raises(ValueError, match=r"continuation: token ids must be in \[0, 101\)"):
+            sp.context(ids, continuation=[3, bad])
+    with pytest.raises(ValueError, match="continuation"):
+        sp.context(ids, continuation=[])
     with pytest.raises(ValueError, match="attention_mask"):
         sp.context(ids, attention_mask=torch.ones(T - 1, dtype=torch.long))
     mask = torch.ones(T, dtype=torch.long)

@@ -1,17 +1,21 @@
 """Steering hidden states along the Fisher geometry (docs/design.md §5): concept
 scores and their gradients, FishBack (minimum-distortion) and baseline
 directions with their cost ratio, iterated steering to a target score,
-off-target distortion, hooks that apply vectors inside a model's forward
-pass or generation, and steering vectors as files (safetensors, llama.cpp GGUF)."""
-from fisherfast.steer.concept import ConceptScore, concept_gradient
+matched-probability scaling of fixed directions, off-target distortion,
+hooks that apply vectors inside a model's forward pass or generation, and
+steering vectors as files (safetensors, llama.cpp GGUF)."""
+from fisherfast.steer.concept import ConceptScore, SequenceConcept, concept_gradient
 from fisherfast.steer.directions import (actadd_direction, caa_direction, cost_ratio, euclidean_direction,
                                          fishback_direction, probe_direction, scale_to_first_order, solve_metric)
 from fisherfast.steer.hooks import steering
 from fisherfast.steer.vectors import SteeringVectors
 from fisherfast.steer.innsteer import INNSteer
-from fisherfast.steer.iterate import SteeringResult, compare_methods, off_target_kl, scale_to_target, steer_to_target
+from fisherfast.steer.iterate import (MethodResult, SteeringResult, compare_methods, evaluate_delta, off_target_kl,
+                                      steer_to_target)
+from fisherfast.steer.scale import TargetNotReached, scale_to_target
 
-__all__ = ["ConceptScore", "concept_gradient", "fishback_direction", "euclidean_direction", "caa_direction",
-           "actadd_direction", "probe_direction", "scale_to_first_order", "solve_metric", "cost_ratio", "steering",
-           "SteeringResult", "steer_to_target", "scale_to_target", "off_target_kl", "compare_methods",
-           "INNSteer", "SteeringVectors"]
+__all__ = ["ConceptScore", "SequenceConcept", "concept_gradient", "fishback_direction", "euclidean_direction",
+           "caa_direction", "actadd_direction", "probe_direction", "scale_to_first_order", "solve_metric", "cost_ratio",
+           "steering", "SteeringResult", "MethodResult", "steer_to_target", "scale_to_target", "TargetNotReached",
+           "evaluate_delta", "off_target_kl", "compare_methods", "INNSteer",
+           "SteeringVectors"]

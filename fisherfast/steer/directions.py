@@ -6,17 +6,37 @@ the steered and unsteered next-token distributions):
 
     δ* = ρ G⁺q / (qᵀG⁺q).
 
-G is singular (F has the all-ones kernel and rank ≤ d), so it is regularized:
-G_λ = G + λI with λ = damping · qᵀGq / qᵀq (the curvature along q: a scale
-that follows G, costs one product, and leaves the answer unchanged when G is
-scaled). As damping → 0, G_λ⁻¹q → G⁺q for q in the range of G. The default
-damping 1e-3 comes from SmolLM2 (layer 15, raising p(" London") after "The
-capital of France is" from 0.012 to 0.5): at 1e-6 the first step runs along
-near-null directions of G where the quadratic model fails (actual KL 2.6 for
-a predicted 0.05); at 1e-3 the target is reached at a total KL of 0.65
-against 0.94 for Euclidean steps, and an off-target KL of 0.03 against 0.52.
-Dense G is
-solved by Cholesky in float64; a matrix-free ``PullbackMetric`` by conjugate
+G is singular (F has the all-ones kernel and rank ≤ d), so the solve is a
+choice, ``solve=``:
+
+- ``"damped"`` (default): x = G_λ⁻¹q, G_λ = G + λI with λ = damping · qᵀGq / qᵀq
+  (the curvature along q: a scale that follows G, costs one product, and
+  leaves the answer unchanged when G is scaled). As damping → 0, G_λ⁻¹q → G⁺q
+  for q in the range of G. The default damping 1e-3 comes from SmolLM2 (layer
+  15, raising p(" London") after "The capital of France is" from 0.012 to
+  0.5): at 1e-6 the first step runs along near-null directions of G where the
+  quadratic model fails (actual KL 2.6 for a predicted 0.05); at 1e-3 the
+  target is reached at a total KL of 0.65 against 0.94 for Euclidean steps.
+- ``"pinv"``: the paper's x = G⁺q, G⁺ = Σ_{λ_i > rcond·λ_max} u_i u_iᵀ/λ_i from
+  the eigendecomposition of the dense G in float64 (default rcond 1e-4).
+
+Measured on that prompt at layers 15 and 24 (``bench/bench_steer.py
+--solves``): G⁺q at a rounding-level cutoff (rcond 1e-9; 516 / 573 of 576
+eigenvalues kept) has cosine 0.06 / 0.11 with G_λ⁻¹q and barely raises the
+concept along its ray (best p 0.044 / 0.033 from 0.012); iterated, it fails
+to reach 0.5 in 20 steps at layer 15 and costs KL 1.25 (off-target 0.64) at
+layer 24, against 0.63 (0.003) damped. Cutoffs 1e-6 / 1e-4 / 1e-2 keep
+336 / 124 / 13 eigenvalues at layer 15 (cosine with damped 0.41 / 0.91 /
+0.36): iterated to 0.5 they cost total KL 1.04 / 0.76 / 0.78 and off-target
+KL 0.42 / 0.13 / 0.16, against 0.65 and 0.024 damped; at layer 24 rcond 1e-4
+matches damped (0.63, off-target 0.0034 vs 0.0029). Frozen at h₀ and scaled
+to a probability both rays reach, every pseudo-inverse direction costs more
+off-target KL than the damped one (layer 15, rcond 1e-4: 0.14 vs 0.015 at
+p = 0.27; layer 24: 0.0053 vs 0.0040 at p = 0.5). The damped solve is the
+default because it is never worse and often far better; 1e-4 is the best
+pseudo-inverse cutoff found.
+
+The damped solve: dense G by Cholesky in float64; a matrix-free ``PullbackMetric`` by conjugate
 gradients (scipy), one metric product per iteration, optionally
 preconditioned by a randomized Nyström approximation (on SmolLM2 layer 24:
 228 CG iterations plain, 53 with a rank-64 Nyström preconditioner built in
@@ -30,7 +50,8 @@ Cost ratio of any direction d scaled to the same first-order change:
 
     R(d) = (dᵀG_λd)(qᵀG_λ⁻¹q) / (qᵀd)² ≥ 1   (Cauchy–Schwarz in the G_λ inner product),
 
-with equality exactly for d ∝ G_λ⁻¹q, the FishBack direction.
+with equality exactly for d ∝ G_λ⁻¹q, the FishBack direction (with
+``solve="pinv"``: (dᵀGd)(qᵀG⁺q)/(qᵀd)²).
 """
 from __future__ import annotations
 
@@ -38,6 +59,9 @@ import numpy as np
 import torch
 
 DEFAULT_DAMPING = 1e-3
+DEFAULT_RCOND = 1e-4
+SOLVES = ("damped", "pinv")
+DEFAULT_SOLVE = "damped"
 
 
 def check_vector(name: str, v, d: int | None = None) -> torch.Tensor:
@@ -102,24 +126,56 @@ def _nystrom_preconditioner(preconditioner, lam: float, d: int):
     return apply
 
 
-def solve_metric(G, q: torch.Tensor, *, damping: float = DEFAULT_DAMPING, rtol: float = 1e-10,
-                 maxiter: int | None = None, preconditioner=None, callback=None) -> torch.Tensor:
-    """x = G_λ⁻¹ q (float64, on q's device), G_λ = G + λI, λ = damping · qᵀGq/qᵀq.
+def check_solve(solve: str, rcond: float) -> None:
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
+    if isinstance(rcond, bool) or not isinstance(rcond, (int, float)) or not 0 < rcond < 1:
+        raise ValueError(f"rcond must be a number in (0, 1), got {rcond!r}")
 
-    Dense G (a tensor, or a PullbackMetric that is not matrix-free): Cholesky.
-    Matrix-free: conjugate gradients to relative residual ``rtol`` (at most
-    ``maxiter`` products, default 10·d); raises RuntimeError if it stalls.
-    ``preconditioner``: a low-rank PullbackMetric of the same points
-    (``pullback_fisher(..., mode="low_rank", k=64)``, one batched product of k
-    probes) for Nyström-preconditioned CG: the metric's fast-decaying spectrum
-    (PR/d of a few %) is what makes plain CG slow. ``callback(x)`` is called
-    after every CG iteration (scipy's convention)."""
+
+def _pinv_solve(G, q64: torch.Tensor, rcond: float) -> torch.Tensor:
+    """G⁺q with G⁺ = Σ_{λ_i > rcond·λ_max} u_i u_iᵀ / λ_i (eigh of the symmetrized dense G, float64)."""
+    dense = G if isinstance(G, torch.Tensor) else G.dense()
+    A = dense.to(q64.device, torch.float64)
+    values, U = torch.linalg.eigh(0.5 * (A + A.T))
+    top = float(values[-1])
+    if not top > 0:
+        raise ValueError("G has no positive eigenvalue: the pseudo-inverse is zero")
+    keep = values > rcond * top
+    U, values = U[:, keep], values[keep]
+    return U @ ((U.T @ q64) / values)
+
+
+def solve_metric(G, q: torch.Tensor, *, solve: str = DEFAULT_SOLVE, damping: float = DEFAULT_DAMPING,
+                 rcond: float = DEFAULT_RCOND, rtol: float = 1e-10, maxiter: int | None = None,
+                 preconditioner=None, callback=None) -> torch.Tensor:
+    """x = G_λ⁻¹ q (``solve="damped"``) or x = G⁺q (``solve="pinv"``), float64 on q's device.
+
+    damped: G_λ = G + λI, λ = damping · qᵀGq/qᵀq. Dense G (a tensor, or a
+    PullbackMetric that is not matrix-free): Cholesky. Matrix-free: conjugate
+    gradients to relative residual ``rtol`` (at most ``maxiter`` products,
+    default 10·d); raises RuntimeError if it stalls. ``preconditioner``: a
+    low-rank PullbackMetric of the same points (``pullback_fisher(...,
+    mode="low_rank", k=64)``, one batched product of k probes) for
+    Nyström-preconditioned CG: the metric's fast-decaying spectrum (PR/d of a
+    few %) is what makes plain CG slow. ``callback(x)`` is called after every
+    CG iteration (scipy's convention).
+
+    pinv: the paper's G⁺q from the eigendecomposition of the dense G
+    (``G.dense()`` for a PullbackMetric: d products if matrix-free), keeping
+    the eigenvalues above ``rcond``·λ_max. ``damping`` and the CG options do
+    not apply."""
     d = _metric_size(G)
     q = check_vector("q", q, d)
+    check_solve(solve, rcond)
     if not bool((q != 0).any()):
         raise ValueError("q is zero: the concept score is flat at this point, there is no direction to steer")
-    lam = damping_value(G, q, damping)
     q64 = q.to(torch.float64)
+    if solve == "pinv":
+        if preconditioner is not None or callback is not None:
+            raise ValueError("preconditioner and callback apply to solve='damped' (conjugate gradients) only")
+        return _pinv_solve(G, q64, rcond)
+    lam = damping_value(G, q, damping)
     if not _is_matrix_free(G):
         dense = G if isinstance(G, torch.Tensor) else G.dense()
         A = dense.to(q.device, torch.float64)
@@ -144,21 +200,28 @@ def solve_metric(G, q: torch.Tensor, *, damping: float = DEFAULT_DAMPING, rtol: 
     return torch.from_numpy(x).to(q.device)
 
 
-def fishback_direction(G, q: torch.Tensor, rho: float = 1.0, *, damping: float = DEFAULT_DAMPING,
-                       **solver) -> torch.Tensor:
-    """δ* = ρ G_λ⁻¹q / (qᵀG_λ⁻¹q): the least-Fisher-cost step with qᵀδ = ρ.
+def fishback_direction(G, q: torch.Tensor, rho: float = 1.0, *, solve: str = DEFAULT_SOLVE,
+                       damping: float = DEFAULT_DAMPING, rcond: float = DEFAULT_RCOND, **solver) -> torch.Tensor:
+    """δ* = ρ x / (qᵀx), x = G_λ⁻¹q (``solve="damped"``) or G⁺q (``solve="pinv"``):
+    the least-Fisher-cost step with qᵀδ = ρ (module docstring).
 
     Args:
         G: the pullback metric at the point (a (d, d) tensor or a PullbackMetric).
         q: (d,) gradient of the concept score there.
         rho: the first-order concept change qᵀδ.
-        damping: relative regularization (module docstring); ``solver``: rtol,
+        solve, damping, rcond: the solve (module docstring); ``solver``: rtol,
             maxiter, preconditioner, callback for conjugate gradients (``solve_metric``).
     Returns:
-        δ (d,) in q's dtype. Its Fisher cost is ½ δᵀG_λδ = ½ ρ² / (qᵀG_λ⁻¹q).
+        δ (d,) in q's dtype. Its Fisher cost is ½ δᵀG_λδ = ½ ρ² / (qᵀG_λ⁻¹q)
+        (damped), ½ δᵀGδ = ½ ρ² / (qᵀG⁺q) (pinv, q in the kept eigenspace).
+    Raises:
+        ValueError when qᵀx = 0 (pinv: q orthogonal to every kept eigenvector).
     """
-    x = solve_metric(G, q, damping=damping, **solver)
-    return (float(rho) * x / (q.to(torch.float64) @ x)).to(q.dtype)
+    x = solve_metric(G, q, solve=solve, damping=damping, rcond=rcond, **solver)
+    qx = float(q.to(torch.float64) @ x)
+    if not qx > 0:
+        raise ValueError("qᵀG⁺q = 0: q lies in the discarded eigenspace of G (lower rcond)")
+    return (float(rho) * x / qx).to(q.dtype)
 
 
 def euclidean_direction(q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
@@ -179,19 +242,23 @@ def scale_to_first_order(direction: torch.Tensor, q: torch.Tensor, rho: float = 
     return (float(rho) / dq) * direction
 
 
-def cost_ratio(G, q: torch.Tensor, direction: torch.Tensor, *, damping: float = DEFAULT_DAMPING,
-               **solver) -> float:
-    """R(d) = (dᵀG_λd)(qᵀG_λ⁻¹q) / (qᵀd)² ≥ 1; 1 only for FishBack's direction."""
+def cost_ratio(G, q: torch.Tensor, direction: torch.Tensor, *, solve: str = DEFAULT_SOLVE,
+               damping: float = DEFAULT_DAMPING, rcond: float = DEFAULT_RCOND, **solver) -> float:
+    """R(d) = (dᵀG_λd)(qᵀG_λ⁻¹q) / (qᵀd)² ≥ 1 (``solve="damped"``), 1 only for
+    FishBack's direction; with ``solve="pinv"``, R(d) = (dᵀGd)(qᵀG⁺q) / (qᵀd)²,
+    which is ≥ 1 when q lies in the kept eigenspace of G (with the rank cutoff
+    it can fall below 1 for d with a component along discarded eigenvectors)."""
     d = _metric_size(G)
     direction = check_vector("direction", direction, d)
     q = check_vector("q", q, d)
-    lam = damping_value(G, q, damping)
+    check_solve(solve, rcond)
+    lam = damping_value(G, q, damping) if solve == "damped" else 0.0
     d64, q64 = direction.to(torch.float64), q.to(torch.float64)
     dq = float(q64 @ d64)
     if dq == 0:
         raise ValueError("direction is orthogonal to q: its cost ratio is infinite")
     quad = float(d64 @ _matvec(G, d64).to(d64.device)) + lam * float(d64 @ d64)
-    qGq = float(q64 @ solve_metric(G, q, damping=damping, **solver))
+    qGq = float(q64 @ solve_metric(G, q, solve=solve, damping=damping, rcond=rcond, **solver))
     return quad * qGq / dq ** 2
 
 

@@ -39,7 +39,9 @@ Steering: v = z̄⁺ − z̄⁻ at the end of training, and
     steer(h, α) = φ⁻¹(φ(h) + α v),   δ = steer(h, α) − h,
 
 δ being an activation-space displacement for ``fisherfast.steer.steering`` or
-``cost_ratio``. Cost: one pass of φ or φ⁻¹ is O(n · n_layers · hidden · (d + hidden));
+``cost_ratio``. δ depends on h, so matched concept probability is a search over
+α on the callable α ↦ δ(h, α):
+``scale_to_target(split, ctx, concept, lambda a: inn.delta(ctx.h, a), target)``. Cost: one pass of φ or φ⁻¹ is O(n · n_layers · hidden · (d + hidden));
 ``fit`` is ``steps`` forward and backward passes over all samples.
 """
 from __future__ import annotations

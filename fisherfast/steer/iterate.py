@@ -3,20 +3,27 @@
 
 ``steer_to_target`` iterates: at the current h, the concept gradient q and
 (for FishBack) the pullback metric G are recomputed and a step with
-first-order change ρ = φ* − φ is taken, until the score reaches φ* or
-``max_steps`` run out. Both methods share one trust region on the actual
-step KL(p(h) ‖ p(h + δ)) ≤ ``max_step_kl``: a step beyond it is halved until
-it fits (one upper-map forward per trial). FishBack first clips ρ to the
-budget its quadratic model predicts, ½ρ²/(qᵀG_λ⁻¹q) ≤ ``max_step_kl``.
+first-order change ρ = φ* − φ is taken, until |φ − φ*| ≤ ``tol``. Both
+methods share one trust region on the actual step KL(p(h) ‖ p(h + δ)) ≤
+``max_step_kl``: a step beyond it is halved until it fits (one upper-map
+forward per trial); FishBack first clips |ρ| to the budget its quadratic model
+predicts, ½ρ²/(qᵀxq) ≤ ``max_step_kl`` (x = G_λ⁻¹q or G⁺q). A step that
+crosses φ* (from either side) is shortened by a line search: Brent's method
+on the step scale c ∈ [0, 1] solves φ(h + cδ) = φ*, so every method ends
+within ``tol`` of the target — matched probability, not "at least".
 
-``scale_to_target`` finds, for a fixed direction v (CAA, ActAdd, a probe, a
-FishBack direction frozen at the start), the α with φ(h + α v) = φ* by
-bracketing and Brent's method (scipy), so that methods are compared at
-matched concept probability.
+Matched probability for a fixed direction or INNSteer: ``scale_to_target``
+(``fisherfast.steer.scale``).
 
-``off_target_kl`` is the distortion outside the concept: with the concept's
-tokens T (and S) removed from both distributions and the rest renormalized,
-KL(p̃_steered ‖ p̃_base).
+One KL convention everywhere: KL(p_base ‖ p_steered) = E_{y∼p_base}[log
+p_base(y) − log p_steered(y)], the expected increase of the log-loss on the
+model's own predictions — for the total KL of the full next-token
+distributions and for ``off_target_kl``, the same with the concept's tokens
+removed from both and the rest renormalized. Both are taken on the
+next-token distribution at the edited position t; for a SequenceConcept the
+removed token is y₁. FishBack's metric is the next-token pullback metric at
+t for every concept (for a sequence, the cost of the edit is measured where
+it is made).
 """
 from __future__ import annotations
 
@@ -25,29 +32,69 @@ import math
 
 import torch
 
-from fisherfast.steer.concept import ConceptScore, concept_gradient
-from fisherfast.steer.directions import DEFAULT_DAMPING, check_vector, euclidean_direction, solve_metric
+from fisherfast.concepts import check_concept, check_logits
+from fisherfast.steer.concept import concept_gradient
+from fisherfast.steer.directions import (DEFAULT_DAMPING, DEFAULT_RCOND, DEFAULT_SOLVE, check_solve,
+                                         euclidean_direction, solve_metric)
+from fisherfast.steer.scale import TargetNotReached, scale_to_target
+
+__all__ = ["SteeringResult", "MethodResult", "steer_to_target", "compare_methods", "evaluate_delta",
+           "off_target_kl", "scale_to_target", "TargetNotReached", "METHODS"]
 
 METHODS = ("fishback", "euclidean")
 _MAX_HALVINGS = 40
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SteeringResult:
     """The outcome of ``steer_to_target``.
 
     Attributes:
         h: (d,) the steered hidden state; delta: h − h₀.
-        scores: φ after each step (scores[0] at h₀); reached: whether φ* was met.
+        scores: φ after each step (scores[0] at h₀).
         step_kls: per step, the exact KL(p(h_t) ‖ p(h_{t+1})) of the full
             next-token distributions (each ≤ max_step_kl).
+        reached: |scores[-1] − target_score| ≤ tol.
+        target_score, tol: φ* and the tolerance the run was held to.
     """
 
     h: torch.Tensor
     delta: torch.Tensor
-    scores: list[float]
-    step_kls: list[float]
+    scores: tuple[float, ...]
+    step_kls: tuple[float, ...]
     reached: bool
+    target_score: float
+    tol: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_kls)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+    """One method's displacement δ from h₀ and what it costs (``compare_methods``,
+    ``evaluate_delta``).
+
+    Attributes:
+        method: its name; reached: whether it met the target (within tol);
+        steps: steps taken (0 for a scaled direction);
+        score: φ at h₀ + δ; target_prob: the concept's probability there
+            (Σ_{v∈T} p_v, or p(y₁…y_n) for a sequence);
+        kl: KL(p₀ ‖ p) of the full next-token distributions at t;
+        off_target_kl: the same with the concept's tokens removed (``off_target_kl``);
+        delta_norm: ‖δ‖; delta: δ (d,).
+    """
+
+    method: str
+    reached: bool
+    steps: int
+    score: float
+    target_prob: float
+    kl: float
+    off_target_kl: float
+    delta_norm: float
+    delta: torch.Tensor
 
 
 def _kl(z_p: torch.Tensor, z_q: torch.Tensor) -> float:
@@ -57,49 +104,68 @@ def _kl(z_p: torch.Tensor, z_q: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
-def steer_to_target(split, ctx, concept: ConceptScore, target_score: float, *, method: str = "fishback",
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def steer_to_target(split, ctx, concept, target_score: float, *, method: str = "fishback",
                     h: torch.Tensor | None = None, max_steps: int = 20, max_step_kl: float = 0.5,
-                    damping: float = DEFAULT_DAMPING, metric_mode: str = "exact", tol: float = 1e-3,
-                    **metric_options) -> SteeringResult:
-    """Move h (default ``ctx.h``) until φ(h) ≥ ``target_score`` − ``tol``.
+                    solve: str = DEFAULT_SOLVE, damping: float = DEFAULT_DAMPING, rcond: float = DEFAULT_RCOND,
+                    metric_mode: str = "exact", tol: float = 1e-3, **metric_options) -> SteeringResult:
+    """Move h (default ``ctx.h``) until |φ(h) − ``target_score``| ≤ ``tol`` (module docstring).
 
     Args:
         split, ctx: a ``SplitModel`` and one of its contexts.
-        concept: the ConceptScore φ; ``target_score`` φ* (e.g. log 0.9 for a
-            log-probability concept to reach p(T) = 0.9).
-        method: "fishback" (δ ∝ G_λ⁻¹q, G recomputed at every step with
-            ``pullback_fisher(mode=metric_mode, **metric_options)``) or
-            "euclidean" (δ ∝ q).
+        concept: a ConceptScore or SequenceConcept φ; ``target_score`` φ*
+            (e.g. log 0.9 for a log-probability concept to reach p(T) = 0.9).
+        method: "fishback" (δ ∝ x, x = G_λ⁻¹q or G⁺q by ``solve``, G recomputed
+            at every step with ``pullback_fisher(mode=metric_mode,
+            **metric_options)``) or "euclidean" (δ ∝ q).
         max_steps: step budget; max_step_kl: the KL one step may cost.
-        damping: G's relative regularization (``fisherfast.steer.directions``).
-        tol: how close to φ* counts as reached.
+        solve, damping, rcond: FishBack's solve (``fisherfast.steer.directions``).
+        tol: the tolerance on φ (log-probability units: 1e-3 is 0.1% relative in p).
+    Returns:
+        a frozen ``SteeringResult``; ``reached`` is False when ``max_steps``
+        ran out first.
+    Works inside ``torch.inference_mode()`` (gradients by torch.func).
     """
+    from scipy.optimize import brentq
+
     from fisherfast.metric import pullback_fisher
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    for name, value in (("max_step_kl", max_step_kl), ("tol", tol)):
-        if not (isinstance(value, (int, float)) and value > 0):
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not isinstance(max_steps, int) or max_steps < 1:
+    _check_positive("max_step_kl", max_step_kl)
+    _check_positive("tol", tol)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-    if not math.isfinite(target_score):
-        raise ValueError(f"target_score must be finite, got {target_score!r}")
+    if not (isinstance(target_score, (int, float)) and math.isfinite(target_score)):
+        raise ValueError(f"target_score must be a finite number, got {target_score!r}")
+    check_solve(solve, rcond)
+    check_concept(concept, split, ctx)
     h0 = ctx.h if h is None else h
+
+    def score(x: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(concept.score(split, ctx, x))
+
     h = h0.detach().clone()
     z = split.logits(ctx, h)
-    scores, kls = [float(concept(z))], []
+    scores, kls = [score(h)], []
     for _ in range(max_steps):
-        if scores[-1] >= target_score - tol:
+        if abs(scores[-1] - target_score) <= tol:
             break
         q, _ = concept_gradient(split, ctx, h, concept)
         rho = target_score - scores[-1]
         if method == "fishback":
             G = pullback_fisher(split, ctx, h=h, mode=metric_mode, progress=False, **metric_options)
-            x = solve_metric(G, q, damping=damping)  # G_λ⁻¹q, solved once per step
-            budget = float(q.to(torch.float64) @ x)  # qᵀG_λ⁻¹q
-            rho = min(rho, math.sqrt(2 * max_step_kl * budget))  # ½ρ²/qᵀG_λ⁻¹q ≤ max_step_kl
-            delta = (rho / budget * x).to(q.dtype)  # FishBack δ* = ρ G_λ⁻¹q / qᵀG_λ⁻¹q
+            x = solve_metric(G, q, solve=solve, damping=damping, rcond=rcond)  # solved once per step
+            budget = float(q.to(torch.float64) @ x)  # qᵀG_λ⁻¹q or qᵀG⁺q
+            if not budget > 0:
+                raise RuntimeError("qᵀG⁺q = 0 at this point: q lies in the discarded eigenspace (lower rcond)")
+            rho = math.copysign(min(abs(rho), math.sqrt(2 * max_step_kl * budget)), rho)  # ½ρ²/qᵀxq ≤ max_step_kl
+            delta = (rho / budget * x).to(q.dtype)  # FishBack δ* = ρ x / qᵀx
         else:
             delta = euclidean_direction(q, rho)
         for _ in range(_MAX_HALVINGS):
@@ -110,67 +176,71 @@ def steer_to_target(split, ctx, concept: ConceptScore, target_score: float, *, m
             delta = delta / 2
         else:
             raise RuntimeError(f"no step of KL ≤ max_step_kl={max_step_kl} found after {_MAX_HALVINGS} halvings")
+        s_next = score(h + delta)
+        before, after = scores[-1] - target_score, s_next - target_score
+        if before * after < 0 and abs(after) > tol:  # crossed φ*: shorten the step to land on it
+            c = brentq(lambda c: score(h + c * delta) - target_score, 0.0, 1.0, xtol=1e-12)
+            delta = c * delta
+            z_next = split.logits(ctx, h + delta)
+            step_kl, s_next = _kl(z, z_next), score(h + delta)
         kls.append(step_kl)
         h, z = h + delta, z_next
-        scores.append(float(concept(z)))
-    return SteeringResult(h=h, delta=h - h0, scores=scores, step_kls=kls, reached=scores[-1] >= target_score - tol)
+        scores.append(s_next)
+    return SteeringResult(h=h, delta=h - h0, scores=tuple(scores), step_kls=tuple(kls),
+                          reached=abs(scores[-1] - target_score) <= tol, target_score=float(target_score),
+                          tol=float(tol))
 
 
-def scale_to_target(split, ctx, concept: ConceptScore, direction: torch.Tensor, target_score: float, *,
-                    h: torch.Tensor | None = None, max_scale: float = 1e3, xtol: float = 1e-10) -> float:
-    """α ≥ 0 with φ(h + α·direction) = ``target_score`` (Brent's method on a
-    bracket grown by doubling from α = 1 up to ``max_scale``).
-
-    Raises ValueError when φ at h already exceeds the target or no α ≤
-    ``max_scale`` reaches it."""
-    from scipy.optimize import brentq
-
-    h = ctx.h if h is None else h
-    direction = check_vector("direction", direction, h.shape[-1])
-
-    def gap(alpha: float) -> float:
-        return float(concept(split.logits(ctx, h + alpha * direction))) - target_score
-
-    if gap(0.0) > 0:
-        raise ValueError("the concept score already exceeds target_score at h")
-    hi = 1.0
-    while gap(hi) < 0:
-        hi *= 2
-        if hi > max_scale:
-            raise ValueError(f"no scale ≤ max_scale={max_scale} reaches target_score along this direction")
-    return brentq(gap, 0.0, hi, xtol=xtol)
-
-
-def off_target_kl(concept: ConceptScore, base_logits: torch.Tensor, steered_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p̃_steered ‖ p̃_base) (...,) with the concept's tokens (T and S)
-    removed from both next-token distributions and the rest renormalized."""
-    concept._check(base_logits)
-    concept._check(steered_logits)
+def off_target_kl(concept, base_logits: torch.Tensor, steered_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p̃_base ‖ p̃_steered) (...,) in float64, p̃ the next-token distribution
+    (logits (..., V)) with ``concept.removed_tokens`` (T and S of a
+    ConceptScore, y₁ of a SequenceConcept) removed and the rest renormalized.
+    The direction is the total KL's: the expected log-loss increase on the
+    base model's own predictions (module docstring)."""
+    check_concept(concept)
+    removed = concept.removed_tokens
+    for name, logits in (("base_logits", base_logits), ("steered_logits", steered_logits)):
+        try:
+            check_logits(logits, int(removed.max()))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
     if base_logits.shape != steered_logits.shape:
         raise ValueError(f"base_logits and steered_logits must have one shape, got {tuple(base_logits.shape)} "
                          f"and {tuple(steered_logits.shape)}")
     keep = torch.ones(base_logits.shape[-1], dtype=torch.bool, device=base_logits.device)
-    keep[concept.target.to(keep.device)] = False
-    if concept.source is not None:
-        keep[concept.source.to(keep.device)] = False
-    lp = torch.log_softmax(steered_logits[..., keep].to(torch.float64), -1)
-    lq = torch.log_softmax(base_logits[..., keep].to(torch.float64), -1)
+    keep[removed.to(keep.device)] = False
+    lp = torch.log_softmax(base_logits[..., keep].to(torch.float64), -1)
+    lq = torch.log_softmax(steered_logits[..., keep].to(torch.float64), -1)
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def compare_methods(split, ctx, concept: ConceptScore, target_score: float, *,
-                    methods: tuple[str, ...] = METHODS, **options) -> list[dict]:
-    """Steer with each method to ``target_score`` from ``ctx.h`` and report, per
-    method: reached, steps, the final target probability, KL(p₀ ‖ p) of the
-    full distributions, the off-target KL, ‖δ‖ and the steered δ itself
-    (``options`` go to ``steer_to_target``)."""
-    z0 = split.logits(ctx, ctx.h)
-    rows = []
+def evaluate_delta(split, ctx, concept, delta: torch.Tensor, *, method: str, reached: bool = True,
+                   steps: int = 0, h: torch.Tensor | None = None) -> MethodResult:
+    """The ``MethodResult`` of displacing h (default ``ctx.h``) by ``delta`` (d,):
+    score, probability, total and off-target KL from the base next-token
+    distribution at h."""
+    check_concept(concept, split, ctx)
+    h = ctx.h if h is None else h
+    with torch.no_grad():
+        z0, z = split.logits(ctx, h), split.logits(ctx, h + delta)
+        score = float(concept.score(split, ctx, h + delta))
+        prob = float(concept.probability(split, ctx, h + delta))
+    return MethodResult(method=method, reached=bool(reached), steps=int(steps), score=score, target_prob=prob,
+                        kl=_kl(z0, z), off_target_kl=float(off_target_kl(concept, z0, z)),
+                        delta_norm=float(delta.norm()), delta=delta.detach())
+
+
+def compare_methods(split, ctx, concept, target_score: float, *, methods: tuple[str, ...] = METHODS,
+                    **options) -> list[MethodResult]:
+    """Steer with each method (``steer_to_target``, ``options`` passed on: solve,
+    tol, max_step_kl, …) from ``ctx.h`` to ``target_score`` and return one
+    frozen ``MethodResult`` per method, in order: all compared within ``tol``
+    of the same score, with one KL convention (module docstring)."""
+    if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
+        raise ValueError(f"methods must be a non-empty tuple of {METHODS}, got {methods!r}")
+    results = []
     for method in methods:
-        result = steer_to_target(split, ctx, concept, target_score, method=method, **options)
-        z = split.logits(ctx, result.h)
-        rows.append({"method": method, "reached": result.reached, "steps": len(result.step_kls),
-                     "target_prob": float(concept.target_probability(z)), "kl": _kl(z0, z),
-                     "off_target_kl": float(off_target_kl(concept, z0, z)),
-                     "delta_norm": float(result.delta.norm()), "delta": result.delta})
-    return rows
+        run = steer_to_target(split, ctx, concept, target_score, method=method, **options)
+        results.append(evaluate_delta(split, ctx, concept, run.delta, method=method, reached=run.reached,
+                                      steps=run.steps, h=options.get("h")))
+    return results

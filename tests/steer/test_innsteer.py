@@ -304,3 +304,51 @@ def test_bad_inputs_raise_before_work():
                             ({"d": D, "max_log_scale": 0.0}, "max_log_scale")):
         with pytest.raises(ValueError, match=message):
             INNSteer(**kwargs)
+
+
+# ------------------------------------------------------------------ matched probability
+
+def test_innsteer_matched_probability_by_scale_to_target(tiny_lm):
+    """INNSteer's displacement depends on h, so α is found by scale_to_target on the
+    callable α ↦ inn.delta(h, α): the score there, read off the model's own forward with
+    δ added to block ℓ's input by a plain hook, is the target (the first crossing)."""
+    from fisherfast.split import SplitModel
+    from fisherfast.steer import ConceptScore, scale_to_target
+
+    model = tiny_lm("llama", head_scale=10.0)
+    split = SplitModel(model, 1)
+    prompt = [3, 14, 15, 9, 2, 6]
+    ctx = split.context(prompt)
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(split.d, generator=g, dtype=torch.float64)
+    h_pos = ctx.h + u + 0.3 * torch.randn(40, split.d, generator=g, dtype=torch.float64)
+    h_neg = ctx.h - u + 0.3 * torch.randn(40, split.d, generator=g, dtype=torch.float64)
+    inn = INNSteer(split.d, n_layers=2, hidden=16, seed=0, dtype=torch.float64)
+    inn.fit(h_pos, h_neg, steps=30, lr=3e-3, progress=False)
+
+    def displacement(alpha):
+        return inn.delta(ctx.h, alpha)
+
+    p0 = torch.softmax(split.logits(ctx, ctx.h), -1)
+    p1 = torch.softmax(split.logits(ctx, ctx.h + displacement(1.0)), -1)
+    token = int((p1.log() - p0.log()).argmax())  # a token INNSteer's direction raises
+    concept = ConceptScore([token])
+    target = 0.5 * float(p0[token].log() + p1[token].log())
+    alpha = scale_to_target(split, ctx, concept, displacement, target)
+    assert 0 < alpha < 1.0
+
+    t = len(prompt) - 1
+    delta = displacement(alpha)
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        x = torch.cat([x[:, :t], x[:, t:] + delta], dim=1)
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    handle = model.model.layers[1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        z = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    finally:
+        handle.remove()
+    # φ carries ~1e-7 relative rounding from transformers' float32 norm/softmax in a float64 model
+    assert float(torch.log_softmax(z, -1)[token]) == pytest.approx(target, abs=1e-6)

@@ -1,0 +1,136 @@
+"""Matched concept probability along a ray (DESIGN.md §5): the scale α ≥ 0 at
+which a fixed direction v (CAA, ActAdd, a probe, a frozen FishBack direction)
+— or an h-dependent displacement δ(α) such as INNSteer's — reaches a target
+score, φ(h + α v) = φ*.
+
+φ along a ray need not be monotone: it can rise, peak and fall, and a window
+above φ* can be narrow (SmolLM2, layer 24, a frozen FishBack direction:
+p = 0.394 at α = 32, 0.420 at α = 64, 0.5 near α = 37.4). So the search is
+
+1. a scan on the geometric grid α_k = ``min_scale``·r^k up to ``max_scale``
+   (r = ``ratio`` ≤ 1.25), evaluated in batches of candidates (one upper-map
+   forward per batch), stopping at the first grid point with φ ≥ φ*;
+2. if no grid point reaches φ*: a bounded Brent maximization of φ on
+   [α_{k-1}, α_{k+1}] around the ``refine`` highest local maxima of the scan;
+3. Brent's root finding (scipy ``brentq``) on the bracket that ends at the
+   first grid point (or refined maximum) reaching φ*, which starts below it.
+
+When nothing reaches φ*, ``TargetNotReached`` (a ValueError) reports the best
+α and score found, so a comparison can say how close a method got.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from fisherfast.concepts import check_concept
+from fisherfast.steer.directions import check_vector
+
+__all__ = ["scale_to_target", "TargetNotReached"]
+
+
+class TargetNotReached(ValueError):
+    """No scale in [0, max_scale] reaches the target score.
+
+    Attributes:
+        best_alpha: the α of the highest score found (scan and refinement).
+        best_score: φ there; target_score: φ*.
+    """
+
+    def __init__(self, message: str, best_alpha: float, best_score: float, target_score: float):
+        super().__init__(message)
+        self.best_alpha, self.best_score, self.target_score = best_alpha, best_score, target_score
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: torch.Tensor | None = None,
+                    max_scale: float = 1e3, min_scale: float = 1e-3, ratio: float = 1.2, refine: int = 3,
+                    xtol: float = 1e-10, chunk: int = 32) -> float:
+    """α ≥ 0 with φ(h + δ(α)) = ``target_score`` (module docstring for the search).
+
+    Args:
+        split, ctx: a ``SplitModel`` and one of its contexts.
+        concept: a ConceptScore or SequenceConcept.
+        direction: v (d,), δ(α) = α v; or a callable α ↦ δ(α) (d,) for a
+            displacement that depends on h, e.g. ``lambda a: inn.delta(h, a)``
+            for INNSteer (cast to h's dtype).
+        target_score: φ*.
+        h: the starting state (default ``ctx.h``).
+        max_scale, min_scale, ratio: the scan grid (ratio in (1, 1.25]).
+        refine: local maxima of the scan refined when no grid point reaches φ*.
+        xtol: Brent's tolerance on α; chunk: candidates per batched forward.
+    Returns:
+        α (float). φ is continuous, so |φ(h + δ(α)) − φ*| is at rounding level.
+    Raises:
+        ValueError when φ(h) already exceeds φ* or an argument is bad;
+        TargetNotReached (a ValueError with ``best_alpha``, ``best_score``)
+        when no α ≤ ``max_scale`` reaches φ*.
+    """
+    from scipy.optimize import brentq, minimize_scalar
+
+    check_concept(concept, split, ctx)
+    h = ctx.h if h is None else h
+    max_scale, min_scale = _positive("max_scale", max_scale), _positive("min_scale", min_scale)
+    if min_scale >= max_scale:
+        raise ValueError(f"min_scale must be below max_scale, got {min_scale} and {max_scale}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1 < ratio <= 1.25:
+        raise ValueError(f"ratio must be a number in (1, 1.25], got {ratio!r}")
+    for name, value, low in (("refine", refine, 0), ("chunk", chunk, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
+    if not (isinstance(target_score, (int, float)) and math.isfinite(target_score)):
+        raise ValueError(f"target_score must be a finite number, got {target_score!r}")
+    if callable(direction) and not isinstance(direction, torch.Tensor):
+        displacement: Callable[[float], torch.Tensor] = direction
+        check_vector("direction(α)", displacement(min_scale), h.shape[-1])
+    else:
+        v = check_vector("direction", direction, h.shape[-1])
+
+        def displacement(alpha):
+            return alpha * v
+
+    def scores(alphas: list[float]) -> list[float]:
+        with torch.no_grad():
+            H = h + torch.stack([displacement(a).to(h.dtype) for a in alphas])
+            return concept.score(split, ctx, H).tolist()
+
+    def gap(alpha: float) -> float:
+        return scores([alpha])[0] - target_score
+
+    phi0 = scores([0.0])[0]
+    if phi0 > target_score:
+        raise ValueError(f"the concept score already exceeds target_score at h ({phi0:.6g} > {target_score:.6g})")
+    if phi0 == target_score:
+        return 0.0
+    n = math.ceil(math.log(max_scale / min_scale) / math.log(ratio))
+    grid = [0.0] + [min_scale * ratio ** k for k in range(n)] + [max_scale]
+    scanned = [phi0]
+    for start in range(1, len(grid), chunk):
+        scanned += scores(grid[start:start + chunk])
+        hit = next((k for k in range(start, len(scanned)) if scanned[k] >= target_score), None)
+        if hit is not None:
+            return brentq(gap, grid[hit - 1], grid[hit], xtol=xtol)
+    # No grid point reaches φ*: refine the highest local maxima of the scan.
+    last = len(grid) - 1
+    peaks = [k for k in range(len(grid))
+             if (k == 0 or scanned[k] >= scanned[k - 1]) and (k == last or scanned[k] >= scanned[k + 1])]
+    best = max(range(len(grid)), key=scanned.__getitem__)
+    best_alpha, best_score = grid[best], scanned[best]
+    for k in sorted(peaks, key=lambda k: -scanned[k])[:refine]:
+        lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, last)]
+        found = minimize_scalar(lambda a: -gap(a), bounds=(lo, hi), method="bounded", options={"xatol": 1e-6 * hi})
+        peak, value = float(found.x), target_score - float(found.fun)
+        if value >= target_score:
+            return brentq(gap, lo, peak, xtol=xtol)
+        if value > best_score:
+            best_alpha, best_score = peak, value
+    raise TargetNotReached(
+        f"no scale ≤ max_scale={max_scale:g} reaches target_score {target_score:.6g} along this direction; "
+        f"best score {best_score:.6g} at α = {best_alpha:.6g}", best_alpha, best_score, target_score)
