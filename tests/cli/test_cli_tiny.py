@@ -126,3 +126,39 @@ def test_steer_on_the_tiny_model(work, run_cli, tiny_model_dir):
                      "--method", "euclidean", "--new-tokens", "0", "--no-progress")
     assert result.code == 0 and "| euclidean |" in result.out and "| fishback |" not in result.out
     assert "generation" not in result.out
+
+
+def _teacher_forced_probability(folder, prompt: str, target: str) -> float:
+    """p(target tokens | prompt) as the product of the model's own next-token probabilities."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    p_ids = tokenizer(prompt).input_ids
+    t_ids = tokenizer.encode(target, add_special_tokens=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([p_ids + t_ids])).logits[0].double(), -1)
+    return float(sum(logp[len(p_ids) - 1 + i, y] for i, y in enumerate(t_ids)).exp())
+
+
+def test_steer_reports_a_multi_token_target_as_a_sequence(work, run_cli, tiny_model_dir):
+    """' the cat the' (a repeated token) is steered as p(y₁…y_n | prompt), which the
+    report prints at its start: the model's own teacher-forced product."""
+    prompt, target = "one two three", "the cat the"
+    result = run_cli("steer", "--model", tiny_model_dir, "--prompt", prompt, "--target", target, "--layer", "2",
+                     "--prob", "0.001", "--method", "euclidean", "--new-tokens", "0", "--no-progress")
+    assert result.code == 0, result.err
+    header = next(line for line in result.out.splitlines() if line.startswith("raise "))
+    assert "the sequence 'the' + 'cat' + 'the'" in header
+    p0 = float(header.split(" from ")[1].split(" to ")[0])
+    assert p0 == pytest.approx(_teacher_forced_probability(tiny_model_dir, prompt, target), abs=6e-4)
+    alternatives = run_cli("steer", "--model", tiny_model_dir, "--prompt", prompt, "--target", "the cat",
+                           "--as", "alternatives", "--layer", "2", "--prob", "0.5", "--method", "euclidean",
+                           "--new-tokens", "0", "--no-progress")
+    assert alternatives.code == 0, alternatives.err
+    assert "as alternative next tokens" in next(line for line in alternatives.out.splitlines()
+                                                if line.startswith("raise "))
+    repeated = run_cli("steer", "--model", tiny_model_dir, "--prompt", prompt, "--target", target,
+                       "--as", "alternatives", "--layer", "2", "--no-progress")
+    assert repeated.code == 2 and "repeats a token" in repeated.err
