@@ -186,3 +186,31 @@ def test_stderr_is_calibrated_over_sketch_seeds():
     spread = {kind: float(torch.tensor(values).std()) for kind, values in z.items()}
     assert all(0.7 <= s <= 1.4 for s in spread.values()), spread
     assert float(torch.tensor(z_sampling).std()) > 2.0  # sampling variance alone misses the projection
+
+
+def test_rank_sources_orders_by_alignment_with_decomposition():
+    from fisherfast.sketch import SourceScore, rank_sources
+
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(64, 16, generator=g, dtype=torch.float64) / 2
+    thetas = {"far": 1.4, "near": 0.1, "middle": 0.6}
+    data = {name: task(theta, W, 400, gen=g) for name, theta in thetas.items()}
+    target_data = task(0.0, W, 400, gen=g)
+    spec = SketchSpec(d=16, K=64, m=2048, seed=1)
+    target = sketch(spec, *target_data)
+    ranked = rank_sources(target, {name: sketch(spec, *t) for name, t in data.items()})
+    assert [s.name for s in ranked] == ["near", "middle", "far"] and [s.rank for s in ranked] == [1, 2, 3]
+    assert all(isinstance(s, SourceScore) and s.count == 400 for s in ranked)
+    sets = {name: (a, errors(z, y)) for name, (a, z, y) in data.items()}
+    t_set = (target_data[0], errors(*target_data[1:]))
+    for s in ranked:  # each part against its exact kernel, within 4 standard errors
+        for value, se, (pa, pe) in ((s.A, s.A_stderr, (2, 2)), (s.S_a, s.S_a_stderr, (2, 0)),
+                                    (s.S_e, s.S_e_stderr, (0, 2))):
+            exact = kernel(t_set, sets[s.name], pa, pe) / math.sqrt(
+                kernel(t_set, t_set, pa, pe) * kernel(sets[s.name], sets[s.name], pa, pe))
+            assert abs(value - exact) <= 4 * se + 1e-3, (s.name, pa, pe, value, exact, se)
+        assert math.isclose(s.rho, s.A / (s.S_a * s.S_e), rel_tol=1e-9) and s.rho_stderr > 0
+    with pytest.raises(TypeError, match="target"):
+        rank_sources(target.signature(), [target])
+    with pytest.raises(ValueError, match="at least one"):
+        rank_sources(target, {})
