@@ -16,7 +16,7 @@ Standard errors have two parts, reported separately and combined:
   the exact kernel value as their mean, so the delete-one-feature jackknife,
   SE² = (m−1)/m Σ_f (A_(−f) − Ā)², estimates the projection variance (checked
   in tests/sketch/test_alignment.py: over 24 sketch seeds the z-scores of
-  the joint, activation and error kinds have standard deviation 0.8–1.1).
+  the joint, activation and error kinds have standard deviation 0.78–0.96, and ρ 1.06).
 - sampling (``stderr_sampling``, states only): the delta-method error of the
   cosine from the per-coordinate sample variances of μ (coordinates treated
   as uncorrelated), the data-to-data part when the sampled data stand for a
