@@ -107,6 +107,29 @@ def shard(items: Iterable, rank: int, world_size: int) -> Iterator:
     return itertools.islice(items, rank, None, world_size)
 
 
+def init_distributed_from_env(backend: str | None = None) -> bool:
+    """Initialize torch.distributed from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT; ``env://``) when it is set and no group exists yet.
+
+    backend: default "nccl" when CUDA is available (the current device is then
+    set to LOCAL_RANK), else "gloo". Returns True when a process group is
+    initialized on return (False outside torchrun)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, init_method="env://")
+    return True
+
+
 def _distributed(group) -> tuple[int, int]:
     import torch.distributed as dist
 

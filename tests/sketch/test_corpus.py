@@ -5,7 +5,6 @@ the same texts or prompts (its own tests hold it to the model's own forward);
 and for 2 gloo processes (torchrun's sharding), the single-process state of
 the same corpus: counts exactly equal, sums to float64 round-off (a float64
 model, so a row's features do not depend on its batch-mates)."""
-import datetime
 import json
 import os
 import socket
@@ -19,7 +18,7 @@ import torch.multiprocessing as mp
 import transformers
 
 from fisherfast.sketch import SketchSpec, SketchState, read_corpus, sketch_corpus, sketch_model
-from fisherfast.sketch.corpus import shard
+from fisherfast.sketch.corpus import init_distributed_from_env, shard
 from test_model import TEXTS, V, WORDS, assert_states_close, tiny_tokenizer
 
 datasets = pytest.importorskip("datasets")  # in the test extra
@@ -70,6 +69,7 @@ def test_read_corpus_formats_and_fields(tmp_path):
     with pytest.raises(ValueError, match="expected a file ending"):
         read_corpus(tmp_path / "c.csv", text_field="text")
     assert list(shard(iter(range(7)), 1, 3)) == [1, 4]
+    assert not init_distributed_from_env() or dist.is_initialized()  # outside torchrun: nothing to do
 
 
 def test_sketch_corpus_equals_sketch_model(tmp_path, model, tokenizer):
@@ -103,8 +103,8 @@ def _worker(rank: int, port: int, folder: str) -> None:
     """Rank ``rank`` of a gloo group sketches its shard of the corpus and saves the merged state
     (then leaves with os._exit: see test_distributed._worker for the gloo teardown race)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert init_distributed_from_env("gloo")  # as under torchrun
     try:
         model, tokenizer = load(folder)
         for name, fields in (("text", dict(text_field="text")),
