@@ -9,7 +9,8 @@ True/False answers, capital cities). For each candidate:
 
   transfer   fine-tune only the head W (the model's unembedding, untied) on the
              source for a fixed budget (``--steps`` normalized gradient steps of
-             Frobenius length ``--step``, from the model's own W) and report
+             Frobenius length ``--step``, from the model's own W; one run per
+             length, the source's own loss drop shows which are descent) and report
              L_target(W₀) − L_target(W): the drop of the target's mean
              cross-entropy (its answers, full vocabulary). Positive = helps.
   A          FisherSketch head-Fisher alignment with the target (m = 4096), ± stderr
@@ -23,7 +24,7 @@ True/False answers, capital cities). For each candidate:
 
 Reported: Spearman correlations of transfer with each score over the candidates.
 
-    python bench/bench_source_selection.py [--n 24] [--m 4096] [--steps 20] [--step 2.0]
+    python bench/bench_source_selection.py [--n 24] [--m 4096] [--steps 20] [--step 0.003 0.01 0.03]
     python bench/bench_source_selection.py --quick   # tiny random model + word-level tokenizer
 """
 from __future__ import annotations
@@ -139,7 +140,12 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def run(model, tokenizer, *, n: int, m: int, steps: int, step: float) -> tuple[list[dict], dict]:
+SCORES = ("A", "A exact", "S_a", "S_e", "CKA", "grad cos")
+
+
+def run(model, tokenizer, *, n: int, m: int, steps: int, step_sizes) -> tuple[list[dict], dict]:
+    """Rows per candidate (scores, and per step size the transfer and the source's own loss drop) and the
+    Spearman correlations of each step size's transfer with each score."""
     target, candidates = build_tasks(n)
     head = output_head(model)
     W0 = head.W.double().clone()
@@ -154,20 +160,21 @@ def run(model, tokenizer, *, n: int, m: int, steps: int, step: float) -> tuple[l
     rows = []
     for task in candidates:
         a_s, y_s = head_data(model, tokenizer, task)
-        W = finetune(W0, b, a_s, y_s, steps, step)
         e_s = errors(W0, b, a_s, y_s)
         g_s = e_s.T @ a_s
         s = scores[task.name]
-        rows.append({"source": task.name, "transfer": base - float(loss(W, b, a_t, y_t)),
-                     "source loss drop": float(loss(W0, b, a_s, y_s) - loss(W, b, a_s, y_s)),
-                     "A": s.A, "A stderr": s.A_stderr, "A exact": kernel_alignment((a_s, e_s), (a_t, e_t)),
-                     "S_a": s.S_a, "S_e": s.S_e, "rho": s.rho, "CKA": cov_cosine(a_s, a_t),
-                     "grad cos": float((g_s * g_t).sum() / (g_s.norm() * g_t.norm()))})
-    rows.sort(key=lambda r: -r["transfer"])
-    transfer = [r["transfer"] for r in rows]
-    summary = {f"spearman(transfer, {k})": spearman(transfer, [r[k] for r in rows])
-               for k in ("A", "A exact", "S_a", "S_e", "CKA", "grad cos")}
-    summary.update({"target base loss": base, "n": n, "m": m, "steps": steps, "step": step})
+        row = {"source": task.name, "A": s.A, "A stderr": s.A_stderr,
+               "A exact": kernel_alignment((a_s, e_s), (a_t, e_t)), "S_a": s.S_a, "S_e": s.S_e, "rho": s.rho,
+               "CKA": cov_cosine(a_s, a_t), "grad cos": float((g_s * g_t).sum() / (g_s.norm() * g_t.norm()))}
+        for size in step_sizes:
+            W = finetune(W0, b, a_s, y_s, steps, size)
+            row[f"transfer@{size:g}"] = base - float(loss(W, b, a_t, y_t))
+            row[f"source drop@{size:g}"] = float(loss(W0, b, a_s, y_s) - loss(W, b, a_s, y_s))
+        rows.append(row)
+    rows.sort(key=lambda r: -r[f"transfer@{step_sizes[0]:g}"])
+    summary = {"target base loss": base, "n": n, "m": m, "steps": steps, "step_sizes": list(step_sizes),
+               "spearman": {f"{size:g}": {k: spearman([r[f"transfer@{size:g}"] for r in rows], [r[k] for r in rows])
+                                          for k in SCORES} for size in step_sizes}}
     return rows, summary
 
 
@@ -200,7 +207,8 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=24, help="prompts per task (≤ 24)")
     parser.add_argument("--m", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--step", type=float, default=2.0, help="Frobenius length of each head update")
+    parser.add_argument("--step", type=float, nargs="+", default=[0.003, 0.01, 0.03],
+                        help="Frobenius length of each head update (one fine-tuning run per value)")
     args = parser.parse_args(argv)
     if args.quick:
         model, tokenizer = quick_model_and_tokenizer()
@@ -209,14 +217,14 @@ def main(argv=None):
         from fisherfast.models import load_default
 
         model, tokenizer = load_default()
-    rows, summary = run(model, tokenizer, n=args.n, m=args.m, steps=args.steps, step=args.step)
-    table = markdown_table(rows, ["source", "transfer", "source loss drop", "A", "A stderr", "A exact", "S_a", "S_e",
-                                  "rho", "CKA", "grad cos"])
-    table += "\n\n" + markdown_table([{"score": k[len("spearman(transfer, "):-1], "Spearman with transfer": v}
-                                      for k, v in summary.items() if k.startswith("spearman")],
-                                     ["score", "Spearman with transfer"])
+    rows, summary = run(model, tokenizer, n=args.n, m=args.m, steps=args.steps, step_sizes=args.step)
+    sizes = [f"{size:g}" for size in args.step]
+    table = markdown_table(rows, ["source", *(f"transfer@{z}" for z in sizes), *(f"source drop@{z}" for z in sizes),
+                                  "A", "A stderr", "A exact", "S_a", "S_e", "rho", "CKA", "grad cos"])
+    table += "\n\nSpearman correlation of transfer with each score, per step size:\n\n" + markdown_table(
+        [{"step": z, **summary["spearman"][z]} for z in sizes], ["step", *SCORES])
     print(table)
-    print({k: v for k, v in summary.items() if not k.startswith("spearman")})
+    print({k: v for k, v in summary.items() if k != "spearman"})
     path = write_results("bench_source_selection" + ("_quick" if args.quick else ""), rows,
                          {**summary, "quick": args.quick}, table)
     print(f"wrote {path}")
