@@ -81,6 +81,9 @@ def test_sketch_corpus_equals_sketch_model(tmp_path, model, tokenizer):
                           batch_size=4, progress=False)
     labels = [WORDS.index(r["answer"]) for r in ROWS]
     assert_states_close(pairs, sketch_model(model, tokenizer, texts, spec=SPEC, labels=labels, progress=False))
+    sampled = sketch_corpus(model, tokenizer, texts, spec=SPEC, sample=True, batch_size=5, progress=False)
+    assert_states_close(sampled, sketch_model(model, tokenizer, texts, spec=SPEC, sample=True, batch_size=5,
+                                              progress=False))
     from_list = sketch_corpus(model, tokenizer, [(r["prompt"], r["answer"]) for r in ROWS], spec=SPEC, progress=False)
     assert_states_close(from_list, pairs)
 
