@@ -1,14 +1,21 @@
 """FisherSketch of a Hugging Face causal LM over a dataset (docs/design.md §7).
 
-For each sketched position t of each text, the head input a is the input of the
-output embedding (``model.get_output_embeddings()``, i.e. the final normed
-hidden state: RMSNorm for Llama, ln_f for GPT-2), captured by a forward
-pre-hook, and the logits z = W a (+ b) are the model's own; the sketcher forms
-e = p − e_y with p = softmax(z) over the full vocabulary (K = V). Taking the
-head's actual input (rather than ``hidden_states[-1]``) makes a the exact
-factor of the head gradient g = e ⊗ a for every architecture; the first batch
-checks z = W a + b on one row, so a model whose logits are not an affine map of
-that input (logit soft-capping or scaling) is rejected.
+For each sketched position t of each text, the head input a is the final
+normed hidden state (RMSNorm for Llama, ln_f for GPT-2), computed by
+``fisherfast.split.final_head_inputs``: the model's own forward through its
+decoder stack and final norm, *without* the LM head. The logits z = W a + b
+(then the model's post-processing, e.g. Gemma3's soft-capping c·tanh(z/c))
+are formed only for one chunk of selected rows at a time: without
+post-processing, the fused op ``fisher_sketch_update`` takes W and b and
+computes them chunk by chunk; with it, the rows' logits are taken here in
+chunks of ``chunk_rows``. The sketcher forms e = p − e_y with p = softmax(z)
+over the full vocabulary (K = V). Memory beyond the model's own forward
+(which, without its head, holds B·T·d per layer, never B·T·V) is the
+selected rows' a (rows × d) plus one chunk of logits (default 64 MB).
+
+With soft-capping, e = p − e_y is the error in the coordinates of the
+model's final logits: the sketched g = e ⊗ a is the gradient of the loss
+with respect to W only up to the soft-cap's diagonal Jacobian 1 − tanh²(z/c).
 
 Labels:
 
@@ -24,12 +31,12 @@ Texts are batched with right padding and an attention mask, so the real tokens
 keep the positions and outputs they have unpadded (causal attention never
 looks right), and padded positions never enter the sketch.
 
-Cost: one forward pass per batch, then the sketch update of the selected rows
-(2⌈m/N_V⌉ FWHTs of size N_V = 2^⌈log₂V⌉ and 2⌈m/N_d⌉ of size N_d per row).
+Cost: one forward pass per batch without the head, then per selected row the
+K·d logits GEMM and the sketch update (2⌈m/N_V⌉ FWHTs of size
+N_V = 2^⌈log₂V⌉ and 2⌈m/N_d⌉ of size N_d).
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
@@ -39,8 +46,10 @@ from fisherfast.sketch.sketcher import FisherSketcher
 from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import SketchState
 from fisherfast.sketch.tasks import PromptTask
+from fisherfast.split import OutputHead, final_head_inputs, output_head
 
 POSITIONS = ("all", "last")
+LOGITS_CHUNK_BYTES = 64 << 20  # float32 logits rows held at once when the head has post-processing
 
 
 def _token_lists(tokenizer, data, max_length: int | None) -> list[list[int]]:
@@ -59,14 +68,13 @@ def _token_lists(tokenizer, data, max_length: int | None) -> list[list[int]]:
     return ids
 
 
-def _check_head(head: torch.nn.Module, a_row: torch.Tensor, z_row: torch.Tensor) -> None:
-    """The model's logits equal W a + b on one row (one K×d matrix-vector product)."""
-    with torch.no_grad():
-        expected = head(a_row[None])[0].float()
-    z = z_row.float()
-    if not torch.allclose(z, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max().clamp(min=1))):
-        raise ValueError("the model's logits are not the output embedding applied to its input (soft-capping or "
-                         "scaling after the head?); the head-Fisher sketch needs z = W a + b")
+def model_head(model) -> OutputHead:
+    """The model's OutputHead (``fisherfast.split.output_head``); TypeError for anything else."""
+    try:
+        return output_head(model)
+    except (ValueError, AttributeError) as err:
+        raise TypeError(f"model must be a causal LM of a supported architecture with a Linear output "
+                        f"embedding: {err}") from None
 
 
 def _check_label_list(name: str, labels, n: int, K: int) -> list[int]:
@@ -82,15 +90,58 @@ def _check_label_list(name: str, labels, n: int, K: int) -> list[int]:
     return list(labels)
 
 
+def check_chunk_rows(chunk_rows) -> None:
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+
+
+def sketch_batch(model, head: OutputHead, sketchers: dict, batch: list[list[int]], labels: dict, *,
+                 positions: str, sample: bool, chunk_rows: int | None = None) -> int:
+    """Add one batch of token-id lists to ``sketchers`` ({name: FisherSketcher});
+    ``labels`` {name: one token id per text, or None for next-token labels}.
+    Returns the number of real tokens in the batch (for progress bars)."""
+    device = head.W.device
+    lengths = torch.tensor([len(x) for x in batch], device=device)
+    T = int(lengths.max())
+    input_ids = torch.zeros(len(batch), T, dtype=torch.long, device=device)
+    for row, x in enumerate(batch):
+        input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+    t = torch.arange(T, device=device)
+    a = final_head_inputs(model, input_ids, (t[None, :] < lengths[:, None]).long())  # (B, T, d), no logits
+    if positions == "all":  # position t predicts token t + 1 of the same text
+        rows = t[None, :] < (lengths[:, None] - 1)
+        a_rows, next_token = a[rows], input_ids[:, 1:][rows[:, :-1]]
+    else:
+        a_rows, next_token = a[torch.arange(len(batch), device=device), lengths - 1], None
+    del a
+    if head.logit_softcap is None:
+        chunks = [slice(0, a_rows.shape[0])]  # the op forms z = W a + b chunk by chunk itself
+    else:
+        step = chunk_rows or max(1, LOGITS_CHUNK_BYTES // (4 * head.W.shape[0]))
+        chunks = [slice(s, s + step) for s in range(0, a_rows.shape[0], step)]
+    for name, sketcher in sketchers.items():
+        y = None if sample else next_token if labels[name] is None else torch.tensor(labels[name], device=device)
+        for rows in chunks:
+            if head.logit_softcap is None:
+                head_kwargs = dict(W=head.W, b=head.b, chunk_rows=chunk_rows)
+            else:
+                head_kwargs = dict(logits=head.logits(a_rows[rows]))
+            if sample:
+                sketcher.update(a_rows[rows], sample=True, **head_kwargs)
+            else:
+                sketcher.update(a_rows[rows], y=y[rows], **head_kwargs)
+    return int(lengths.sum())
+
+
 def sketch_model(model, tokenizer, texts_or_prompts, *, spec: SketchSpec | None = None, batch_size: int = 8,
                  labels="next_token", positions: str | None = None, sample: bool = False,
                  sample_seed: int | None = None, max_length: int | None = None, progress: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, chunk_rows: int | None = None):
     """Stream a causal LM over data and return the FisherSketch state of its head Fisher.
 
     Args:
-        model: a Hugging Face causal LM (``model(input_ids, attention_mask)``
-            returning ``.logits``) whose ``get_output_embeddings()`` is an nn.Linear.
+        model: a Hugging Face causal LM of ``fisherfast.split.SUPPORTED_MODEL_TYPES``
+            whose ``get_output_embeddings()`` is an nn.Linear.
         tokenizer: its tokenizer (unused when the data are token-id lists).
         texts_or_prompts: list of strings, or of token-id lists.
         spec: SketchSpec with d = hidden size and K = vocabulary size (the
@@ -106,16 +157,20 @@ def sketch_model(model, tokenizer, texts_or_prompts, *, spec: SketchSpec | None 
             "next_token" or None and only selects the default positions.
         sample_seed: seed of the y ∼ p draws (default: the spec's seed).
         max_length: truncate each text to this many tokens.
-        progress: show a tqdm progress bar over batches.
+        progress: show a tqdm progress bar (tokens, tokens/s).
         backend: force an op backend for the sketch update.
+        chunk_rows: logits rows formed at once (default: 64 MB of float32).
 
     Returns:
         SketchState on the model's device (count = number of sketched
         positions), or {name: SketchState} for dict labels.
 
-    Memory: for positions="all" a batch holds the model's B×T×V logits (pick
-    ``batch_size`` for that); for "last" the model computes logits at the
-    rows' last positions only (``logits_to_keep``, where it supports that).
+    Memory: the model's forward without its head, plus the selected rows' head
+    inputs and one chunk of logits rows (see the module docstring); never
+    B·T·V.
+
+    Raises:
+        TypeError/ValueError for bad arguments, before any forward pass.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -123,11 +178,10 @@ def sketch_model(model, tokenizer, texts_or_prompts, *, spec: SketchSpec | None 
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     if not isinstance(sample, bool):
         raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError("model must be a causal LM whose output embedding (get_output_embeddings()) is an nn.Linear")
+    check_chunk_rows(chunk_rows)
+    head = model_head(model)
     ids = _token_lists(tokenizer, texts_or_prompts, max_length)
-    K, d = head.out_features, head.in_features
+    K, d = head.W.shape
 
     if isinstance(labels, str) and labels != "next_token":
         raise ValueError(f"labels must be 'next_token' or a list of token ids (one per prompt), got {labels!r}")
@@ -162,52 +216,14 @@ def sketch_model(model, tokenizer, texts_or_prompts, *, spec: SketchSpec | None 
     if (spec.d, spec.K) != (d, K):
         raise ValueError(f"spec must have d = {d} (hidden size) and K = {K} (vocabulary), got {spec}")
 
-    device = head.weight.device
-    sketchers = {name: FisherSketcher(spec, device=device, generator_seed=sample_seed, backend=backend)
+    sketchers = {name: FisherSketcher(spec, device=head.W.device, generator_seed=sample_seed, backend=backend)
                  for name in label_sets}
-    # "last": ask the model for the logits at the rows' last positions only
-    keep = positions == "last" and "logits_to_keep" in inspect.signature(model.forward).parameters
-    captured = {}
-    handle = head.register_forward_pre_hook(lambda module, args: captured.__setitem__("a", args[0]))
-    try:
-        for start in tqdm(range(0, len(ids), batch_size), desc="FisherSketch", unit="batch", disable=not progress):
-            batch = ids[start:start + batch_size]
-            lengths = torch.tensor([len(x) for x in batch], device=device)
-            T = int(lengths.max())
-            input_ids = torch.zeros(len(batch), T, dtype=torch.long, device=device)
-            for row, x in enumerate(batch):
-                input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-            t = torch.arange(T, device=device)
-            kwargs = {"attention_mask": (t[None, :] < lengths[:, None]).long()}
-            if positions == "last":
-                columns = torch.unique(lengths - 1)  # sorted distinct last positions
-                if keep:
-                    kwargs["logits_to_keep"] = columns
-                column = torch.searchsorted(columns, lengths - 1) if keep else lengths - 1
-            with torch.no_grad():
-                logits = model(input_ids=input_ids, **kwargs).logits
-            a = captured.pop("a")  # (B, T or len(columns), d), aligned with logits
-            if a.shape[:2] != logits.shape[:2]:
-                raise ValueError(f"the output embedding saw inputs of shape {tuple(a.shape)} for logits of shape "
-                                 f"{tuple(logits.shape)}; the head must run once per forward pass")
-            if positions == "all":  # position t predicts token t + 1 of the same text
-                rows = t[None, :] < (lengths[:, None] - 1)
-                a_rows, z_rows = a[rows], logits[rows]
-                next_token = input_ids[:, 1:][rows[:, :-1]]
-            else:
-                batch_rows = torch.arange(len(batch), device=device)
-                a_rows, z_rows = a[batch_rows, column], logits[batch_rows, column]
-            if start == 0:
-                _check_head(head, a_rows[0], z_rows[0])
-            for name, sketcher in sketchers.items():
-                if sample:
-                    sketcher.update(a_rows, logits=z_rows, sample=True)
-                else:
-                    y = next_token if label_sets[name] is None else \
-                        torch.tensor(label_sets[name][start:start + batch_size], device=device)
-                    sketcher.update(a_rows, logits=z_rows, y=y)
-    finally:
-        handle.remove()
+    with tqdm(total=sum(map(len, ids)), desc="FisherSketch", unit="tok", unit_scale=True,
+              disable=not progress) as bar:
+        for start in range(0, len(ids), batch_size):
+            batch_labels = {name: None if y is None else y[start:start + batch_size] for name, y in label_sets.items()}
+            bar.update(sketch_batch(model, head, sketchers, ids[start:start + batch_size], batch_labels,
+                                    positions=positions, sample=sample, chunk_rows=chunk_rows))
     if isinstance(labels, dict):
         return {name: sketcher.state for name, sketcher in sketchers.items()}
     return sketchers[None].state

@@ -124,7 +124,13 @@ class SketchState:
         return ((self.sumsqs[kind] - self.sums[kind].square() / n) / (n - 1)).clamp_(min=0)
 
     def stderr(self, kind: str = "joint") -> torch.Tensor:
-        """Standard error of each signature coordinate, √(variance / n), float64 (m,)."""
+        """Standard error of each signature coordinate over the samples, √(variance / n), float64 (m,).
+
+        This is the sampling part only: for fixed projections each coordinate is
+        a mean over samples. The random projections' error enters quantities
+        built from many coordinates (inner products, norms, alignments); their
+        standard errors, with both parts, come from ``alignment`` (jackknife
+        over the features)."""
         return (self.variance(kind) / self.count).sqrt()
 
     # -- persistence ---------------------------------------------------------------------------------------------

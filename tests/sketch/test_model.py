@@ -1,10 +1,9 @@
-"""sketch_model on tiny random-init causal LMs (nothing fetched).
+"""sketch_model on tiny random-init causal LMs (the conftest ``tiny_lm`` factory; nothing fetched).
 
-Oracle: the head input recomputed independently for each text run alone
-(unpadded) as final_norm(output of the last block), the logits as W a (+ b),
-and the labels by hand; these rows go through FisherSketcher directly."""
-import functools
-
+Oracle: each text run alone (unpadded) through the model's own forward; the
+head input a is captured by a plain forward hook on the final norm, the logits
+are the model's own ``.logits`` (with Gemma3's soft-capping where set), and the
+labels are picked by hand; these rows go through FisherSketcher directly."""
 import pytest
 import torch
 import transformers
@@ -19,6 +18,9 @@ WORDS = ["[PAD]", "[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", 
 V = len(WORDS)
 TEXTS = ["the cat sat on the mat", "a dog ran", "the red sun is very big and the blue sun is small",
          "cat dog", "is it good ? Answer :", "the small dog sat on a mat far away"]
+NORMS = {"llama": "model.norm", "qwen2": "model.norm", "gpt2": "transformer.ln_f",
+         "gpt_neox": "gpt_neox.final_layer_norm", "gemma3_text": "model.norm"}
+_MODELS = {}
 
 
 def tiny_tokenizer():
@@ -27,44 +29,40 @@ def tiny_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_model(arch: str):
-    torch.manual_seed(0)
-    if arch == "llama":
-        config = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    elif arch == "gpt2":
-        config = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=2, n_head=2, n_positions=64,
-                                         bos_token_id=0, eos_token_id=0)
-    else:
-        config = transformers.Gemma2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                           final_logit_softcapping=0.01)
-    config._attn_implementation = "eager"
-    return transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+@pytest.fixture(scope="module")
+def tiny_model(tiny_lm):
+    """arch → a tiny model (d = 16, V = 28; "gemma3_softcap": Gemma3 with final_logit_softcapping 2)."""
+    def make(arch: str):
+        if arch not in _MODELS:
+            base = "gemma3_text" if arch == "gemma3_softcap" else arch
+            model = tiny_lm(base, vocab=V, d=16, layers=2, heads=2, head_scale=8.0, dtype=torch.float32)
+            if arch == "gemma3_softcap":
+                model.config.final_logit_softcapping = 2.0
+            _MODELS[arch] = model
+        return _MODELS[arch]
+    return make
 
 
-def head_inputs(model, ids: list[int]) -> torch.Tensor:
-    """final_norm(last block output) of one unpadded text: (T, d)."""
-    blocks, norm = (model.model.layers, model.model.norm) if hasattr(model, "model") else \
-        (model.transformer.h, model.transformer.ln_f)
+def own_forward(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a (T, d), logits (T, V)) of one unpadded text: the final norm's output and the model's own logits."""
+    norm = model.get_submodule(NORMS[model.config.model_type])
     out = {}
-    handle = blocks[-1].register_forward_hook(lambda mod, args, output: out.__setitem__("h", output))
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids]))
-        h = out["h"][0] if isinstance(out["h"], tuple) else out["h"]
-        a = norm(h)[0]
-    handle.remove()
-    return a
+    handle = norm.register_forward_hook(lambda mod, args, output: out.__setitem__("a", output))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+    finally:
+        handle.remove()
+    return out["a"][0], logits
 
 
 def manual_state(model, rows_per_batch, spec, sample=False):
     """rows_per_batch: list (one per update) of lists of (token ids, position, label)."""
-    W = model.get_output_embeddings().weight
     sketcher = FisherSketcher(spec, generator_seed=spec.seed)
     for rows in rows_per_batch:
-        a = torch.stack([head_inputs(model, ids)[t] for ids, t, _ in rows])
-        logits = a @ W.T
+        forwards = [own_forward(model, ids) for ids, _, _ in rows]
+        a = torch.stack([f[0][t] for f, (_, t, _) in zip(forwards, rows)])
+        logits = torch.stack([f[1][t] for f, (_, t, _) in zip(forwards, rows)])
         if sample:
             sketcher.update(a, logits=logits, sample=True)
         else:
@@ -85,18 +83,24 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_next_token_state_equals_manual_features(arch, tokenizer):
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma3_softcap"])
+def test_next_token_state_equals_manual_features(arch, tokenizer, tiny_model):
     model = tiny_model(arch)
     spec = SketchSpec(d=16, K=V, m=64, seed=3)
-    state = sketch_model(model, tokenizer, TEXTS, spec=spec, batch_size=4, progress=False)
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    try:  # chunk_rows=5: the softcap path forms logits 5 rows at a time
+        state = sketch_model(model, tokenizer, TEXTS, spec=spec, batch_size=4, progress=False, chunk_rows=5)
+    finally:
+        handle.remove()
+    assert not calls  # the model's LM head never runs: no B·T·V logits
     ids = tokenizer(TEXTS)["input_ids"]
     batches = [[(x, t, x[t + 1]) for x in ids[s:s + 4] for t in range(len(x) - 1)] for s in (0, 4)]
     assert_states_close(state, manual_state(model, batches, spec))
     assert state.count == sum(len(x) - 1 for x in ids)
 
 
-def test_padding_is_ignored(tokenizer):
+def test_padding_is_ignored(tokenizer, tiny_model):
     model = tiny_model("llama")
     spec = SketchSpec(d=16, K=V, m=64)
     one_by_one = sketch_model(model, tokenizer, TEXTS, spec=spec, batch_size=1, progress=False)
@@ -104,7 +108,7 @@ def test_padding_is_ignored(tokenizer):
     assert_states_close(padded, one_by_one)
 
 
-def test_verbalizer_labels_at_last_position(tokenizer):
+def test_verbalizer_labels_at_last_position(tokenizer, tiny_model):
     model = tiny_model("llama")
     spec = SketchSpec(d=16, K=V, m=64, seed=1)
     labels = [WORDS.index(w) for w in ("Yes", "No", "Yes", "Good", "Bad", "No")]
@@ -115,7 +119,7 @@ def test_verbalizer_labels_at_last_position(tokenizer):
     assert state.count == len(TEXTS)
 
 
-def test_sample_draws_seeded_labels(tokenizer):
+def test_sample_draws_seeded_labels(tokenizer, tiny_model):
     model = tiny_model("llama")
     spec = SketchSpec(d=16, K=V, m=64, seed=2)
     state = sketch_model(model, tokenizer, TEXTS, spec=spec, sample=True, batch_size=3, progress=False)
@@ -126,7 +130,7 @@ def test_sample_draws_seeded_labels(tokenizer):
     assert last.count == len(TEXTS)  # labels=None: the last position of each text
 
 
-def test_token_id_inputs_and_default_spec(tokenizer):
+def test_token_id_inputs_and_default_spec(tokenizer, tiny_model):
     model = tiny_model("gpt2")
     ids = tokenizer(TEXTS)["input_ids"]
     from_ids = sketch_model(model, None, ids, batch_size=2, progress=False)
@@ -135,7 +139,7 @@ def test_token_id_inputs_and_default_spec(tokenizer):
     assert_states_close(from_ids, from_text)
 
 
-def test_prompt_task_labels(tokenizer):
+def test_prompt_task_labels(tokenizer, tiny_model):
     model = tiny_model("llama")
     task = PromptTask("t", ("is it good ?", "the cat"), ("Yes", "No"))
     assert task.label_ids(tokenizer) == [WORDS.index("Yes"), WORDS.index("No")]
@@ -161,11 +165,6 @@ def test_builtin_tasks_share_prompts_and_balance():
         verbalizer_tasks(n=1000)
 
 
-def test_rejects_logit_softcapping(tokenizer):
-    with pytest.raises(ValueError, match="soft-capping"):
-        sketch_model(tiny_model("gemma2"), tokenizer, TEXTS[:2], spec=SketchSpec(d=16, K=V, m=16), progress=False)
-
-
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(labels="tokens"), ValueError, "labels must be"),
     (dict(labels=[1, 2]), ValueError, "one token id per prompt"),
@@ -181,13 +180,13 @@ def test_rejects_logit_softcapping(tokenizer):
     (dict(spec=SketchSpec(d=8, K=V)), ValueError, "d = 16"),
     (dict(spec=(16, V)), TypeError, "SketchSpec"),
 ])
-def test_bad_arguments(kwargs, error, match, tokenizer):
+def test_bad_arguments(kwargs, error, match, tokenizer, tiny_model):
     model = tiny_model("llama")
     with pytest.raises(error, match=match):
         sketch_model(model, tokenizer, TEXTS, progress=False, **kwargs)
 
 
-def test_bad_data(tokenizer):
+def test_bad_data(tokenizer, tiny_model):
     model = tiny_model("llama")
     with pytest.raises(TypeError, match="non-empty list"):
         sketch_model(model, tokenizer, "the cat", progress=False)
@@ -199,11 +198,11 @@ def test_bad_data(tokenizer):
         sketch_model(model, None, ["the cat"], progress=False)
     with pytest.raises(ValueError, match="fewer than 2 tokens"):
         sketch_model(model, tokenizer, ["the cat", "dog"], progress=False)
-    with pytest.raises(TypeError, match="output embedding"):
+    with pytest.raises(TypeError, match="supported architecture"):
         sketch_model(torch.nn.Linear(2, 2), tokenizer, ["the cat"], progress=False)
 
 
-def test_sketch_tasks_shares_forward_passes(tokenizer):
+def test_sketch_tasks_shares_forward_passes(tokenizer, tiny_model):
     model = tiny_model("llama")
     spec = SketchSpec(d=16, K=V, m=32)
     prompts, other = ("is it good ?", "the cat sat", "a dog"), ("the sun is red", "it is blue")
@@ -219,7 +218,7 @@ def test_sketch_tasks_shares_forward_passes(tokenizer):
         sketch_model(model, tokenizer, list(prompts), labels={"x": [2]}, spec=spec, progress=False)
 
 
-def test_cli_sketch_and_align(tokenizer, tmp_path, capsys):
+def test_cli_sketch_and_align(tokenizer, tmp_path, capsys, tiny_model):
     from fisherfast import cli
 
     model = tiny_model("llama")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_ARCHS
+TINY_ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox", "gemma3_text")
 from fisherfast.split import decoder_blocks
 from fisherfast.steer import steering
 

@@ -1,0 +1,84 @@
+"""Source selection with FisherSketch: rank candidate source tasks by the
+alignment of their head Fishers with a target task's (DESIGN.md §7).
+
+For each candidate j: the head-Fisher alignment A(target, j), its activation
+and error marginals S_a, S_e (alignments of the activation second moments
+M_a and of the error second moments Γ_e) and the coupling ρ = A / (S_a S_e)
+(1 when a and e are independent within each task), each with its standard
+error from ``alignment`` (projection jackknife and, for A, S_a, S_e, the
+sampling part; for ρ the joint delete-one-feature jackknife,
+``coupling_stderr``). Candidates are ranked by A, largest first.
+
+What the ranking predicts is measured in bench/bench_source_selection.py
+(fine-tuning the head on each source and measuring the target's loss).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from fisherfast.sketch.alignment import alignment, coupling_stderr, marginals
+from fisherfast.sketch.state import SketchState
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceScore:
+    """One candidate's scores against the target (float cosines, ± their standard errors).
+
+    Attributes:
+        name: the candidate's name; rank: 1 for the best aligned.
+        A, A_stderr: head-Fisher alignment with the target.
+        S_a, S_a_stderr: activation marginal (second moments of the head inputs).
+        S_e, S_e_stderr: error marginal (second moments of e = p − e_y).
+        rho, rho_stderr: coupling A / (S_a S_e) (projection part of the error).
+        count: the candidate's sample count.
+    """
+
+    name: str
+    rank: int
+    A: float
+    A_stderr: float
+    S_a: float
+    S_a_stderr: float
+    S_e: float
+    S_e_stderr: float
+    rho: float
+    rho_stderr: float
+    count: int
+
+
+def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
+    """Candidates ranked by head-Fisher alignment with ``target``.
+
+    Args:
+        target: the target task's SketchState.
+        candidates: {name: SketchState} (or a list, named "0", "1", …), all
+            under the target's spec.
+
+    Returns:
+        list of SourceScore, best aligned first (rank 1).
+
+    Raises:
+        TypeError: target not a SketchState, or candidates not states.
+        ValueError: no candidates, different specs, empty states.
+    """
+    if not isinstance(target, SketchState):
+        raise TypeError(f"target must be a SketchState, got {type(target).__name__}")
+    if isinstance(candidates, dict):
+        names, states = [str(k) for k in candidates], list(candidates.values())
+    elif isinstance(candidates, (list, tuple)):
+        names, states = [str(i) for i in range(len(candidates))], list(candidates)
+    else:
+        raise TypeError("candidates must be a {name: SketchState} dict or a list of SketchStates")
+    if not states:
+        raise ValueError("candidates must hold at least one SketchState")
+    if not all(isinstance(s, SketchState) for s in states):
+        raise TypeError("every candidate must be a SketchState")
+    everything = [target, *states]  # row 0 is the target
+    joint, act, err = (alignment(everything, kind=kind) for kind in ("joint", "activation", "error"))
+    rho, rho_se = marginals(everything).rho, coupling_stderr(everything)
+    scores = [dict(name=name, A=float(joint.A[0, j]), A_stderr=float(joint.stderr[0, j]), S_a=float(act.A[0, j]),
+                   S_a_stderr=float(act.stderr[0, j]), S_e=float(err.A[0, j]), S_e_stderr=float(err.stderr[0, j]),
+                   rho=float(rho[0, j]), rho_stderr=float(rho_se[0, j]), count=state.count)
+              for j, (name, state) in enumerate(zip(names, states), start=1)]
+    scores.sort(key=lambda s: -s["A"])
+    return [SourceScore(rank=r, **s) for r, s in enumerate(scores, start=1)]

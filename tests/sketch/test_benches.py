@@ -1,0 +1,30 @@
+"""The FisherSketch bench scripts' --quick modes on tiny configs (they write bench/results/*_quick.json)."""
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+
+
+@pytest.mark.slow  # ~20 s: the profiler-based memory peaks
+def test_bench_sketch_model_quick():
+    import bench_sketch_model
+
+    rows = {row["contender"]: row for row in bench_sketch_model.main(["--quick"])}
+    assert rows["streamed sketch_model"]["rel_diff_vs_materialized"] == 0  # same state, exactly
+    assert rows["streamed sketch_model"]["peak_extra_MB"] < rows["materialized (previous)"]["peak_extra_MB"]
+
+
+def test_bench_source_selection_quick():
+    pytest.importorskip("scipy")
+    import bench_source_selection
+
+    rows, summary = bench_source_selection.main(["--quick"])
+    assert len(rows) == 10 and len({r["source"] for r in rows}) == 10
+    for row in rows:  # the sketch against the kernel identity, within its error bar
+        assert abs(row["A"] - row["A exact"]) <= 4 * row["A stderr"] + 0.02, row
+    spearman = [v for per_step in summary["spearman"].values() for v in per_step.values()]
+    assert len(spearman) == 6 * len(summary["step_sizes"]) and all(math.isfinite(v) and -1 <= v <= 1
+                                                                   for v in spearman)
