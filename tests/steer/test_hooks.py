@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-TINY_ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox", "gemma3_text")
+from tiny_models import TINY_ARCHS  # noqa: E402
 from fisherfast.split import decoder_blocks
 from fisherfast.steer import steering
 
@@ -29,7 +29,7 @@ CHOICES = {
 
 @pytest.fixture(scope="module")
 def models():
-    from conftest import tiny_causal_lm
+    from tiny_models import tiny_causal_lm
 
     built = {}
     for arch in TINY_ARCHS:
