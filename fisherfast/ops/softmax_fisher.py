@@ -41,8 +41,9 @@ from typing import Optional
 import torch
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import check_finite, check_same_device, check_same_dtype, check_tensor, compute_dtype
-from fisherfast.ops.softmax_fisher_common import cast_checked, raise_nonfinite_result
+from fisherfast.ops._checks import (cast_checked, check_finite, check_same_device, check_same_dtype, check_tensor,
+                                    compute_dtype)
+from fisherfast.ops.softmax_fisher_common import raise_nonfinite_result
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """What every softmax-Fisher backend shares (DESIGN.md §3): the V-chunk
 policy, the merge of per-split partial normalizers, and the errors raised for
-a non-finite normalizer, a non-finite result, or a result that overflows the
-input dtype. Imported by the public op file and by each backend module; it
-imports none of them."""
+a non-finite normalizer or a non-finite result (the overflow check of a
+half-precision result is ``_checks.cast_checked``, shared by every op).
+Imported by the public op file and by each backend module; it imports none
+of them."""
 from __future__ import annotations
 
 import math
@@ -60,21 +61,3 @@ def raise_nonfinite_result(out: torch.Tensor, from_logits: bool) -> None:
     if not bool(torch.isfinite(out).all()):
         source = "logits or W" if from_logits else "W or b (a was checked finite)"
         raise ValueError(f"non-finite result: {source} contain NaN or Inf")
-
-
-def cast_checked(out: torch.Tensor, dtype: torch.dtype, op: str) -> torch.Tensor:
-    """``out`` (computed in float32/float64) cast to the input dtype ``dtype``.
-
-    Rule for half-precision inputs: a value that is finite in the compute dtype
-    but overflows float16/bfloat16 (|x| > 65504 for float16) is an error,
-    never a silent Inf: OverflowError naming the op and the largest value,
-    asking for float32 inputs. Values non-finite already in the compute dtype
-    pass through (the ops that forbid them raise before this)."""
-    cast = out.to(dtype)
-    if dtype in (torch.float16, torch.bfloat16) and cast.numel():
-        overflow = torch.isfinite(out) & ~torch.isfinite(cast)
-        if bool(overflow.any()):
-            largest = float(out[overflow].abs().max())
-            raise OverflowError(f"{op}: the result (largest |value| {largest:.4g}) overflows {dtype} "
-                                f"(max {torch.finfo(dtype).max:.6g}); pass float32 inputs to get it in float32")
-    return cast
