@@ -17,6 +17,7 @@ import functools
 import math
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
 from fisherfast.ops.softmax_fisher_common import LSE_CHUNK_ELEMENTS, chunk_size, raise_nonfinite_normalizer
@@ -33,15 +34,17 @@ def _sweep_threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // SWEEP_WORK_PER_THREAD))
 
 
-def _addr(x):
-    return 0 if x is None else x.data_ptr()
+def _dl(x):
+    """The C++ side's tensor view: a DLPack capsule (None stays None)."""
+    return None if x is None else to_dlpack(x)
 
 
-def _cpu_chunks(a, W, U, logits, C):
-    """Yield (W_c, Z address, row stride of Z, Y address, ysb, ysj, bias
-    offset) over V. With a, the logits and the projections y = Uᵀw come from
-    one GEMM [a; Uᵀ] W_cᵀ into a reused buffer (U shared: k rows; per token:
-    B·k rows, token b's at B + b·k); given logits are read in place."""
+def _cpu_chunks(a, W, U, b, logits, C):
+    """Yield (W_c, Z_c (B,c), Y_c (B,k,c) or None, b_c or None) over V. With a,
+    the logits and the projections y = Uᵀw come from one GEMM [a; Uᵀ] W_cᵀ
+    into a reused buffer (U shared: k rows, seen by every token through a
+    stride-0 view; per token: B·k rows, token b's at B + b·k); given logits
+    are read in place (a strided view)."""
     V, d = W.shape
     B = (logits if logits is not None else a).shape[0]
     k = 0 if U is None else U.shape[-1]
@@ -52,23 +55,20 @@ def _cpu_chunks(a, W, U, logits, C):
     n = 0 if rows is None else rows.shape[0]
     buf = torch.empty(n * C, dtype=W.dtype, device=W.device)
     y0 = 0 if logits is not None else B  # first projection row
-    ysb = k if (U is not None and U.dim() == 3) else 0
     for start in range(0, V, C):
         c = min(C, V - start)
         Wc = W[start:start + c]
         R = buf[:n * c].view(n, c)
         if n:
             torch.mm(rows, Wc.T, out=R)
-        if logits is not None:
-            z_addr, zsb = logits[:, start].data_ptr(), logits.stride(0)
+        Z = logits[:, start:start + c] if logits is not None else R[:B]
+        if k == 0:
+            Y = None
+        elif U.dim() == 2:
+            Y = R[y0:y0 + k].unsqueeze(0).expand(B, k, c)
         else:
-            z_addr, zsb = R.data_ptr(), c
-        y_addr = R[y0:].data_ptr() if k else 0
-        yield start, Wc, z_addr, zsb, y_addr, ysb * c, c
-
-
-def _bias_addr(b, start):
-    return 0 if b is None else b[start:].data_ptr()
+            Y = R[y0:].view(B, k, c)
+        yield Wc, Z, Y, (None if b is None else b[start:start + c])
 
 
 def _running(B, dt, dev):
@@ -82,22 +82,23 @@ def _moments(a, W, U, b, logits, C):
     B = (logits if logits is not None else a).shape[0]
     V, d = W.shape
     k = 0 if U is None else U.shape[-1]
-    dt, dev, name = W.dtype, W.device, str(W.dtype).removeprefix("torch.")
+    dt, dev = W.dtype, W.device
     new = functools.partial(torch.empty, dtype=dt, device=dev)
     m, l = _running(B, dt, dev)
     mu, ybar, M = torch.zeros(B, d, dtype=dt), torch.zeros(B, k, dtype=dt), torch.zeros(B, d, k, dtype=dt)
     m_c, l_c, ybar_c, t_c = new(B), new(B), new(B, k), new(B, k)
     X, A = new(B * (k + 1) * C), new(B * (k + 1), d)
     merge_threads = _sweep_threads(B * d * (k + 1))
-    for start, Wc, z, zsb, y, ysb, ysj in _cpu_chunks(a, W, U, logits, C):
+    running = [_dl(x) for x in (m_c, l_c, ybar_c, t_c, m, l, mu, ybar, M)]
+    for Wc, Z, Y, b_c in _cpu_chunks(a, W, U, b, logits, C):
         c = Wc.shape[0]
-        ext.softmax_fisher_matmat_chunk(name, z, zsb, _bias_addr(b, start), y, ysb, ysj, B, c, k, X.data_ptr(),
-                                        m_c.data_ptr(), l_c.data_ptr(), _addr(ybar_c), _addr(t_c),
+        Xc = X[:B * (k + 1) * c].view(B, k + 1, c)
+        if Y is None:  # k = 0: no projection rows
+            Y = Z.new_empty(B, 0, c)
+        ext.softmax_fisher_matmat_chunk(_dl(Z), _dl(b_c), _dl(Y), _dl(Xc), *running[:4],
                                         _sweep_threads(B * c * (k + 2)))
-        torch.mm(X[:B * (k + 1) * c].view(B * (k + 1), c), Wc, out=A)
-        ext.softmax_fisher_matmat_merge(name, A.data_ptr(), B, d, k, m_c.data_ptr(), l_c.data_ptr(), _addr(ybar_c),
-                                        _addr(t_c), m.data_ptr(), l.data_ptr(), mu.data_ptr(), _addr(ybar),
-                                        _addr(M), merge_threads)
+        torch.mm(Xc.view(B * (k + 1), c), Wc, out=A)
+        ext.softmax_fisher_matmat_merge(_dl(A.view(B, k + 1, d)), *running, merge_threads)
     raise_nonfinite_normalizer(m + torch.log(l), logits is not None)
     return m, l, mu, M
 
@@ -118,13 +119,13 @@ def quad(a, W, U, b, logits, chunk):
     B = (logits if logits is not None else a).shape[0]
     k = U.shape[-1]
     C = chunk_size(W.shape[0], (0 if logits is not None else B) + (k if U.dim() == 2 else B * k), chunk)
-    dt, name = W.dtype, str(W.dtype).removeprefix("torch.")
+    dt = W.dtype
     m, l = _running(B, dt, W.device)
     ybar, M = torch.zeros(B, k, dtype=dt), torch.zeros(B, k, k, dtype=dt)
-    for start, Wc, z, zsb, y, ysb, ysj in _cpu_chunks(a, W, U, logits, C):
+    running = [_dl(x) for x in (m, l, ybar, M)]
+    for Wc, Z, Y, b_c in _cpu_chunks(a, W, U, b, logits, C):
         c = Wc.shape[0]
-        ext.softmax_fisher_quad_update(name, z, zsb, _bias_addr(b, start), y, ysb, ysj, B, c, k, m.data_ptr(),
-                                       l.data_ptr(), ybar.data_ptr(), M.data_ptr(),
+        ext.softmax_fisher_quad_update(_dl(Z), _dl(b_c), _dl(Y), *running,
                                        _sweep_threads(B * c * (k + 1) * (k + 4) // 2))
     raise_nonfinite_normalizer(m + torch.log(l), logits is not None)
     return M / l[:, None, None]  # symmetric by construction (both triangles written from one sum)
@@ -134,12 +135,10 @@ def _normalizer(a, W, b, logits, C):
     """(m, l) per token: one GEMM and one C++ sweep per chunk."""
     ext = _backends.cpu_extension()
     B = (logits if logits is not None else a).shape[0]
-    name = str(W.dtype).removeprefix("torch.")
     m, l = _running(B, W.dtype, W.device)
-    for start, Wc, z, zsb, _, _, _ in _cpu_chunks(a, W, None, logits, C):
-        c = Wc.shape[0]
-        ext.softmax_fisher_lse_update(name, z, zsb, _bias_addr(b, start), B, c, m.data_ptr(), l.data_ptr(),
-                                      _sweep_threads(4 * B * c))
+    running = [_dl(m), _dl(l)]
+    for Wc, Z, _, b_c in _cpu_chunks(a, W, None, b, logits, C):
+        ext.softmax_fisher_lse_update(_dl(Z), _dl(b_c), *running, _sweep_threads(4 * B * Wc.shape[0]))
     return m, l
 
 

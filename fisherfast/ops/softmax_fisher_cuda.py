@@ -12,14 +12,16 @@ are merged on the host by ``merge_splits`` (softmax_fisher_common).
 from __future__ import annotations
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
 from fisherfast.ops import softmax_fisher_reference as reference
 from fisherfast.ops.softmax_fisher_common import merge_splits, raise_nonfinite_normalizer
 
 
-def _addr(x):
-    return 0 if x is None else x.data_ptr()
+def _dl(x):
+    """The C++ side's tensor view: a DLPack capsule (None stays None)."""
+    return None if x is None else to_dlpack(x)
 
 
 def _cuda_launch_shape(V: int, B: int) -> tuple[int, int]:
@@ -38,8 +40,7 @@ def _stats(a, W, U, b):
     M = torch.empty(splits, B, dtype=W.dtype, device=W.device)
     L = torch.empty_like(M)
     S = torch.empty(splits, B, max(k, 1), dtype=W.dtype, device=W.device)
-    ext.softmax_fisher_stats(str(W.dtype).removeprefix("torch."), a.data_ptr(), W.data_ptr(), _addr(b), _addr(U),
-                             B, V, d, k, rows, splits, M.data_ptr(), L.data_ptr(), S.data_ptr(),
+    ext.softmax_fisher_stats(_dl(a), _dl(W), _dl(b), _dl(U), _dl(M), _dl(L), _dl(S), rows,
                              torch.cuda.current_stream(W.device).cuda_stream)
     m, log_l, ybar = merge_splits(M, L, S[:, :, :k])
     return m, log_l, ybar, (rows, splits)
@@ -60,7 +61,6 @@ def matmat(a, W, U, b, logits, chunk):
     ext = _backends.cuda_extension()
     B, d = a.shape
     V = W.shape[0]
-    name = str(W.dtype).removeprefix("torch.")
     out = []
     for Uj in U.split(ext.softmax_fisher_max_k, dim=1):
         Uj = Uj.contiguous()
@@ -70,10 +70,9 @@ def matmat(a, W, U, b, logits, chunk):
         A = torch.zeros(splits, B, d, k, dtype=W.dtype, device=W.device)
         Mu = torch.zeros(splits, B, d, dtype=W.dtype, device=W.device)
         T = torch.zeros(splits, B, k, dtype=W.dtype, device=W.device)
-        ext.softmax_fisher_matmat_pass2(name, a.data_ptr(), W.data_ptr(), _addr(b), Uj.data_ptr(),
-                                        m.contiguous().data_ptr(), log_l.contiguous().data_ptr(),
-                                        ybar.contiguous().data_ptr(), B, V, d, k, rows, splits, A.data_ptr(),
-                                        Mu.data_ptr(), T.data_ptr(), torch.cuda.current_stream(W.device).cuda_stream)
+        ext.softmax_fisher_matmat_pass2(_dl(a), _dl(W), _dl(b), _dl(Uj), _dl(m.contiguous()),
+                                        _dl(log_l.contiguous()), _dl(ybar.contiguous()), _dl(A), _dl(Mu), _dl(T), rows,
+                                        torch.cuda.current_stream(W.device).cuda_stream)
         mu, t = Mu.sum(dim=0), T.sum(dim=0)
         out.append(A.sum(dim=0) - mu[:, :, None] * t[:, None, :])
     return torch.cat(out, dim=2)

@@ -471,3 +471,27 @@ def test_ops_trace_under_torch_compile():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(a, W, b, U), f(a, W, b, U), rtol=0, atol=0)
+
+
+def test_cpu_entry_points_check_their_tensor_views():
+    """The C++ entry points take DLPack views and check dtype, rank, shapes and
+    layout once per call, naming the argument (ValueError from C++)."""
+    _C = pytest.importorskip("fisherfast._C")
+    from torch.utils.dlpack import to_dlpack as dl
+
+    B, C = 3, 16
+    Z, m, l = torch.randn(B, C), torch.full((B,), -float("inf")), torch.zeros(B)
+    _C.softmax_fisher_lse_update(dl(Z), None, dl(m), dl(l), 1)
+    assert torch.allclose(m + l.log(), torch.logsumexp(Z, 1))
+    cases = [
+        ((Z.data_ptr(), None, dl(m), dl(l), 1), "Z must be a DLPack capsule"),
+        ((dl(Z), None, dl(m.double()), dl(l), 1), "m must be float32, got float64"),
+        ((dl(Z), None, dl(m[:2]), dl(l), 1), "m dimension 0 must be 3, got 2"),
+        ((dl(Z), dl(torch.zeros(C + 1)), dl(m), dl(l), 1), "bias dimension 0 must be 16"),
+        ((dl(Z.long()), None, dl(m), dl(l), 1), "Z must be float32 or float64"),
+        ((dl(Z.t()), None, dl(torch.zeros(C)), dl(torch.zeros(C)), 1), "Z must have unit last stride"),
+        ((dl(Z), None, dl(torch.zeros(B, 2)[:, 0]), dl(l), 1), "m must have unit last stride"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _C.softmax_fisher_lse_update(*args)
