@@ -209,44 +209,38 @@ def _(a, W, b, backend, chunk):
     return a.new_empty(B)
 
 
-def _contract(op: str, a, W, U, b, logits, backend, chunk) -> torch.Tensor:
-    """Shared body of the matmat and quad ops."""
-    B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
-    _check_U(U, W, B, False)
-    impl = _select(op, W.device, backend)
-    out_dtype, k = W.dtype, U.shape[-1]
-    if B == 0:
-        return W.new_empty(0, W.shape[1], k) if op == "matmat" else W.new_empty(0, k, k)
-    a, W, b, logits, U = _prepare(a, W, b, logits, U, impl.backend)
-    out = impl(a, W, U, b, logits, chunk)
-    raise_nonfinite_result(out, logits is not None)
-    return cast_checked(out, out_dtype, _public_name(op))
+def _contraction_shape(op: str, B: int, d: int, k: int) -> tuple[int, ...]:
+    return (B, d, k) if op == "matmat" else (B, k, k)
 
 
-@torch.library.custom_op("fisherfast::softmax_fisher_matmat", mutates_args=())
-def _matmat_op(a: Optional[torch.Tensor], W: torch.Tensor, U: torch.Tensor, b: Optional[torch.Tensor],
-               logits: Optional[torch.Tensor], backend: Optional[str], chunk: Optional[int]) -> torch.Tensor:
-    return _contract("matmat", a, W, U, b, logits, backend, chunk)
+def _register_contraction(op: str):
+    """The custom op of matmat or quad (same arguments, same body; shapes differ)."""
 
-
-@_matmat_op.register_fake
-def _(a, W, U, b, logits, backend, chunk):
-    B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
-    _check_U(U, W, B, False)
-    return W.new_empty(B, W.shape[1], U.shape[-1])
-
-
-@torch.library.custom_op("fisherfast::softmax_fisher_quad", mutates_args=())
-def _quad_op(a: Optional[torch.Tensor], W: torch.Tensor, U: torch.Tensor, b: Optional[torch.Tensor],
+    @torch.library.custom_op(f"fisherfast::softmax_fisher_{op}", mutates_args=())
+    def body(a: Optional[torch.Tensor], W: torch.Tensor, U: torch.Tensor, b: Optional[torch.Tensor],
              logits: Optional[torch.Tensor], backend: Optional[str], chunk: Optional[int]) -> torch.Tensor:
-    return _contract("quad", a, W, U, b, logits, backend, chunk)
+        B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
+        _check_U(U, W, B, False)
+        impl = _select(op, W.device, backend)
+        out_dtype = W.dtype
+        if B == 0:
+            return W.new_empty(_contraction_shape(op, 0, W.shape[1], U.shape[-1]))
+        a, W, b, logits, U = _prepare(a, W, b, logits, U, impl.backend)
+        out = impl(a, W, U, b, logits, chunk)
+        raise_nonfinite_result(out, logits is not None)
+        return cast_checked(out, out_dtype, _public_name(op))
+
+    @body.register_fake
+    def _(a, W, U, b, logits, backend, chunk):
+        B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
+        _check_U(U, W, B, False)
+        return W.new_empty(_contraction_shape(op, B, W.shape[1], U.shape[-1]))
+
+    return body
 
 
-@_quad_op.register_fake
-def _(a, W, U, b, logits, backend, chunk):
-    B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
-    _check_U(U, W, B, False)
-    return W.new_empty(B, U.shape[-1], U.shape[-1])
+_matmat_op = _register_contraction("matmat")
+_quad_op = _register_contraction("quad")
 
 
 def _gram_shape(B: int, d: int, reduce: str) -> tuple[int, ...]:
