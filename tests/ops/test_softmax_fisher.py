@@ -60,6 +60,8 @@ def make(B=5, V=300, d=12, k=3, dtype=torch.float32, seed=0, offset=2.0, scale=1
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_all_ops_match_dense_float64_in_fp32(backend, bias):
+    if backend.name == "triton" and backend.device.type == "cpu" and not bias:
+        pytest.skip("interpreter time: the bias-free Triton path runs in test_logit_spread_of_2e4_from_the_head_input")
     a, W, b, U, Ub = make(bias=bias, device=backend.device)
     G, p = dense_G(a, W, b)
     kw = dict(chunk=64, backend=backend.name)  # 300 = 4·64 + 44: several chunks and a ragged one
