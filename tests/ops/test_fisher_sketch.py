@@ -167,3 +167,27 @@ def test_op_fake_checks_shapes():
         bad[0] = mode.from_tensor(torch.zeros(3, 31, dtype=torch.float64))
         with pytest.raises(TypeError, match="sums must be float64 of shape"):
             torch.ops.fisherfast.fisher_sketch_update_.default(*bad)
+
+
+def test_cpu_entry_point_checks_its_tensor_views():
+    """The C++ update takes DLPack views and checks them once, naming the argument."""
+    _C = pytest.importorskip("fisherfast._C")
+    from torch.utils.dlpack import to_dlpack as dl
+
+    plans = make_plans(4, 6, 8)
+    tensors = [dl(t) for plan in plans for t in plan.tensors(torch.device("cpu"))]
+    sums = torch.zeros(3, 8, dtype=torch.float64)
+    a, z, y = dl(torch.randn(2, 4)), dl(torch.randn(2, 6)), dl(torch.tensor([0, 5]))
+    scratch, acc = dl(torch.empty(1, sum(p.n_blocks * p.N for p in plans))), dl(torch.empty(1, 6, 8).double())
+    cases = [
+        ((dl(sums), dl(sums), a, z, None, None), "give exactly one of y or u"),
+        ((dl(sums), dl(sums.float()), a, z, y, None), "sumsqs must be float64, got float32"),
+        ((dl(sums), dl(sums), a, dl(torch.randn(3, 6)), y, None), "logits dimension 0 must be 2"),
+        ((dl(sums[:, :7].contiguous()), dl(sums), a, z, y, None), "sumsqs dimension 1 must be 7"),
+        ((dl(sums[:, :7]), dl(sums), a, z, y, None), "sums must be contiguous"),
+    ]
+    for head, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _C.fisher_sketch_update(*head, *tensors, scratch, acc, 1)
+    _C.fisher_sketch_update(dl(sums), dl(sums.clone()), a, z, y, None, *tensors, scratch, acc, 1)
+    assert bool(sums.abs().sum() > 0)
