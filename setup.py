@@ -3,8 +3,7 @@ fisherfast._C_cuda (nvcc + pybind11, static cudart, sm_80/sm_90 + PTX).
 
 Neither extension includes torch headers: tensors cross the boundary as DLPack
 capsules read into a typed view (csrc/include/fisherfast/view.h; the
-softmax-Fisher entry points, the CPU FisherSketch update) or as data pointers
-(fwht, srht, the CUDA FisherSketch kernels),
+softmax-Fisher and FisherSketch entry points) or as data pointers (fwht, srht),
 so the build needs no torch and never triggers a CUDA torch download.
 
 Environment switches:
