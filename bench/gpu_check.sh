@@ -2,8 +2,8 @@
 # The GPU path in one command (README "Backends"): every Triton and CUDA kernel
 # against its oracle, then the benches' GPU rows. Needs a CUDA device and a
 # CUDA build of torch (plus triton, and nvcc for the cuda backend at install).
-# About 5 minutes on one H100/H200 (mostly Triton's first compiles); stops at
-# the first failure.
+# Sized for under eight minutes on one H100/H200 (mostly Triton's first
+# compiles; not yet timed on a GPU); stops at the first failure.
 #   bash bench/gpu_check.sh            (PYTHON=... to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
