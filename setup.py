@@ -1,8 +1,10 @@
 """Build fisherfast._C (C++17 + OpenMP, pybind11) and, when nvcc is present,
 fisherfast._C_cuda (nvcc + pybind11, static cudart, sm_80/sm_90 + PTX).
 
-Neither extension includes torch headers: tensors cross the boundary as data
-pointers, so the build needs no torch and never triggers a CUDA torch download.
+Neither extension includes torch headers: tensors cross the boundary as DLPack
+capsules read into a typed view (csrc/include/fisherfast/view.h; the
+softmax-Fisher and FisherSketch entry points) or as data pointers (fwht, srht),
+so the build needs no torch and never triggers a CUDA torch download.
 
 Environment switches:
   FISHERFAST_NATIVE=1   compile the CPU kernels with -march=native

@@ -14,7 +14,7 @@ True/False answers, capital cities). For each candidate:
              L_target(W₀) − L_target(W): the drop of the target's mean
              cross-entropy (its answers, full vocabulary). Positive = helps.
   A          FisherSketch head-Fisher alignment with the target (m = 4096), ± stderr
-  A exact    the same from the kernel identity (DESIGN.md §7), materialized
+  A exact    the same from the kernel identity (docs/design.md §7), materialized
   S_a, S_e   the sketch's activation / error marginals; ρ = A / (S_a S_e)
   CKA        activation-only similarity: linear CKA of the head inputs in its
              unpaired form, the cosine of the centered second moments
@@ -129,7 +129,7 @@ def cov_cosine(X, Y) -> float:
 
 
 def kernel_alignment(s, t) -> float:
-    """Exact A from ⟨F̂_s, F̂_t⟩ = mean over pairs (a·a′)²(e·e′)² (DESIGN.md §7)."""
+    """Exact A from ⟨F̂_s, F̂_t⟩ = mean over pairs (a·a′)²(e·e′)² (docs/design.md §7)."""
     k = lambda u, v: float(((u[0] @ v[0].T).square() * (u[1] @ v[1].T).square()).mean())  # noqa: E731
     return k(s, t) / (k(s, s) * k(t, t)) ** 0.5
 

@@ -1,4 +1,4 @@
-"""The multi-token upper map of ``SplitModel.sequence_logits`` (DESIGN.md §5,
+"""The multi-token upper map of ``SplitModel.sequence_logits`` (docs/design.md §5,
 multi-token concepts): h at (ℓ, t) edited, blocks ℓ..L-1 run over positions
 t..t+n-1 together, the continuation's lower-layer states held fixed.
 

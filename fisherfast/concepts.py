@@ -1,4 +1,4 @@
-"""Concepts: what steering raises, and the checks of token ids (DESIGN.md §5).
+"""Concepts: what steering raises, and the checks of token ids (docs/design.md §5).
 
 Two kinds of concept score φ at layer ℓ, position t of a ``SplitModel``, both
 with one interface — ``concept.score(split, ctx, h)`` (φ, differentiable in h),

@@ -188,7 +188,7 @@ def test_topk_low_rank_route_equals_b_transpose_gtop_b(llama):
     """With n_kept < d the metric is built from n_kept VJPs; it must equal Bᵀ G_top B
     (B from jacrev of the head input, G_top from the op), and the error vs exact
     shrinks with the tail mass τ."""
-    from fisherfast.ops.softmax_fisher import softmax_fisher_gram
+    from fisherfast.ops.softmax_fisher import softmax_fisher_gram_topk
 
     split, contexts, oracles = llama
     ctx = contexts[0]
@@ -199,7 +199,7 @@ def test_topk_low_rank_route_equals_b_transpose_gtop_b(llama):
     for tol in (1e-1, 1e-3):
         G = pullback_fisher(split, ctx, mode="topk", tail_tol=tol)
         assert G.info["n_kept"][0] < D and G.info["tau"][0] <= tol
-        G_top = softmax_fisher_gram(a[None], split.W, split.b, tail_tol=tol).G[0]
+        G_top = softmax_fisher_gram_topk(a[None], split.W, split.b, tail_tol=tol).G[0]
         assert rel_fro(G.dense(), B.T @ G_top @ B) < TOL
         # ‖G_head − G_S‖₂ ≤ τ/(1−τ) · max_{v∉S} ‖w_v − μ‖² (the op's bound), pulled back through B
         tau = G.info["tau"][0]

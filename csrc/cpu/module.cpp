@@ -8,7 +8,7 @@ void bind_sketch(pybind11::module_& m);
 }  // namespace fisherfast
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fisherfast CPU kernels (C++17, OpenMP); tensors are passed by data pointer";
+  m.doc() = "fisherfast CPU kernels (C++17, OpenMP); tensors are passed as DLPack views or data pointers";
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

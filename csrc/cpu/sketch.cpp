@@ -18,9 +18,12 @@
 
 #include "fisherfast/fwht.h"
 #include "fisherfast/sketch.h"
+#include "fisherfast/view.h"
 
 namespace fisherfast {
 namespace {
+
+namespace py = pybind11;
 
 constexpr int kKinds = 3;
 
@@ -137,9 +140,14 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void sketch_row(
   }
 }
 
-SketchPlanView plan_view(std::uintptr_t signs, std::uintptr_t idx, std::int64_t n_blocks, std::int64_t N) {
-  if (!is_power_of_two(N)) throw std::invalid_argument("plan N must be a power of two");
-  return {as_ptr<const float>(signs), as_ptr<const std::int64_t>(idx), n_blocks, N, log2_exact(N)};
+// One plan from its (signs (n_blocks, N) float32, idx (m,) int64) views.
+SketchPlanView plan_view(const char* fn, const View& signs, const View& idx, std::int64_t m, std::int64_t n_in) {
+  expect(fn, signs, DType::f32, Device::cpu, {-1, -1});
+  expect(fn, idx, DType::i64, Device::cpu, {m});
+  const std::int64_t N = signs.size(1);
+  if (!is_power_of_two(N)) bad(fn, signs, "must have a power-of-two N columns");
+  if (N < n_in) bad(fn, signs, "must have N >= its input size " + std::to_string(n_in));
+  return {signs.ptr<const float>(), idx.ptr<const std::int64_t>(), signs.size(0), N, log2_exact(N)};
 }
 
 std::int64_t scratch_floats(const SketchPlanView& ra, const SketchPlanView& sa, const SketchPlanView& re,
@@ -147,27 +155,41 @@ std::int64_t scratch_floats(const SketchPlanView& ra, const SketchPlanView& sa, 
   return ra.n_blocks * ra.N + sa.n_blocks * sa.N + re.n_blocks * re.N + se.n_blocks * se.N;
 }
 
-void fisher_sketch_update(std::uintptr_t sums_p, std::uintptr_t sumsqs_p, std::uintptr_t a_p, std::uintptr_t z_p,
-                          std::uintptr_t y_p, std::uintptr_t u_p, std::int64_t rows, std::int64_t d, std::int64_t K,
-                          std::int64_t m, std::uintptr_t ra_s, std::uintptr_t ra_i, std::int64_t ra_b,
-                          std::int64_t ra_n, std::uintptr_t sa_s, std::uintptr_t sa_i, std::int64_t sa_b,
-                          std::int64_t sa_n, std::uintptr_t re_s, std::uintptr_t re_i, std::int64_t re_b,
-                          std::int64_t re_n, std::uintptr_t se_s, std::uintptr_t se_i, std::int64_t se_b,
-                          std::int64_t se_n, std::uintptr_t scratch_p, std::uintptr_t acc_p, int threads) {
-  if ((y_p == 0) == (u_p == 0)) throw std::invalid_argument("give exactly one of y or u");
-  if (threads < 1) throw std::invalid_argument("threads must be ≥ 1");
-  const SketchPlanView ra = plan_view(ra_s, ra_i, ra_b, ra_n), sa = plan_view(sa_s, sa_i, sa_b, sa_n);
-  const SketchPlanView re = plan_view(re_s, re_i, re_b, re_n), se = plan_view(se_s, se_i, se_b, se_n);
-  if (ra.N < d || sa.N < d || re.N < K || se.N < K) throw std::invalid_argument("plan N smaller than its input");
-  const float* a = as_ptr<const float>(a_p);
-  const float* z = as_ptr<const float>(z_p);
-  const std::int64_t* y = y_p ? as_ptr<const std::int64_t>(y_p) : nullptr;
-  const double* u = u_p ? as_ptr<const double>(u_p) : nullptr;
-  double* sums = as_ptr<double>(sums_p);
-  double* sumsqs = as_ptr<double>(sumsqs_p);
-  float* scratch = as_ptr<float>(scratch_p);
-  double* acc = as_ptr<double>(acc_p);
+void fisher_sketch_update(py::handle sums_h, py::handle sumsqs_h, py::handle a_h, py::handle z_h, py::handle y_h,
+                          py::handle u_h, py::handle ra_s, py::handle ra_i, py::handle sa_s, py::handle sa_i,
+                          py::handle re_s, py::handle re_i, py::handle se_s, py::handle se_i, py::handle scratch_h,
+                          py::handle acc_h, int threads) {
+  const char* fn = "fisher_sketch_update";
+  if (threads < 1) throw std::invalid_argument("fisher_sketch_update: threads must be >= 1");
+  const View vsums = view(fn, "sums", sums_h), vsumsqs = view(fn, "sumsqs", sumsqs_h);
+  const View va = view(fn, "a", a_h), vz = view(fn, "logits", z_h);
+  const View vy = view(fn, "y", y_h, true), vu = view(fn, "u", u_h, true);
+  if (bool(vy) == bool(vu)) throw std::invalid_argument("fisher_sketch_update: give exactly one of y or u");
+  expect(fn, va, DType::f32, Device::cpu, {-1, -1});
+  const std::int64_t rows = va.size(0), d = va.size(1);
+  expect(fn, vz, DType::f32, Device::cpu, {rows, -1});
+  const std::int64_t K = vz.size(1);
+  expect(fn, vy, DType::i64, Device::cpu, {rows});
+  expect(fn, vu, DType::f64, Device::cpu, {rows});
+  expect(fn, vsums, DType::f64, Device::cpu, {kKinds, -1});
+  const std::int64_t m = vsums.size(1);
+  expect(fn, vsumsqs, DType::f64, Device::cpu, {kKinds, m});
+  const SketchPlanView ra = plan_view(fn, view(fn, "ra_signs", ra_s), view(fn, "ra_idx", ra_i), m, d);
+  const SketchPlanView sa = plan_view(fn, view(fn, "sa_signs", sa_s), view(fn, "sa_idx", sa_i), m, d);
+  const SketchPlanView re = plan_view(fn, view(fn, "re_signs", re_s), view(fn, "re_idx", re_i), m, K);
+  const SketchPlanView se = plan_view(fn, view(fn, "se_signs", se_s), view(fn, "se_idx", se_i), m, K);
   const std::int64_t per_thread = scratch_floats(ra, sa, re, se);
+  const View vscratch = view(fn, "scratch", scratch_h), vacc = view(fn, "acc", acc_h);
+  expect(fn, vscratch, DType::f32, Device::cpu, {threads, per_thread});
+  expect(fn, vacc, DType::f64, Device::cpu, {threads, 2 * kKinds, m});
+  const float* a = va.ptr<const float>();
+  const float* z = vz.ptr<const float>();
+  const std::int64_t* y = vy.ptr<const std::int64_t>();
+  const double* u = vu.ptr<const double>();
+  double* sums = vsums.ptr<double>();
+  double* sumsqs = vsumsqs.ptr<double>();
+  float* scratch = vscratch.ptr<float>();
+  double* acc = vacc.ptr<double>();
 
   pybind11::gil_scoped_release release;
 #pragma omp parallel num_threads(threads)
@@ -207,10 +229,14 @@ int max_threads() {
 }  // namespace
 
 void bind_sketch(pybind11::module_& m) {
-  m.def("fisher_sketch_update", &fisher_sketch_update,
+  m.def("fisher_sketch_update", &fisher_sketch_update, py::arg("sums"), py::arg("sumsqs"), py::arg("a"),
+        py::arg("logits"), py::arg("y"), py::arg("u"), py::arg("ra_signs"), py::arg("ra_idx"), py::arg("sa_signs"),
+        py::arg("sa_idx"), py::arg("re_signs"), py::arg("re_idx"), py::arg("se_signs"), py::arg("se_idx"),
+        py::arg("scratch"), py::arg("acc"), py::arg("threads"),
         "Fused FisherSketch update of float64 sums/sumsqs (3, m) from a (rows, d) and logits (rows, K), "
-        "float32; labels y (int64) or uniforms u (float64) for y ∼ p. Scratch: threads × (Σ n_blocks·N over the "
-        "four plans) float32 and threads × 6 × m float64. Pointers are data addresses.");
+        "float32; labels y (int64) or uniforms u (float64) for y ∼ p (the other None); plans as signs (n_blocks, N) "
+        "float32 and idx (m,) int64. Scratch: (threads, Σ n_blocks·N over the four plans) float32 and "
+        "(threads, 6, m) float64. Tensors are DLPack capsules.");
   m.def("fisher_sketch_max_threads", &max_threads, "OpenMP threads a fisher_sketch_update call may use.");
 }
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "fisherfast/softmax_fisher.h"
+#include "fisherfast/view.h"
 
 namespace py = pybind11;
 
@@ -119,23 +120,36 @@ void quad_update(const T* Z, int64_t zsb, const T* bias, const T* Y, int64_t ysb
   }
 }
 
-using Addr = std::uintptr_t;
-
-void check_sizes(const char* fn, int64_t B, int64_t C, int64_t k, int threads) {
-  if (B < 0 || C < 0 || k < 0) throw std::invalid_argument(std::string(fn) + ": B, C, k must be >= 0");
+void check_threads(const char* fn, int threads) {
   if (threads < 1) throw std::invalid_argument(std::string(fn) + ": threads must be >= 1");
 }
 
-// Dtype dispatch with the GIL released for the kernel.
+// Dtype dispatch on the logits' view, with the GIL released for the kernel.
 template <typename F>
-void on_dtype(const char* fn, const std::string& dtype, F&& f) {
+void on_dtype(const char* fn, const View& z, F&& f) {
   py::gil_scoped_release release;
-  with_float_dtype(fn, dtype, std::forward<F>(f));
+  with_float_view(fn, z, std::forward<F>(f));
 }
 
-template <typename T>
-T* p(Addr a) {
-  return as_ptr<T>(a);
+// The logits Z (B,C), unit stride over C, any row stride; bias (C) or None;
+// projections Y (B,k,C), unit stride over C (token stride 0: U shared).
+struct ChunkInputs {
+  View Z, bias, Y;
+  int64_t B, C, k;
+};
+
+ChunkInputs chunk_inputs(const char* fn, py::handle Z, py::handle bias, py::handle Y, bool need_y) {
+  ChunkInputs in{view(fn, "Z", Z), view(fn, "bias", bias, true), view(fn, "Y", Y, !need_y), 0, 0, 0};
+  with_float_view(fn, in.Z, [](auto*) {});
+  in.B = in.Z.ndim == 2 ? in.Z.size(0) : -1;
+  in.C = in.Z.ndim == 2 ? in.Z.size(1) : -1;
+  expect(fn, in.Z, in.Z.dtype, Device::cpu, {-1, -1}, false);
+  expect(fn, in.bias, in.Z.dtype, Device::cpu, {in.C});
+  if (need_y) {
+    expect(fn, in.Y, in.Z.dtype, Device::cpu, {in.B, -1, in.C}, false);
+    in.k = in.Y.size(1);
+  }
+  return in;
 }
 
 }  // namespace
@@ -143,64 +157,95 @@ T* p(Addr a) {
 void bind_softmax_fisher(py::module_& m) {
   m.def(
       "softmax_fisher_lse_update",
-      [](const std::string& dtype, Addr Z, int64_t zsb, Addr bias, int64_t B, int64_t C, Addr mm, Addr l,
-         int threads) {
-        check_sizes("softmax_fisher_lse_update", B, C, 0, threads);
-        on_dtype("softmax_fisher_lse_update", dtype, [&](auto* t) {
+      [](py::handle Z, py::handle bias, py::handle mm, py::handle l, int threads) {
+        const char* fn = "softmax_fisher_lse_update";
+        check_threads(fn, threads);
+        const ChunkInputs in = chunk_inputs(fn, Z, bias, py::none(), false);
+        const View vm = view(fn, "m", mm), vl = view(fn, "l", l);
+        for (const View* v : {&vm, &vl}) expect(fn, *v, in.Z.dtype, Device::cpu, {in.B});
+        on_dtype(fn, in.Z, [&](auto* t) {
           using T = std::remove_pointer_t<decltype(t)>;
-          lse_update<T>(p<const T>(Z), zsb, p<const T>(bias), B, C, p<T>(mm), p<T>(l), threads);
+          lse_update<T>(in.Z.ptr<const T>(), in.Z.stride[0], in.bias.ptr<const T>(), in.B, in.C, vm.ptr<T>(),
+                        vl.ptr<T>(), threads);
         });
       },
-      py::arg("dtype"), py::arg("Z"), py::arg("zsb"), py::arg("bias"), py::arg("B"), py::arg("C"), py::arg("m"),
-      py::arg("l"), py::arg("threads"),
-      "Merge one chunk of logits Z (+ bias) into the running max m and normalizer l (in place).");
+      py::arg("Z"), py::arg("bias"), py::arg("m"), py::arg("l"), py::arg("threads"),
+      "Merge one chunk of logits Z (B,C) (+ bias (C,)) into the running max m and normalizer l (B,) in place.");
   m.def(
       "softmax_fisher_matmat_chunk",
-      [](const std::string& dtype, Addr Z, int64_t zsb, Addr bias, Addr Y, int64_t ysb, int64_t ysj, int64_t B,
-         int64_t C, int64_t k, Addr X, Addr m_c, Addr l_c, Addr ybar_c, Addr t_c, int threads) {
-        check_sizes("softmax_fisher_matmat_chunk", B, C, k, threads);
-        if (k > 0 && Y == 0) throw std::invalid_argument("softmax_fisher_matmat_chunk: Y is required when k > 0");
-        on_dtype("softmax_fisher_matmat_chunk", dtype, [&](auto* t) {
+      [](py::handle Z, py::handle bias, py::handle Y, py::handle X, py::handle m_c, py::handle l_c,
+         py::handle ybar_c, py::handle t_c, int threads) {
+        const char* fn = "softmax_fisher_matmat_chunk";
+        check_threads(fn, threads);
+        const ChunkInputs in = chunk_inputs(fn, Z, bias, Y, true);
+        const View vX = view(fn, "X", X), vm = view(fn, "m_c", m_c), vl = view(fn, "l_c", l_c);
+        const View vy = view(fn, "ybar_c", ybar_c), vt = view(fn, "t_c", t_c);
+        const DType dt = in.Z.dtype;
+        expect(fn, vX, dt, Device::cpu, {in.B, in.k + 1, in.C});
+        for (const View* v : {&vm, &vl}) expect(fn, *v, dt, Device::cpu, {in.B});
+        for (const View* v : {&vy, &vt}) expect(fn, *v, dt, Device::cpu, {in.B, in.k});
+        on_dtype(fn, in.Z, [&](auto* t) {
           using T = std::remove_pointer_t<decltype(t)>;
-          matmat_chunk<T>(p<const T>(Z), zsb, p<const T>(bias), p<const T>(Y), ysb, ysj, B, C, k, p<T>(X), p<T>(m_c),
-                          p<T>(l_c), p<T>(ybar_c), p<T>(t_c), threads);
+          matmat_chunk<T>(in.Z.ptr<const T>(), in.Z.stride[0], in.bias.ptr<const T>(), in.Y.ptr<const T>(),
+                          in.Y.stride[0], in.Y.stride[1], in.B, in.C, in.k, vX.ptr<T>(), vm.ptr<T>(), vl.ptr<T>(),
+                          vy.ptr<T>(), vt.ptr<T>(), threads);
         });
       },
-      py::arg("dtype"), py::arg("Z"), py::arg("zsb"), py::arg("bias"), py::arg("Y"), py::arg("ysb"), py::arg("ysj"),
-      py::arg("B"), py::arg("C"), py::arg("k"), py::arg("X"), py::arg("m_c"), py::arg("l_c"), py::arg("ybar_c"),
+      py::arg("Z"), py::arg("bias"), py::arg("Y"), py::arg("X"), py::arg("m_c"), py::arg("l_c"), py::arg("ybar_c"),
       py::arg("t_c"), py::arg("threads"),
-      "Chunk moments of matmat: X (B,k+1,C) = [e*(y - ybar_c) | e], m_c, l_c, ybar_c, t_c = sum e*(y - ybar_c).");
+      "Chunk moments of matmat: X (B,k+1,C) = [e*(y - ybar_c) | e], m_c, l_c (B,), ybar_c, t_c = sum e*(y - ybar_c) "
+      "(B,k), from logits Z (B,C) and projections Y (B,k,C).");
   m.def(
       "softmax_fisher_matmat_merge",
-      [](const std::string& dtype, Addr A, int64_t B, int64_t d, int64_t k, Addr m_c, Addr l_c, Addr ybar_c, Addr t_c,
-         Addr mm, Addr l, Addr mu, Addr ybar, Addr M, int threads) {
-        check_sizes("softmax_fisher_matmat_merge", B, d, k, threads);
-        on_dtype("softmax_fisher_matmat_merge", dtype, [&](auto* t) {
+      [](py::handle A, py::handle m_c, py::handle l_c, py::handle ybar_c, py::handle t_c, py::handle mm, py::handle l,
+         py::handle mu, py::handle ybar, py::handle M, int threads) {
+        const char* fn = "softmax_fisher_matmat_merge";
+        check_threads(fn, threads);
+        const View vA = view(fn, "A", A);
+        with_float_view(fn, vA, [](auto*) {});
+        const DType dt = vA.dtype;
+        expect(fn, vA, dt, Device::cpu, {-1, -1, -1});
+        const int64_t B = vA.size(0), k = vA.size(1) - 1, d = vA.size(2);
+        const View vmc = view(fn, "m_c", m_c), vlc = view(fn, "l_c", l_c), vm = view(fn, "m", mm), vl = view(fn, "l", l);
+        const View vyc = view(fn, "ybar_c", ybar_c), vtc = view(fn, "t_c", t_c), vy = view(fn, "ybar", ybar);
+        const View vmu = view(fn, "mu", mu), vM = view(fn, "M", M);
+        for (const View* v : {&vmc, &vlc, &vm, &vl}) expect(fn, *v, dt, Device::cpu, {B});
+        for (const View* v : {&vyc, &vtc, &vy}) expect(fn, *v, dt, Device::cpu, {B, k});
+        expect(fn, vmu, dt, Device::cpu, {B, d});
+        expect(fn, vM, dt, Device::cpu, {B, d, k});
+        on_dtype(fn, vA, [&](auto* t) {
           using T = std::remove_pointer_t<decltype(t)>;
-          matmat_merge<T>(p<const T>(A), B, d, k, p<const T>(m_c), p<const T>(l_c), p<const T>(ybar_c),
-                          p<const T>(t_c), p<T>(mm), p<T>(l), p<T>(mu), p<T>(ybar), p<T>(M), threads);
+          matmat_merge<T>(vA.ptr<const T>(), B, d, k, vmc.ptr<const T>(), vlc.ptr<const T>(), vyc.ptr<const T>(),
+                          vtc.ptr<const T>(), vm.ptr<T>(), vl.ptr<T>(), vmu.ptr<T>(), vy.ptr<T>(), vM.ptr<T>(),
+                          threads);
         });
       },
-      py::arg("dtype"), py::arg("A"), py::arg("B"), py::arg("d"), py::arg("k"), py::arg("m_c"), py::arg("l_c"),
-      py::arg("ybar_c"), py::arg("t_c"), py::arg("m"), py::arg("l"), py::arg("mu"), py::arg("ybar"), py::arg("M"),
-      py::arg("threads"),
-      "Merge a chunk's A = X W_c (B,k+1,d) into the running m, l, mu (B,d), ybar (B,k), M (B,d,k) in place.");
+      py::arg("A"), py::arg("m_c"), py::arg("l_c"), py::arg("ybar_c"), py::arg("t_c"), py::arg("m"), py::arg("l"),
+      py::arg("mu"), py::arg("ybar"), py::arg("M"), py::arg("threads"),
+      "Merge a chunk's A = X W_c (B,k+1,d) into the running m, l (B,), mu (B,d), ybar (B,k), M (B,d,k) in place.");
   m.def(
       "softmax_fisher_quad_update",
-      [](const std::string& dtype, Addr Z, int64_t zsb, Addr bias, Addr Y, int64_t ysb, int64_t ysj, int64_t B,
-         int64_t C, int64_t k, Addr mm, Addr l, Addr ybar, Addr M, int threads) {
-        check_sizes("softmax_fisher_quad_update", B, C, k, threads);
-        if (k > 0 && Y == 0) throw std::invalid_argument("softmax_fisher_quad_update: Y is required when k > 0");
-        on_dtype("softmax_fisher_quad_update", dtype, [&](auto* t) {
+      [](py::handle Z, py::handle bias, py::handle Y, py::handle mm, py::handle l, py::handle ybar, py::handle M,
+         int threads) {
+        const char* fn = "softmax_fisher_quad_update";
+        check_threads(fn, threads);
+        const ChunkInputs in = chunk_inputs(fn, Z, bias, Y, true);
+        const View vm = view(fn, "m", mm), vl = view(fn, "l", l), vy = view(fn, "ybar", ybar), vM = view(fn, "M", M);
+        const DType dt = in.Z.dtype;
+        for (const View* v : {&vm, &vl}) expect(fn, *v, dt, Device::cpu, {in.B});
+        expect(fn, vy, dt, Device::cpu, {in.B, in.k});
+        expect(fn, vM, dt, Device::cpu, {in.B, in.k, in.k});
+        on_dtype(fn, in.Z, [&](auto* t) {
           using T = std::remove_pointer_t<decltype(t)>;
-          quad_update<T>(p<const T>(Z), zsb, p<const T>(bias), p<const T>(Y), ysb, ysj, B, C, k, p<T>(mm), p<T>(l),
-                         p<T>(ybar), p<T>(M), threads);
+          quad_update<T>(in.Z.ptr<const T>(), in.Z.stride[0], in.bias.ptr<const T>(), in.Y.ptr<const T>(),
+                         in.Y.stride[0], in.Y.stride[1], in.B, in.C, in.k, vm.ptr<T>(), vl.ptr<T>(), vy.ptr<T>(),
+                         vM.ptr<T>(), threads);
         });
       },
-      py::arg("dtype"), py::arg("Z"), py::arg("zsb"), py::arg("bias"), py::arg("Y"), py::arg("ysb"), py::arg("ysj"),
-      py::arg("B"), py::arg("C"), py::arg("k"), py::arg("m"), py::arg("l"), py::arg("ybar"), py::arg("M"),
+      py::arg("Z"), py::arg("bias"), py::arg("Y"), py::arg("m"), py::arg("l"), py::arg("ybar"), py::arg("M"),
       py::arg("threads"),
-      "Merge one chunk into the running m, l, ybar (B,k) and centered moment M (B,k,k) of y = U^T w (in place).");
+      "Merge one chunk (logits Z (B,C), projections Y (B,k,C)) into the running m, l (B,), ybar (B,k) and centered "
+      "moment M (B,k,k) of y = U^T w (in place).");
 }
 
 }  // namespace fisherfast

@@ -22,7 +22,7 @@ static std::string probe() {
 }
 
 PYBIND11_MODULE(_C_cuda, m) {
-  m.doc() = "fisherfast CUDA kernels (sm_80/sm_90 + PTX); tensors are passed by data pointer";
+  m.doc() = "fisherfast CUDA kernels (sm_80/sm_90 + PTX); tensors are passed as DLPack views or data pointers";
   m.def("probe", &probe, "Empty string if a CUDA device is usable, else why not.");
   m.attr("cuda_runtime_version") = CUDART_VERSION;
   fisherfast::bind_fwht_cuda(m);

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "fisherfast/sketch.h"
+#include "fisherfast/view.h"
 
 namespace fisherfast {
 namespace {
@@ -106,49 +107,82 @@ __global__ void features_kernel(double* __restrict__ sums, double* __restrict__ 
   }
 }
 
-int log2_of(std::int64_t n, const char* name) {
-  if (!is_power_of_two(n)) throw std::invalid_argument(std::string(name) + " must be a power of two");
-  return log2_exact(n);
-}
+namespace py = pybind11;
 
-void prepare(std::uintptr_t z, std::int64_t rows, std::int64_t K, std::uintptr_t er, std::uintptr_t es,
-             std::uintptr_t r_signs, std::int64_t nb_r, std::int64_t n_r, std::uintptr_t s_signs, std::int64_t nb_s,
-             std::int64_t n_s, std::uintptr_t Z, std::uintptr_t stream) {
-  if (n_r < K || n_s < K) throw std::invalid_argument("plan N smaller than K");
+// er, es (rows, n_blocks·N) ← D_b exp(z − z_max), Z (rows,) ← Σ exp(z − z_max), from z (rows, K); float32 views.
+void prepare(py::handle z_h, py::handle er_h, py::handle es_h, py::handle r_h, py::handle s_h, py::handle Z_h,
+             std::uintptr_t stream) {
+  const char* fn = "fisher_sketch_prepare";
+  const View z = view(fn, "z", z_h), er = view(fn, "er", er_h), es = view(fn, "es", es_h);
+  const View r = view(fn, "r_signs", r_h), s = view(fn, "s_signs", s_h), Z = view(fn, "Z", Z_h);
+  expect(fn, z, DType::f32, Device::cuda, {-1, -1});
+  const std::int64_t rows = z.size(0), K = z.size(1);
+  expect(fn, r, DType::f32, Device::cuda, {-1, -1});
+  expect(fn, s, DType::f32, Device::cuda, {-1, -1});
+  const std::int64_t nb_r = r.size(0), n_r = r.size(1), nb_s = s.size(0), n_s = s.size(1);
+  if (n_r < K || n_s < K) throw std::invalid_argument("fisher_sketch_prepare: plan N smaller than K");
+  expect(fn, er, DType::f32, Device::cuda, {rows, nb_r * n_r});
+  expect(fn, es, DType::f32, Device::cuda, {rows, nb_s * n_s});
+  expect(fn, Z, DType::f32, Device::cuda, {rows});
   if (rows == 0) return;
   prepare_kernel<<<static_cast<unsigned>(rows), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      as_ptr<const float>(z), K, as_ptr<float>(er), as_ptr<float>(es), as_ptr<const float>(r_signs), nb_r, n_r,
-      as_ptr<const float>(s_signs), nb_s, n_s, as_ptr<float>(Z));
+      z.ptr<const float>(), K, er.ptr<float>(), es.ptr<float>(), r.ptr<const float>(), nb_r, n_r,
+      s.ptr<const float>(), nb_s, n_s, Z.ptr<float>());
   check(cudaGetLastError(), "fisher_sketch_prepare");
 }
 
-void features(std::uintptr_t sums, std::uintptr_t sumsqs, std::uintptr_t a_r, std::uintptr_t a_s, std::uintptr_t er,
-              std::uintptr_t es, std::uintptr_t Z, std::uintptr_t y, std::uintptr_t ra_i, std::uintptr_t sa_i,
-              std::uintptr_t re_i, std::uintptr_t se_i, std::uintptr_t re_s, std::uintptr_t se_s, std::int64_t len_ar,
-              std::int64_t len_as, std::int64_t len_er, std::int64_t len_es, std::int64_t n_re, std::int64_t n_se,
-              std::int64_t rows, std::int64_t m, std::uintptr_t stream) {
+// The error side's plan (signs (n_blocks, N), idx (m,)); the activation side needs only idx.
+SketchPlanView error_plan(const char* fn, const View& signs, const View& idx, std::int64_t m) {
+  expect(fn, signs, DType::f32, Device::cuda, {-1, -1});
+  expect(fn, idx, DType::i64, Device::cuda, {m});
+  const std::int64_t N = signs.size(1);
+  if (!is_power_of_two(N)) bad(fn, signs, "must have a power-of-two N columns");
+  return {signs.ptr<const float>(), idx.ptr<const std::int64_t>(), signs.size(0), N, log2_exact(N)};
+}
+
+void features(py::handle sums_h, py::handle sumsqs_h, py::handle a_r_h, py::handle a_s_h, py::handle er_h,
+              py::handle es_h, py::handle Z_h, py::handle y_h, py::handle ra_i, py::handle sa_i, py::handle re_i,
+              py::handle se_i, py::handle re_s, py::handle se_s, std::uintptr_t stream) {
+  const char* fn = "fisher_sketch_features";
+  const View sums = view(fn, "sums", sums_h), sumsqs = view(fn, "sumsqs", sumsqs_h);
+  const View a_r = view(fn, "a_r", a_r_h), a_s = view(fn, "a_s", a_s_h), er = view(fn, "er", er_h);
+  const View es = view(fn, "es", es_h), Z = view(fn, "Z", Z_h), y = view(fn, "y", y_h);
+  const View vra = view(fn, "ra_idx", ra_i), vsa = view(fn, "sa_idx", sa_i);
+  expect(fn, sums, DType::f64, Device::cuda, {3, -1});
+  const std::int64_t m = sums.size(1);
+  expect(fn, sumsqs, DType::f64, Device::cuda, {3, m});
+  expect(fn, Z, DType::f32, Device::cuda, {-1});
+  const std::int64_t rows = Z.size(0);
+  for (const View* v : {&a_r, &a_s, &er, &es}) expect(fn, *v, DType::f32, Device::cuda, {rows, -1});
+  expect(fn, y, DType::i64, Device::cuda, {rows});
+  for (const View* v : {&vra, &vsa}) expect(fn, *v, DType::i64, Device::cuda, {m});
   // Only idx is read on the activation side; the error side also needs the signs for the one-hot.
-  const SketchPlanView ra{nullptr, as_ptr<const std::int64_t>(ra_i), 0, 0, 0};
-  const SketchPlanView sa{nullptr, as_ptr<const std::int64_t>(sa_i), 0, 0, 0};
-  const SketchPlanView re{as_ptr<const float>(re_s), as_ptr<const std::int64_t>(re_i), len_er / n_re, n_re,
-                          log2_of(n_re, "re N")};
-  const SketchPlanView se{as_ptr<const float>(se_s), as_ptr<const std::int64_t>(se_i), len_es / n_se, n_se,
-                          log2_of(n_se, "se N")};
+  const SketchPlanView ra{nullptr, vra.ptr<const std::int64_t>(), 0, 0, 0};
+  const SketchPlanView sa{nullptr, vsa.ptr<const std::int64_t>(), 0, 0, 0};
+  const SketchPlanView re = error_plan(fn, view(fn, "re_signs", re_s), view(fn, "re_idx", re_i), m);
+  const SketchPlanView se = error_plan(fn, view(fn, "se_signs", se_s), view(fn, "se_idx", se_i), m);
+  if (er.size(1) != re.n_blocks * re.N || es.size(1) != se.n_blocks * se.N)
+    throw std::invalid_argument("fisher_sketch_features: er/es must have n_blocks·N columns of their plans");
   if (m == 0 || rows == 0) return;
   const unsigned blocks = static_cast<unsigned>((m + kThreads - 1) / kThreads);
   features_kernel<<<blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      as_ptr<double>(sums), as_ptr<double>(sumsqs), as_ptr<const float>(a_r), as_ptr<const float>(a_s),
-      as_ptr<const float>(er), as_ptr<const float>(es), as_ptr<const float>(Z), as_ptr<const std::int64_t>(y), ra, sa,
-      re, se, len_ar, len_as, len_er, len_es, rows, m, 1.0 / std::sqrt(static_cast<double>(m)));
+      sums.ptr<double>(), sumsqs.ptr<double>(), a_r.ptr<const float>(), a_s.ptr<const float>(), er.ptr<const float>(),
+      es.ptr<const float>(), Z.ptr<const float>(), y.ptr<const std::int64_t>(), ra, sa, re, se, a_r.size(1),
+      a_s.size(1), er.size(1), es.size(1), rows, m, 1.0 / std::sqrt(static_cast<double>(m)));
   check(cudaGetLastError(), "fisher_sketch_features");
 }
 
 }  // namespace
 
 void bind_sketch_cuda(pybind11::module_& m) {
-  m.def("fisher_sketch_prepare", &prepare,
-        "er, es (rows, n_blocks·N, zeroed) ← D_b exp(z − z_max); Z (rows,) ← Σ exp(z − z_max). float32, on stream.");
-  m.def("fisher_sketch_features", &features,
+  m.def("fisher_sketch_prepare", &prepare, pybind11::arg("z"), pybind11::arg("er"), pybind11::arg("es"),
+        pybind11::arg("r_signs"), pybind11::arg("s_signs"), pybind11::arg("Z"), pybind11::arg("stream"),
+        "er, es (rows, n_blocks·N, zeroed) ← D_b exp(z − z_max); Z (rows,) ← Σ exp(z − z_max). float32 DLPack "
+        "views, on stream.");
+  m.def("fisher_sketch_features", &features, pybind11::arg("sums"), pybind11::arg("sumsqs"), pybind11::arg("a_r"),
+        pybind11::arg("a_s"), pybind11::arg("er"), pybind11::arg("es"), pybind11::arg("Z"), pybind11::arg("y"),
+        pybind11::arg("ra_idx"), pybind11::arg("sa_idx"), pybind11::arg("re_idx"), pybind11::arg("se_idx"),
+        pybind11::arg("re_signs"), pybind11::arg("se_signs"), pybind11::arg("stream"),
         "Gather the transformed buffers, subtract the closed-form one-hot, add Σψ and Σψ² (float64) into "
         "sums/sumsqs (3, m). On stream.");
 }

@@ -24,7 +24,8 @@
 #include <string>
 #include <type_traits>
 
-#include "fisherfast/common.h"
+#include "fisherfast/softmax_fisher.h"
+#include "fisherfast/view.h"
 
 namespace py = pybind11;
 
@@ -41,21 +42,13 @@ __device__ inline T warp_sum(T v) {
   return v;
 }
 
-// (m, l) ← merge with (m2, l2): rescale both to the larger max.
+// (m, l, s) ← merged with a part (m2, l2, s2): the header's normalizer merge
+// (flash-attention rescaling to the larger max, NaN propagated), applied to
+// the k running sums s_j = Σ e^{z−m} y_j as well.
 template <typename T>
-__device__ inline void merge_ml(T& m, T& l, T m2, T l2, T* s = nullptr, const T* s2 = nullptr, int k = 0) {
-  if (isnan(m) || isnan(m2)) {
-    m = NAN;
-    l = NAN;
-    return;
-  }
-  const T mn = m > m2 ? m : m2;
-  if (mn == -INFINITY) return;
-  const T a = m == -INFINITY ? T(0) : exp(m - mn);
-  const T c = m2 == -INFINITY ? T(0) : exp(m2 - mn);
-  l = l * a + l2 * c;
-  for (int j = 0; j < k; ++j) s[j] = s[j] * a + s2[j] * c;
-  m = mn;
+__device__ inline void merge_part(T& m, T& l, T* s, T m2, T l2, const T* s2, int k) {
+  const softmax_fisher::Merge<T> g = softmax_fisher::merge_normalizer(m, l, m2, l2);
+  for (int j = 0; j < k; ++j) s[j] = g.a * s[j] + g.beta * s2[j];
 }
 
 // z = w_v·h + b_v and y_j = w_v·u_j, reduced over the warp (all lanes get them).
@@ -89,8 +82,7 @@ __global__ void stats_kernel(const T* __restrict__ H, const T* __restrict__ W, c
   for (int64_t v = v0 + warp; v < v1; v += kWarps) {
     T z = row_dots(W + v * D, h, U, D, k, lane, y);
     if (bias) z += bias[v];
-    T one = 1;
-    merge_ml(m, l, z, one, s, y, k);
+    merge_part(m, l, s, z, T(1), y, k);
   }
   __shared__ T sm[kWarps], sl[kWarps], ss[kWarps][kMaxK];
   if (lane == 0) {
@@ -102,7 +94,7 @@ __global__ void stats_kernel(const T* __restrict__ H, const T* __restrict__ W, c
   if (threadIdx.x == 0) {
     T mb = sm[0], lb = sl[0], sb[kMaxK];
     for (int j = 0; j < k; ++j) sb[j] = ss[0][j];
-    for (int w = 1; w < kWarps; ++w) merge_ml(mb, lb, sm[w], sl[w], sb, ss[w], k);
+    for (int w = 1; w < kWarps; ++w) merge_part(mb, lb, sb, sm[w], sl[w], ss[w], k);
     const int64_t o = split * B + b;
     M_out[o] = mb;
     L_out[o] = lb;
@@ -151,17 +143,33 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-template <typename T>
-T* P(std::uintptr_t a) {
-  return as_ptr<T>(a);
+// The tensors of one launch, read and checked once: H (B,D), W (V,D), bias
+// (V,) or None, U (D,k) or None, all of one float dtype on the GPU, contiguous.
+struct Head {
+  View H, W, bias, U;
+  int64_t B, V, D;
+  int k;
+};
+
+Head head_views(const char* fn, py::handle H, py::handle W, py::handle bias, py::handle U) {
+  Head h{view(fn, "H", H), view(fn, "W", W), view(fn, "bias", bias, true), view(fn, "U", U, true), 0, 0, 0, 0};
+  with_float_view(fn, h.H, [](auto*) {});
+  expect(fn, h.H, h.H.dtype, Device::cuda, {-1, -1});
+  h.B = h.H.size(0);
+  h.D = h.H.size(1);
+  expect(fn, h.W, h.H.dtype, Device::cuda, {-1, h.D});
+  h.V = h.W.size(0);
+  expect(fn, h.bias, h.H.dtype, Device::cuda, {h.V});
+  expect(fn, h.U, h.H.dtype, Device::cuda, {h.D, -1});
+  h.k = h.U ? static_cast<int>(h.U.size(1)) : 0;
+  return h;
 }
 
-
-void check_args(const char* fn, int64_t B, int64_t V, int64_t D, int k, int64_t rows_per_split, int64_t splits) {
-  if (B < 1 || V < 1 || D < 1 || rows_per_split < 1 || splits < 1 || splits > 65535)
+void check_launch(const char* fn, const Head& h, int64_t rows_per_split, int64_t splits) {
+  if (h.B < 1 || h.V < 1 || h.D < 1 || rows_per_split < 1 || splits < 1 || splits > 65535)
     throw std::invalid_argument(std::string(fn) + ": B, V, D, rows_per_split >= 1 and 1 <= splits <= 65535 required");
-  if (B > 2147483647) throw std::invalid_argument(std::string(fn) + ": B must be < 2^31");
-  if (k < 0 || k > kMaxK) throw std::invalid_argument(std::string(fn) + ": k must be in [0, 32]");
+  if (h.B > 2147483647) throw std::invalid_argument(std::string(fn) + ": B must be < 2^31");
+  if (h.k > kMaxK) throw std::invalid_argument(std::string(fn) + ": U must have at most 32 columns");
 }
 
 }  // namespace
@@ -170,40 +178,56 @@ void bind_softmax_fisher_cuda(py::module_& m) {
   m.attr("softmax_fisher_max_k") = kMaxK;
   m.def(
       "softmax_fisher_stats",
-      [](const std::string& dtype, std::uintptr_t H, std::uintptr_t W, std::uintptr_t bias, std::uintptr_t U,
-         int64_t B, int64_t V, int64_t D, int k, int64_t rows_per_split, int64_t splits, std::uintptr_t M_out,
-         std::uintptr_t L_out, std::uintptr_t S_out, std::uintptr_t stream) {
-        check_args("softmax_fisher_stats", B, V, D, k, rows_per_split, splits);
-        with_float_dtype("softmax_fisher_stats", dtype, [&](auto* tag) {
+      [](py::handle H, py::handle W, py::handle bias, py::handle U, py::handle M_out, py::handle L_out,
+         py::handle S_out, int64_t rows_per_split, std::uintptr_t stream) {
+        const char* fn = "softmax_fisher_stats";
+        const Head h = head_views(fn, H, W, bias, U);
+        const View vM = view(fn, "M_out", M_out), vL = view(fn, "L_out", L_out), vS = view(fn, "S_out", S_out);
+        const int64_t splits = vM.ndim == 2 ? vM.size(0) : -1;
+        expect(fn, vM, h.H.dtype, Device::cuda, {splits, h.B});
+        expect(fn, vL, h.H.dtype, Device::cuda, {splits, h.B});
+        expect(fn, vS, h.H.dtype, Device::cuda, {splits, h.B, h.k > 0 ? h.k : 1});
+        check_launch(fn, h, rows_per_split, splits);
+        with_float_view(fn, h.H, [&](auto* tag) {
           using T = std::remove_pointer_t<decltype(tag)>;
-          stats_kernel<T><<<dim3(B, splits), 32 * kWarps, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-              P<const T>(H), P<const T>(W), P<const T>(bias), P<const T>(U), B, V, D, k, rows_per_split, P<T>(M_out),
-              P<T>(L_out), P<T>(S_out));
+          stats_kernel<T><<<dim3(h.B, splits), 32 * kWarps, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+              h.H.ptr<const T>(), h.W.ptr<const T>(), h.bias.ptr<const T>(), h.U.ptr<const T>(), h.B, h.V, h.D, h.k,
+              rows_per_split, vM.ptr<T>(), vL.ptr<T>(), vS.ptr<T>());
         });
         check(cudaGetLastError(), "softmax_fisher_stats launch");
       },
-      py::arg("dtype"), py::arg("H"), py::arg("W"), py::arg("bias"), py::arg("U"), py::arg("B"), py::arg("V"),
-      py::arg("D"), py::arg("k"), py::arg("rows_per_split"), py::arg("splits"), py::arg("M_out"), py::arg("L_out"),
-      py::arg("S_out"), py::arg("stream"),
-      "Per (split, token): running max m, normalizer l and s = sum e^(z-m) U^T w (k <= 32; k = 0 gives lse parts).");
+      py::arg("H"), py::arg("W"), py::arg("bias"), py::arg("U"), py::arg("M_out"), py::arg("L_out"), py::arg("S_out"),
+      py::arg("rows_per_split"), py::arg("stream"),
+      "Per (split, token): running max M_out, normalizer L_out (splits,B) and S_out = sum e^(z-m) U^T w "
+      "(splits,B,max(k,1)); U (D,k), k <= 32, or None for the lse parts.");
   m.def(
       "softmax_fisher_matmat_pass2",
-      [](const std::string& dtype, std::uintptr_t H, std::uintptr_t W, std::uintptr_t bias, std::uintptr_t U,
-         std::uintptr_t Mx, std::uintptr_t LogL, std::uintptr_t Ybar, int64_t B, int64_t V, int64_t D, int k,
-         int64_t rows_per_split, int64_t splits, std::uintptr_t A, std::uintptr_t Mu, std::uintptr_t Tt,
-         std::uintptr_t stream) {
-        check_args("softmax_fisher_matmat_pass2", B, V, D, k, rows_per_split, splits);
-        with_float_dtype("softmax_fisher_matmat_pass2", dtype, [&](auto* tag) {
+      [](py::handle H, py::handle W, py::handle bias, py::handle U, py::handle Mx, py::handle LogL, py::handle Ybar,
+         py::handle A, py::handle Mu, py::handle Tt, int64_t rows_per_split, std::uintptr_t stream) {
+        const char* fn = "softmax_fisher_matmat_pass2";
+        const Head h = head_views(fn, H, W, bias, U);
+        if (!h.U) throw std::invalid_argument(std::string(fn) + ": U is required");
+        const View vm = view(fn, "Mx", Mx), vl = view(fn, "LogL", LogL), vy = view(fn, "Ybar", Ybar);
+        const View vA = view(fn, "A", A), vmu = view(fn, "Mu", Mu), vt = view(fn, "T", Tt);
+        const int64_t splits = vA.ndim == 4 ? vA.size(0) : -1;
+        const DType dt = h.H.dtype;
+        for (const View* v : {&vm, &vl}) expect(fn, *v, dt, Device::cuda, {h.B});
+        expect(fn, vy, dt, Device::cuda, {h.B, h.k});
+        expect(fn, vA, dt, Device::cuda, {splits, h.B, h.D, h.k});
+        expect(fn, vmu, dt, Device::cuda, {splits, h.B, h.D});
+        expect(fn, vt, dt, Device::cuda, {splits, h.B, h.k});
+        check_launch(fn, h, rows_per_split, splits);
+        with_float_view(fn, h.H, [&](auto* tag) {
           using T = std::remove_pointer_t<decltype(tag)>;
-          matmat_kernel<T><<<dim3(B, splits), 32, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-              P<const T>(H), P<const T>(W), P<const T>(bias), P<const T>(U), P<const T>(Mx), P<const T>(LogL),
-              P<const T>(Ybar), B, V, D, k, rows_per_split, P<T>(A), P<T>(Mu), P<T>(Tt));
+          matmat_kernel<T><<<dim3(h.B, splits), 32, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+              h.H.ptr<const T>(), h.W.ptr<const T>(), h.bias.ptr<const T>(), h.U.ptr<const T>(), vm.ptr<const T>(),
+              vl.ptr<const T>(), vy.ptr<const T>(), h.B, h.V, h.D, h.k, rows_per_split, vA.ptr<T>(), vmu.ptr<T>(),
+              vt.ptr<T>());
         });
         check(cudaGetLastError(), "softmax_fisher_matmat_pass2 launch");
       },
-      py::arg("dtype"), py::arg("H"), py::arg("W"), py::arg("bias"), py::arg("U"), py::arg("Mx"), py::arg("LogL"),
-      py::arg("Ybar"), py::arg("B"), py::arg("V"), py::arg("D"), py::arg("k"), py::arg("rows_per_split"),
-      py::arg("splits"), py::arg("A"), py::arg("Mu"), py::arg("T"), py::arg("stream"),
+      py::arg("H"), py::arg("W"), py::arg("bias"), py::arg("U"), py::arg("Mx"), py::arg("LogL"), py::arg("Ybar"),
+      py::arg("A"), py::arg("Mu"), py::arg("T"), py::arg("rows_per_split"), py::arg("stream"),
       "Pass 2 of matmat per (split, token): A = sum p w (y - ybar)^T, Mu = sum p w, T = sum p (y - ybar); "
       "outputs zero-initialized (splits,B,D,k), (splits,B,D), (splits,B,k).");
 }

@@ -27,7 +27,7 @@ from fisherfast.metric import distributed as _dist
 from fisherfast.metric.operator import (DenseMetric, LowRankMetric, MatrixFreeMetric, MetricReport,
                                         PullbackMetric)
 from fisherfast.metric.schema import check_points, concept_schema
-from fisherfast.ops.softmax_fisher import softmax_fisher_gram, softmax_fisher_matmat
+from fisherfast.ops.softmax_fisher import softmax_fisher_gram, softmax_fisher_gram_topk, softmax_fisher_matmat
 
 METRIC_MODES = ("exact", "matrix_free", "low_rank", "topk", "monte_carlo", "concept", "auto")
 MODES = METRIC_MODES   # the older name
@@ -268,7 +268,7 @@ def _exact(split, ctx, x, chunk, dtype):
 
 def _topk(split, ctx, x, tail_tol, chunk, dtype):
     a = split.head_input(ctx, x)
-    truncated = softmax_fisher_gram(a[None], split.W, split.b, tail_tol=tail_tol)
+    truncated = softmax_fisher_gram_topk(a[None], split.W, split.b, tail_tol=tail_tol)
     G_top = truncated.G[0].to(dtype)
     n_kept = int(torch.as_tensor(truncated.n_kept).flatten()[0])
     record = (float(torch.as_tensor(truncated.tau).flatten()[0]), n_kept)

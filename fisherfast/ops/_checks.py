@@ -48,3 +48,21 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are computed in float32; float32/float64 as they are."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def cast_checked(out: torch.Tensor, dtype: torch.dtype, op: str) -> torch.Tensor:
+    """``out`` (computed in float32/float64) cast to the input dtype ``dtype``.
+
+    Rule for half-precision inputs: a value that is finite in the compute dtype
+    but overflows float16/bfloat16 (|x| > 65504 for float16) is an error,
+    never a silent Inf: OverflowError naming the op and the largest value,
+    asking for float32 inputs. Values non-finite already in the compute dtype
+    pass through (the ops that forbid them raise before this)."""
+    cast = out.to(dtype)
+    if dtype in (torch.float16, torch.bfloat16) and cast.numel():
+        overflow = torch.isfinite(out) & ~torch.isfinite(cast)
+        if bool(overflow.any()):
+            largest = float(out[overflow].abs().max())
+            raise OverflowError(f"{op}: the result (largest |value| {largest:.4g}) overflows {dtype} "
+                                f"(max {torch.finfo(dtype).max:.6g}); pass float32 inputs to get it in float32")
+    return cast

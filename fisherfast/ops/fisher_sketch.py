@@ -29,143 +29,83 @@ All features are computed in float32; accumulation is float64.
 """
 from __future__ import annotations
 
-import math
+import importlib
+from typing import Optional
 
 import torch
 
 from fisherfast.ops import _backends
 from fisherfast.ops._checks import check_same_device, check_tensor
-from fisherfast.ops.fwht import fwht
-from fisherfast.ops.srht import SRHTPlan, parity, srht_reference
+from fisherfast.ops.fisher_sketch_common import N_KINDS
+from fisherfast.ops.srht import SRHTPlan
 
-N_KINDS = 3  # rows of the state buffers: joint, activation, error
 LOGITS_CHUNK_BYTES = 64 << 20  # float32 logits (or transform scratch) held per chunk of rows
 
 
-def _onehot_features(y: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """srht(e_y) rows for labels y (R,): D_b[y]·(−1)^popcount(i & y) at each gathered (b, i)."""
-    n = signs.shape[1]
-    block, i = idx // n, idx % n
-    y = y.long().unsqueeze(-1)
-    return signs[block, y] * (1 - 2 * parity(i & y)).to(signs.dtype)
+def _backend_fn(backend: str):
+    """The ``update`` of module fisher_sketch_<backend>, imported on first call
+    (TRITON_INTERPRET must be read when the Triton kernels are defined)."""
+    def call(*args):
+        return importlib.import_module(f"fisherfast.ops.fisher_sketch_{backend}").update(*args)
+
+    return call
 
 
-def sample_labels(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """y = min{k : Σ_{i≤k} p_i > u·Σ_i p_i} per row (inverse CDF, float64 running sum)."""
-    c = torch.cumsum(p.double(), dim=-1)
-    y = torch.searchsorted(c, (u.double() * c[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    return y.clamp_(max=p.shape[-1] - 1)
+_IMPLS = {name: _backend_fn(name) for name in _backends.BACKENDS}
 
 
-def fisher_sketch_reference(sums, sumsqs, a, logits, y, u, ra_signs, ra_idx, sa_signs, sa_idx,
-                            re_signs, re_idx, se_signs, se_idx) -> None:
-    """Pure-PyTorch oracle: the formula of the module docstring, one chunk of rows."""
-    m = ra_idx.shape[0]
-    p = torch.softmax(logits, dim=-1)
-    if y is None:
-        y = sample_labels(p, u)
-    u_a = srht_reference(a, ra_signs, ra_idx, backend="reference")
-    v_a = srht_reference(a, sa_signs, sa_idx, backend="reference")
-    u_e = srht_reference(p, re_signs, re_idx, backend="reference") - _onehot_features(y, re_signs, re_idx)
-    v_e = srht_reference(p, se_signs, se_idx, backend="reference") - _onehot_features(y, se_signs, se_idx)
-    psi_act = u_a.double() * v_a.double() / math.sqrt(m)
-    psi_err = u_e.double() * v_e.double() / math.sqrt(m)
-    psi_joint = psi_act * psi_err * math.sqrt(m)
-    for k, psi in enumerate((psi_joint, psi_act, psi_err)):
-        sums[k] += psi.sum(0)
-        sumsqs[k] += psi.square().sum(0)
-
-
-def _plan_args(plan_tensors) -> list:
-    args = []
-    for signs, idx in zip(plan_tensors[::2], plan_tensors[1::2]):
-        args += [signs.data_ptr(), idx.data_ptr(), signs.shape[0], signs.shape[1]]
-    return args
-
-
-def _fisher_sketch_cpu(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
-    ext = _backends.cpu_extension()
-    (rows, d), K, m = a.shape, logits.shape[1], plan_tensors[1].shape[0]
-    threads = max(1, min(ext.fisher_sketch_max_threads(), rows))
-    per_thread = sum(signs.numel() for signs in plan_tensors[::2])  # one row's transform buffers
-    scratch = torch.empty(threads, per_thread, dtype=torch.float32)
-    acc = torch.empty(threads, 2 * N_KINDS, m, dtype=torch.float64)
-    ext.fisher_sketch_update(
-        sums.data_ptr(), sumsqs.data_ptr(), a.data_ptr(), logits.data_ptr(), 0 if y is None else y.data_ptr(),
-        0 if u is None else u.data_ptr(), rows, d, K, m, *_plan_args(plan_tensors), scratch.data_ptr(),
-        acc.data_ptr(), threads)
-
-
-def _signed_padded(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """(R, n_blocks·N): D_b x̃ for every sign block (x zero-padded to N), ready for the FWHT."""
-    n_blocks, n = signs.shape
-    out = x.new_zeros(x.shape[0], n_blocks, n)
-    out[:, :, : x.shape[1]] = x.unsqueeze(1) * signs[:, : x.shape[1]]
-    return out.view(x.shape[0], n_blocks * n)
-
-
-def _staged(backend: str, prepare, features, sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
-    """GPU pipeline of one chunk: prepare (softmax → signed error buffers, Z) → FWHT (the fwht op,
-    same backend) → sample y ∼ p when given u → features (gather, one-hot, ψ, float64 sums)."""
-    ra_s, ra_i, sa_s, sa_i, re_s, re_i, se_s, se_i = plan_tensors
-    rows, K = logits.shape
-    er = logits.new_zeros(rows, re_s.numel())
-    es = logits.new_zeros(rows, se_s.numel())
-    Z = logits.new_empty(rows)
-    prepare(logits, re_s, se_s, er, es, Z)
-    if y is None:  # before the transform, block 0 of er holds ±q = ±exp(z − z_max)
-        y = sample_labels(er[:, :K].abs(), u)
-    a_r, a_s = _signed_padded(a, ra_s), _signed_padded(a, sa_s)
-    for buf, n in ((a_r, ra_s.shape[1]), (a_s, sa_s.shape[1]), (er, re_s.shape[1]), (es, se_s.shape[1])):
-        fwht(buf.view(-1, n), inplace=True, backend=backend)
-    features(sums, sumsqs, a_r, a_s, er, es, Z, y, ra_i, sa_i, re_i, se_i, re_s, se_s)
-
-
-def _fisher_sketch_cuda(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
-    ext = _backends.cuda_extension()
-    stream = torch.cuda.current_stream(a.device).cuda_stream
-    addr = lambda t: t.data_ptr()  # noqa: E731
-
-    def prepare(logits, re_s, se_s, er, es, Z):
-        ext.fisher_sketch_prepare(addr(logits), logits.shape[0], logits.shape[1], addr(er), addr(es), addr(re_s),
-                                  re_s.shape[0], re_s.shape[1], addr(se_s), se_s.shape[0], se_s.shape[1], addr(Z),
-                                  stream)
-
-    def features(sums, sumsqs, a_r, a_s, er, es, Z, y, ra_i, sa_i, re_i, se_i, re_s, se_s):
-        ext.fisher_sketch_features(addr(sums), addr(sumsqs), addr(a_r), addr(a_s), addr(er), addr(es), addr(Z),
-                                   addr(y), addr(ra_i), addr(sa_i), addr(re_i), addr(se_i), addr(re_s), addr(se_s),
-                                   a_r.shape[1], a_s.shape[1], er.shape[1], es.shape[1], re_s.shape[1],
-                                   se_s.shape[1], Z.shape[0], ra_i.shape[0], stream)
-
-    with torch.cuda.device(a.device):
-        _staged("cuda", prepare, features, sums, sumsqs, a, logits, y, u, *plan_tensors)
-
-
-def _fisher_sketch_triton(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
-    from fisherfast.ops.fisher_sketch_triton import features_triton, prepare_triton
-
-    _staged("triton", prepare_triton, features_triton, sums, sumsqs, a, logits, y, u, *plan_tensors)
-
-
-_IMPLS = {"reference": fisher_sketch_reference, "cpu": _fisher_sketch_cpu, "triton": _fisher_sketch_triton,
-          "cuda": _fisher_sketch_cuda}
+def _check_op_inputs(sums, sumsqs, a, logits, y, u, plan_tensors) -> None:
+    """Shapes and dtypes the op (and its fake) accept: (3, m) float64 sums,
+    a (R, d), logits (R, K), exactly one of y (R,) int / u (R,) float, four
+    (signs (n_blocks, N), idx (m,) int64) plan pairs."""
+    check_tensor("a", a, ndim=2)
+    check_tensor("logits", logits, ndim=2)
+    R = a.shape[0]
+    if logits.shape[0] != R:
+        raise ValueError(f"logits must have R = {R} rows like a, got shape {tuple(logits.shape)}")
+    if (y is None) == (u is None):
+        raise ValueError("give exactly one of y (labels) or u (uniforms for y ∼ p)")
+    if y is not None and (y.dtype not in (torch.int32, torch.int64) or tuple(y.shape) != (R,)):
+        raise TypeError(f"y must be an int32/int64 tensor of shape ({R},), got {y.dtype} {tuple(y.shape)}")
+    if u is not None:
+        check_tensor("u", u, ndim=1)
+        if u.shape[0] != R:
+            raise ValueError(f"u must have shape ({R},), got {tuple(u.shape)}")
+    m = plan_tensors[1].shape[0]
+    for name, buf in (("sums", sums), ("sumsqs", sumsqs)):
+        if buf.dtype != torch.float64 or tuple(buf.shape) != (N_KINDS, m):
+            raise TypeError(f"{name} must be float64 of shape ({N_KINDS}, {m}), got {buf.dtype} {tuple(buf.shape)}")
+    n_in = (a.shape[1], a.shape[1], logits.shape[1], logits.shape[1])
+    for plan, (signs, idx), n in zip("ra sa re se".split(), zip(plan_tensors[::2], plan_tensors[1::2]), n_in):
+        check_tensor(f"{plan}_signs", signs, ndim=2)
+        if signs.shape[1] < n or idx.dtype != torch.int64 or tuple(idx.shape) != (m,):
+            raise ValueError(f"plan {plan} must have signs (n_blocks, N ≥ {n}) and int64 idx ({m},), "
+                             f"got {tuple(signs.shape)} and {idx.dtype} {tuple(idx.shape)}")
+    check_same_device(sums=sums, sumsqs=sumsqs, a=a, logits=logits, y=y, u=u, signs=plan_tensors[0])
 
 
 @torch.library.custom_op("fisherfast::fisher_sketch_update_", mutates_args=("sums", "sumsqs"))
 def _fisher_sketch_op(sums: torch.Tensor, sumsqs: torch.Tensor, a: torch.Tensor, logits: torch.Tensor,
-                      y: torch.Tensor | None, u: torch.Tensor | None, ra_signs: torch.Tensor, ra_idx: torch.Tensor,
-                      sa_signs: torch.Tensor, sa_idx: torch.Tensor, re_signs: torch.Tensor, re_idx: torch.Tensor,
-                      se_signs: torch.Tensor, se_idx: torch.Tensor, backend: str) -> None:
+                      y: Optional[torch.Tensor], u: Optional[torch.Tensor], ra_signs: torch.Tensor,
+                      ra_idx: torch.Tensor, sa_signs: torch.Tensor, sa_idx: torch.Tensor, re_signs: torch.Tensor,
+                      re_idx: torch.Tensor, se_signs: torch.Tensor, se_idx: torch.Tensor,
+                      backend: Optional[str]) -> None:
+    plan_tensors = (ra_signs, ra_idx, sa_signs, sa_idx, re_signs, re_idx, se_signs, se_idx)
+    _check_op_inputs(sums, sumsqs, a, logits, y, u, plan_tensors)
     impl = _backends.select("fisher_sketch_update", _IMPLS, a.device, backend or None)
+    if a.shape[0] == 0:
+        return
     a = a.to(torch.float32).contiguous()
     logits = logits.to(torch.float32).contiguous()
     y = None if y is None else y.to(torch.int64).contiguous()
     u = None if u is None else u.to(torch.float64).contiguous()
-    impl(sums, sumsqs, a, logits, y, u, ra_signs, ra_idx, sa_signs, sa_idx, re_signs, re_idx, se_signs, se_idx)
+    impl(sums, sumsqs, a, logits, y, u, *plan_tensors)
 
 
 @_fisher_sketch_op.register_fake
 def _(sums, sumsqs, a, logits, y, u, ra_signs, ra_idx, sa_signs, sa_idx, re_signs, re_idx, se_signs, se_idx, backend):
+    _check_op_inputs(sums, sumsqs, a, logits, y, u, (ra_signs, ra_idx, sa_signs, sa_idx, re_signs, re_idx, se_signs,
+                                                     se_idx))
     return None
 
 
@@ -267,4 +207,4 @@ def fisher_sketch_update(sums: torch.Tensor, sumsqs: torch.Tensor, a: torch.Tens
             z = logits[rows]
         torch.ops.fisherfast.fisher_sketch_update_(
             sums, sumsqs, a_rows, z, None if y is None else y[rows], None if u is None else u[rows], *tensors,
-            backend or "")
+            backend)

@@ -19,6 +19,8 @@ import math
 import triton
 import triton.language as tl
 
+from fisherfast.ops.fisher_sketch_common import staged
+
 BLOCK_K = 1024
 BLOCK_M = 128
 
@@ -118,3 +120,9 @@ def features_triton(sums, sumsqs, a_r, a_s, er, es, Z, y, ra_idx, sa_idx, re_idx
         a_r, a_s, er, es, Z, y, ra_idx, sa_idx, re_idx, se_idx, re_signs, se_signs, a_r.shape[1], a_s.shape[1],
         er.shape[1], es.shape[1], re_signs.shape[1].bit_length() - 1, se_signs.shape[1].bit_length() - 1, Z.shape[0],
         m, sums, sumsqs, 1.0 / math.sqrt(m), BLOCK=BLOCK_M)
+
+
+def update(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
+    """The backend's op (signature as ``fisher_sketch_reference.update``): the
+    staged pipeline with these kernels and the triton fwht."""
+    staged("triton", prepare_triton, features_triton, sums, sumsqs, a, logits, y, u, *plan_tensors)

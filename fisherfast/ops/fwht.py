@@ -5,16 +5,18 @@ natural order, equal to scipy.linalg.hadamard(N)); ``normalized=True`` scales
 by 1/√N so the transform is orthonormal. N must be a power of two. Any leading
 batch shape; float32/float64 computed as they are, float16/bfloat16 computed in
 float32 and returned in the input dtype. Cost: N log₂N adds per row, no extra
-memory beyond the output.
+memory beyond the output. A half-precision result that overflows its dtype
+raises OverflowError (never a silent Inf); an empty batch gives an empty result.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import check_tensor, compute_dtype
+from fisherfast.ops._checks import cast_checked, check_tensor, compute_dtype
 
 
 def _check_fwht_input(x: torch.Tensor) -> None:
@@ -80,7 +82,8 @@ def _scale(n: int, normalized: bool) -> float:
 
 
 @torch.library.custom_op("fisherfast::fwht", mutates_args=())
-def _fwht_op(x: torch.Tensor, normalized: bool, backend: str) -> torch.Tensor:
+def _fwht_op(x: torch.Tensor, normalized: bool, backend: Optional[str]) -> torch.Tensor:
+    _check_fwht_input(x)
     impl = _backends.select("fwht", _IMPLS, x.device, backend or None)
     src = x.to(compute_dtype(x.dtype)).contiguous()
     # A converted copy is ours to overwrite; otherwise write a fresh output, so
@@ -88,11 +91,12 @@ def _fwht_op(x: torch.Tensor, normalized: bool, backend: str) -> torch.Tensor:
     dst = src if src.data_ptr() != x.data_ptr() else torch.empty_like(src)
     if x.numel():
         impl(src, dst, _scale(x.shape[-1], normalized))
-    return dst.to(x.dtype)
+    return cast_checked(dst, x.dtype, "fwht")
 
 
 @_fwht_op.register_fake
 def _(x, normalized, backend):
+    _check_fwht_input(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -109,7 +113,8 @@ _fwht_op.register_autograd(_fwht_backward, setup_context=_fwht_setup_context)
 
 
 @torch.library.custom_op("fisherfast::fwht_", mutates_args=("x",))
-def _fwht_inplace_op(x: torch.Tensor, normalized: bool, backend: str) -> None:
+def _fwht_inplace_op(x: torch.Tensor, normalized: bool, backend: Optional[str]) -> None:
+    _check_fwht_input(x)
     impl = _backends.select("fwht", _IMPLS, x.device, backend or None)
     if not x.numel():
         return
@@ -119,11 +124,12 @@ def _fwht_inplace_op(x: torch.Tensor, normalized: bool, backend: str) -> None:
         return
     y = x.to(compute_dtype(x.dtype), memory_format=torch.contiguous_format).contiguous()
     impl(y, y, scale)
-    x.copy_(y)
+    x.copy_(cast_checked(y, x.dtype, "fwht"))
 
 
 @_fwht_inplace_op.register_fake
 def _(x, normalized, backend):
+    _check_fwht_input(x)
     return None
 
 
@@ -140,11 +146,16 @@ def fwht(x: torch.Tensor, *, normalized: bool = False, inplace: bool = False, ba
 
     Returns:
         H_N x (times 1/√N if normalized), same shape and dtype as ``x``.
+
+    Raises:
+        TypeError/ValueError for a non-floating x or N not a power of two;
+        OverflowError when a float16/bfloat16 result overflows its dtype
+        (``inplace=True`` then leaves x unchanged).
     """
     _check_fwht_input(x)
     # The op bodies pick the backend (first thing, before any work), so that
     # torch.compile sees one opaque op whatever the backend.
     if inplace:
-        torch.ops.fisherfast.fwht_(x, normalized, backend or "")
+        torch.ops.fisherfast.fwht_(x, normalized, backend)
         return x
-    return torch.ops.fisherfast.fwht(x, normalized, backend or "")
+    return torch.ops.fisherfast.fwht(x, normalized, backend)

@@ -34,11 +34,12 @@ normalizer.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
+
+from fisherfast.ops import softmax_fisher_reference as reference
+from fisherfast.ops.softmax_fisher_common import merge_splits, raise_nonfinite_normalizer
 
 K_MAX = 16  # projection columns per kernel call (tl.dot needs ≥ 16: K is padded to 16)
 
@@ -229,20 +230,9 @@ def _splits(n_tiles: int, n_programs: int, target: int = 128) -> tuple[int, int]
     return per, triton.cdiv(n_tiles, per)
 
 
-def _merge_splits(M, L, S=None):
-    """Merge per-split (m, l[, s]) (S, B[, K]) into (m, log l[, s / l])."""
-    m = M.max(dim=0).values
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    scale = torch.exp(M - m_safe)
-    l = (L * scale).sum(dim=0)
-    m = torch.where(torch.isnan(M).any(dim=0), torch.full_like(m, math.nan), m)
-    ybar = None if S is None else (S * scale[:, :, None]).sum(dim=0) / l[:, None]
-    return m, torch.log(l), ybar
-
-
-def normalizer_triton(h, W, b, *, block_b=16, block_v=64, block_d=32, n_splits=None):
+def normalizer_triton(a, W, b, *, block_b=16, block_v=64, block_d=32, n_splits=None):
     """(m_i, log l_i), lse_i = m_i + log l_i, by the split-V streaming kernel."""
-    B, D = h.shape
+    B, D = a.shape
     V = W.shape[0]
     n_tiles = triton.cdiv(V, block_v)
     if n_splits is None:
@@ -250,18 +240,18 @@ def normalizer_triton(h, W, b, *, block_b=16, block_v=64, block_d=32, n_splits=N
     else:
         per = triton.cdiv(n_tiles, n_splits)
         n_splits = triton.cdiv(n_tiles, per)
-    M = torch.empty(n_splits, B, dtype=torch.float32, device=h.device)
+    M = torch.empty(n_splits, B, dtype=torch.float32, device=a.device)
     L = torch.empty_like(M)
     grid = (triton.cdiv(B, block_b), n_splits)
-    _lse_split_kernel[grid](h, W, b if b is not None else h, M, L, B, V, D, per,
-                            h.stride(0), W.stride(0), HAS_BIAS=b is not None,
+    _lse_split_kernel[grid](a, W, b if b is not None else a, M, L, B, V, D, per,
+                            a.stride(0), W.stride(0), HAS_BIAS=b is not None,
                             BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d)
-    return _merge_splits(M, L)[:2]
+    return merge_splits(M, L)[:2]
 
 
-def lm_logsumexp_triton(h, W, b, chunk, **blocks):
+def lm_logsumexp_triton(a, W, b, chunk, **blocks):
     """lse_i = log Σ_v exp(w_v·h_i + b_v) with the split-V streaming kernel."""
-    m, log_l = normalizer_triton(h, W, b, **blocks)
+    m, log_l = normalizer_triton(a, W, b, **blocks)
     return m + log_l
 
 
@@ -271,97 +261,130 @@ class _Cfg:
     block_d = 32
 
 
-def _stats(h, W, U, b, cfg):
+def _stats(a, W, U, b, cfg):
     """Pass 1 for U (d×K, K ≤ K_MAX): (m, log l) per token and ȳ (B, K_PAD)."""
-    B, D = h.shape
+    B, D = a.shape
     V = W.shape[0]
     K = U.shape[1]
     n_tiles = triton.cdiv(V, cfg.block_v)
     per, n_splits = _splits(n_tiles, triton.cdiv(B, cfg.block_b))
-    f32 = dict(dtype=torch.float32, device=h.device)
+    f32 = dict(dtype=torch.float32, device=a.device)
     M, L, S = torch.empty(n_splits, B, **f32), torch.empty(n_splits, B, **f32), torch.empty(n_splits, B, K_MAX, **f32)
     _stats_kernel[(triton.cdiv(B, cfg.block_b), n_splits)](
-        h, W, U, b if b is not None else h, M, L, S, B, V, D, K, per, h.stride(0), W.stride(0), U.stride(0),
+        a, W, U, b if b is not None else a, M, L, S, B, V, D, K, per, a.stride(0), W.stride(0), U.stride(0),
         HAS_BIAS=b is not None, BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, K_PAD=K_MAX)
-    return _merge_splits(M, L, S)
+    return merge_splits(M, L, S)
 
 
-def _check_normalizer(m, log_l):
-    from fisherfast.ops.softmax_fisher import raise_nonfinite_normalizer
-
-    raise_nonfinite_normalizer(m + log_l, False)
-
-
-def _matmat_shared(h, W, U, b, cfg):
+def _matmat_shared(a, W, U, b, cfg):
     """G U for U (d×K), K ≤ K_MAX: (B, d, K) in float32."""
-    B, D = h.shape
+    B, D = a.shape
     V = W.shape[0]
     K = U.shape[1]
-    m, log_l, ybar = _stats(h, W, U, b, cfg)
-    _check_normalizer(m, log_l)
+    m, log_l, ybar = _stats(a, W, U, b, cfg)
+    raise_nonfinite_normalizer(m + log_l, False)
     n_tiles = triton.cdiv(V, cfg.block_v)
     n_b, n_d = triton.cdiv(B, cfg.block_b), triton.cdiv(D, cfg.block_d)
     per, n_splits = _splits(n_tiles, n_b * n_d)
-    f32 = dict(dtype=torch.float32, device=h.device)
+    f32 = dict(dtype=torch.float32, device=a.device)
     Acc = torch.empty(n_splits, B, D, K_MAX, **f32)
     Mu = torch.empty(n_splits, B, D, **f32)
     T = torch.empty(n_splits, B, K_MAX, **f32)
     _matmat_kernel[(n_b, n_d, n_splits)](
-        h, W, U, b if b is not None else h, m.contiguous(), log_l.contiguous(), ybar.contiguous(), Acc, Mu, T,
-        B, V, D, K, per, h.stride(0), W.stride(0), U.stride(0), HAS_BIAS=b is not None, BLOCK_B=cfg.block_b,
+        a, W, U, b if b is not None else a, m.contiguous(), log_l.contiguous(), ybar.contiguous(), Acc, Mu, T,
+        B, V, D, K, per, a.stride(0), W.stride(0), U.stride(0), HAS_BIAS=b is not None, BLOCK_B=cfg.block_b,
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, K_PAD=K_MAX)
     mu, t = Mu.sum(dim=0), T.sum(dim=0)
     return (Acc.sum(dim=0) - mu[:, :, None] * t[:, None, :])[:, :, :K]
 
 
-def _quad_shared(h, W, U, b, cfg):
+def _quad_shared(a, W, U, b, cfg):
     """Uᵀ G U for U (d×K), K ≤ K_MAX: (B, K, K) in float32."""
-    B, D = h.shape
+    B, D = a.shape
     V = W.shape[0]
     K = U.shape[1]
-    m, log_l, ybar = _stats(h, W, U, b, cfg)
-    _check_normalizer(m, log_l)
+    m, log_l, ybar = _stats(a, W, U, b, cfg)
+    raise_nonfinite_normalizer(m + log_l, False)
     n_tiles = triton.cdiv(V, cfg.block_v)
     n_b = triton.cdiv(B, cfg.block_b)
     per, n_splits = _splits(n_tiles, n_b)
-    Q = torch.empty(n_splits, B, K_MAX, K_MAX, dtype=torch.float32, device=h.device)
+    Q = torch.empty(n_splits, B, K_MAX, K_MAX, dtype=torch.float32, device=a.device)
     _quad_kernel[(n_b, n_splits)](
-        h, W, U, b if b is not None else h, m.contiguous(), log_l.contiguous(), ybar.contiguous(), Q,
-        B, V, D, K, per, h.stride(0), W.stride(0), U.stride(0), HAS_BIAS=b is not None, BLOCK_B=cfg.block_b,
+        a, W, U, b if b is not None else a, m.contiguous(), log_l.contiguous(), ybar.contiguous(), Q,
+        B, V, D, K, per, a.stride(0), W.stride(0), U.stride(0), HAS_BIAS=b is not None, BLOCK_B=cfg.block_b,
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, K_PAD=K_MAX)
     Q = Q.sum(dim=0)[:, :K, :K]
     return 0.5 * (Q + Q.transpose(1, 2))
 
 
-def _per_column_block(fn, h, W, U, b, cfg):
+def _per_column_block(fn, a, W, U, b, cfg):
     """Run ``fn`` on U's column blocks of ≤ K_MAX (shared U) or token by
     token (per-token U (B,d,k)); returns the per-block outputs."""
     if U.dim() == 3:
-        return [[fn(h[i:i + 1], W, Ui, b, cfg) for Ui in U[i].split(K_MAX, dim=1)] for i in range(h.shape[0])]
-    return [[fn(h, W, Ub.contiguous(), b, cfg) for Ub in U.split(K_MAX, dim=1)]]
+        return [[fn(a[i:i + 1], W, Ui, b, cfg) for Ui in U[i].split(K_MAX, dim=1)] for i in range(a.shape[0])]
+    return [[fn(a, W, Ub.contiguous(), b, cfg) for Ub in U.split(K_MAX, dim=1)]]
 
 
-def softmax_fisher_matmat_triton(h, W, U, b, cfg=_Cfg):
-    """G_head(h_i) U_i (B, d, k) in float32 (two passes; see the module doc)."""
-    blocks = _per_column_block(_matmat_shared, h, W, U, b, cfg)
+def softmax_fisher_matmat_triton(a, W, U, b, cfg=_Cfg):
+    """G_head(a_i) U_i (B, d, k) in float32 (two passes; see the module doc)."""
+    blocks = _per_column_block(_matmat_shared, a, W, U, b, cfg)
     return torch.cat([torch.cat(row, dim=2) for row in blocks], dim=0)
 
 
-def softmax_fisher_quad_triton(h, W, U, b, cfg=_Cfg):
-    """U_iᵀ G_head(h_i) U_i (B, k, k) in float32. Column blocks of a shared U
+def softmax_fisher_quad_triton(a, W, U, b, cfg=_Cfg):
+    """U_iᵀ G_head(a_i) U_i (B, k, k) in float32. Column blocks of a shared U
     give the diagonal blocks; the off-diagonal ones come from matmat."""
     if U.dim() == 3:
-        return torch.cat([softmax_fisher_quad_triton(h[i:i + 1], W, U[i], b, cfg) for i in range(h.shape[0])])
+        return torch.cat([softmax_fisher_quad_triton(a[i:i + 1], W, U[i], b, cfg) for i in range(a.shape[0])])
     if U.shape[1] <= K_MAX:
-        return _quad_shared(h, W, U.contiguous(), b, cfg)
-    GU = softmax_fisher_matmat_triton(h, W, U, b, cfg)
+        return _quad_shared(a, W, U.contiguous(), b, cfg)
+    GU = softmax_fisher_matmat_triton(a, W, U, b, cfg)
     Q = U.T[None] @ GU
     return 0.5 * (Q + Q.transpose(1, 2))
 
 
-def softmax_fisher_gram_triton(h, W, b, reduce, cfg=_Cfg):
+def softmax_fisher_gram_triton(a, W, b, reduce, cfg=_Cfg):
     """The exact G_i (B, d, d) (or its mean) as matmat with U = I_d."""
     eye = torch.eye(W.shape[1], dtype=torch.float32, device=W.device)
-    G = softmax_fisher_matmat_triton(h, W, eye, b, cfg)
+    G = softmax_fisher_matmat_triton(a, W, eye, b, cfg)
     G = 0.5 * (G + G.transpose(1, 2))
     return G.mean(dim=0) if reduce == "mean" else G
+
+
+# ---------------------------------------------------------------------------
+# The backend's ops, with the signatures of ``softmax_fisher_reference``.
+# Given logits run the chunked reference (there is nothing left to fuse).
+# ---------------------------------------------------------------------------
+
+def lm_logsumexp(a, W, b, chunk):
+    lse = lm_logsumexp_triton(a, W, b, chunk)
+    raise_nonfinite_normalizer(lse, False)
+    return lse
+
+
+def matmat(a, W, U, b, logits, chunk):
+    if logits is not None:
+        return reference.matmat(a, W, U, b, logits, chunk)
+    return softmax_fisher_matmat_triton(a, W, U, b)
+
+
+def quad(a, W, U, b, logits, chunk):
+    if logits is not None:
+        return reference.quad(a, W, U, b, logits, chunk)
+    return softmax_fisher_quad_triton(a, W, U, b)
+
+
+def gram(a, W, b, logits, reduce, chunk):
+    """matmat with U = I_d on the Triton kernels."""
+    if logits is not None:
+        return reference.gram(a, W, b, logits, reduce, chunk)
+    return softmax_fisher_gram_triton(a, W, b, reduce)
+
+
+def gram_topk(a, W, b, logits, reduce, tail_tol, chunk):
+    """The Triton normalizer, then the reference's (torch) candidate selection."""
+    if logits is not None:
+        return reference.gram_topk(a, W, b, logits, reduce, tail_tol, chunk)
+    norm = normalizer_triton(a, W, b)
+    raise_nonfinite_normalizer(norm[0] + norm[1], False)
+    return reference.gram_truncated_chunked(a, W, b, None, chunk, norm, tail_tol, reduce)

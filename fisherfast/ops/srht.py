@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import check_tensor, compute_dtype
+from fisherfast.ops._checks import cast_checked, check_same_device, check_tensor, compute_dtype
 from fisherfast.ops.fwht import _DTYPE_NAMES, fwht
 
 
@@ -105,16 +106,32 @@ _IMPLS = {
 }
 
 
+def _check_op_inputs(x, signs, idx) -> None:
+    """x (..., n_in) floating, signs (n_blocks, N) with N ≥ n_in, idx (m,) int64, one device."""
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("signs", signs, ndim=2)
+    check_tensor("idx", idx, ndim=1, float_only=False)
+    if idx.dtype != torch.int64:
+        raise TypeError(f"idx must be int64, got {idx.dtype}")
+    if signs.shape[1] < x.shape[-1]:
+        raise ValueError(f"signs must have N ≥ n_in = {x.shape[-1]} columns, got shape {tuple(signs.shape)}")
+    check_same_device(x=x, signs=signs, idx=idx)
+
+
 @torch.library.custom_op("fisherfast::srht", mutates_args=())
-def _srht_op(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor, backend: str) -> torch.Tensor:
+def _srht_op(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+    _check_op_inputs(x, signs, idx)
     impl = _backends.select("srht", _IMPLS, x.device, backend or None)
     rows = x.reshape(-1, x.shape[-1]).to(compute_dtype(x.dtype)).contiguous()
+    if rows.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], idx.shape[0])
     out = impl(rows, signs.to(rows.dtype).contiguous(), idx.contiguous())
-    return out.view(*x.shape[:-1], idx.shape[0]).to(x.dtype)
+    return cast_checked(out.view(*x.shape[:-1], idx.shape[0]), x.dtype, "srht")
 
 
 @_srht_op.register_fake
 def _(x, signs, idx, backend):
+    _check_op_inputs(x, signs, idx)
     return x.new_empty(*x.shape[:-1], idx.shape[0])
 
 
@@ -153,7 +170,7 @@ def srht(x: torch.Tensor, plan: SRHTPlan, *, backend: str | None = None) -> torc
     if x.shape[-1] != plan.n_in:
         raise ValueError(f"x.shape[-1] must equal plan.n_in = {plan.n_in}, got {x.shape[-1]}")
     signs, idx = plan.tensors(x.device)
-    return torch.ops.fisherfast.srht(x, signs, idx, backend or "")
+    return torch.ops.fisherfast.srht(x, signs, idx, backend)
 
 
 def parity(v: torch.Tensor) -> torch.Tensor:

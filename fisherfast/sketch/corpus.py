@@ -1,5 +1,5 @@
 """FisherSketch over a real corpus: local Hugging Face ``datasets`` files,
-streamed, sharded across torch.distributed ranks (DESIGN.md §7).
+streamed, sharded across torch.distributed ranks (docs/design.md §7).
 
 ``read_corpus(path, text_field=...)`` yields texts; ``read_corpus(path,
 prompt_field=..., answer_field=...)`` yields (prompt, answer) pairs for a

@@ -1,5 +1,5 @@
 """Source selection with FisherSketch: rank candidate source tasks by the
-alignment of their head Fishers with a target task's (DESIGN.md §7).
+alignment of their head Fishers with a target task's (docs/design.md §7).
 
 For each candidate j: the head-Fisher alignment A(target, j), its activation
 and error marginals S_a, S_e (alignments of the activation second moments

@@ -1,4 +1,4 @@
-"""Matched concept probability along a ray (DESIGN.md §5): the scale α ≥ 0 at
+"""Matched concept probability along a ray (docs/design.md §5): the scale α ≥ 0 at
 which a fixed direction v (CAA, ActAdd, a probe, a frozen FishBack direction)
 — or an h-dependent displacement δ(α) such as INNSteer's — reaches a target
 score, φ(h + α v) = φ*.

@@ -106,11 +106,11 @@ def test_unknown_backend_in_environment(monkeypatch):
 def test_custom_ops_pass_opcheck():
     # Schema, fake (meta) implementation and dispatch registration, as torch checks them.
     x = torch.randn(3, 32)
-    opcheck(torch.ops.fisherfast.fwht.default, (x, True, ""))
+    opcheck(torch.ops.fisherfast.fwht.default, (x, True, None))
     opcheck(torch.ops.fisherfast.fwht.default, (x.half(), False, "reference"))
-    opcheck(torch.ops.fisherfast.fwht_.default, (x.clone(), False, ""))
+    opcheck(torch.ops.fisherfast.fwht_.default, (x.clone(), False, None))
     signs, idx = SRHTPlan(32, 20, seed=2).tensors(x.device)
-    opcheck(torch.ops.fisherfast.srht.default, (x, signs, idx, ""))
+    opcheck(torch.ops.fisherfast.srht.default, (x, signs, idx, None))
 
 
 def test_torch_compile_traces_the_ops():
@@ -130,3 +130,22 @@ def test_torch_compile_traces_the_ops():
     y = x.clone()
     torch.compile(g, backend="aot_eager", fullgraph=True)(y)
     torch.testing.assert_close(y, fwht(x), rtol=0, atol=0)
+
+
+def test_fakes_check_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    signs, idx = SRHTPlan(32, 20, seed=2).tensors(torch.device("cpu"))
+    idx32 = idx.int()
+    with FakeTensorMode() as mode:
+        x, s, i = (mode.from_tensor(t) for t in (torch.randn(3, 32), signs, idx))
+        assert torch.ops.fisherfast.fwht.default(x, False, None).shape == (3, 32)
+        assert torch.ops.fisherfast.srht.default(x, s, i, None).shape == (3, 20)
+        with pytest.raises(ValueError, match="power of two"):
+            torch.ops.fisherfast.fwht.default(x[:, :30], False, None)
+        with pytest.raises(TypeError, match="floating"):
+            torch.ops.fisherfast.fwht.default(mode.from_tensor(torch.ones(3, 32, dtype=torch.int64)), False, None)
+        with pytest.raises(ValueError, match="N ≥ n_in"):
+            torch.ops.fisherfast.srht.default(mode.from_tensor(torch.randn(3, 64)), s, i, None)
+        with pytest.raises(TypeError, match="idx must be int64"):
+            torch.ops.fisherfast.srht.default(x, s, mode.from_tensor(idx32), None)

@@ -133,3 +133,61 @@ def test_bad_inputs_raise_before_work():
         fisher_sketch_update(sums, sumsqs, a, plans, W=torch.randn(6, 5), y=y)
     with pytest.raises(ValueError, match="b is only used with W"):
         fisher_sketch_update(sums, sumsqs, a, plans, logits=z, b=torch.zeros(6), y=y)
+
+
+def test_empty_batch_leaves_the_sums_unchanged(backend):
+    plans = make_plans(12, 40, 32)
+    sums = torch.ones(3, 32, dtype=torch.float64, device=backend.device)
+    sumsqs = torch.ones_like(sums)
+    a, z = torch.empty(0, 12, device=backend.device), torch.empty(0, 40, device=backend.device)
+    fisher_sketch_update(sums, sumsqs, a, plans, logits=z, y=torch.empty(0, dtype=torch.int64, device=backend.device),
+                         backend=backend.name)
+    fisher_sketch_update(sums, sumsqs, a, plans, W=torch.randn(40, 12, device=backend.device),
+                         u=torch.empty(0, device=backend.device), backend=backend.name)
+    assert bool((sums == 1).all()) and bool((sumsqs == 1).all())
+
+
+def test_op_fake_checks_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    plans = make_plans(12, 40, 32)
+    tensors = [t for plan in plans for t in plan.tensors(torch.device("cpu"))]
+    args = [torch.zeros(3, 32, dtype=torch.float64), torch.zeros(3, 32, dtype=torch.float64), torch.randn(4, 12),
+            torch.randn(4, 40), torch.randint(0, 40, (4,)), None, *tensors, None]
+    torch.library.opcheck(torch.ops.fisherfast.fisher_sketch_update_.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args]
+        torch.ops.fisherfast.fisher_sketch_update_.default(*fake)
+        bad = list(fake)
+        bad[3] = mode.from_tensor(torch.randn(5, 40))  # logits rows ≠ a rows
+        with pytest.raises(ValueError, match="logits must have R = 4 rows"):
+            torch.ops.fisherfast.fisher_sketch_update_.default(*bad)
+        bad = list(fake)
+        bad[0] = mode.from_tensor(torch.zeros(3, 31, dtype=torch.float64))
+        with pytest.raises(TypeError, match="sums must be float64 of shape"):
+            torch.ops.fisherfast.fisher_sketch_update_.default(*bad)
+
+
+def test_cpu_entry_point_checks_its_tensor_views():
+    """The C++ update takes DLPack views and checks them once, naming the argument."""
+    _C = pytest.importorskip("fisherfast._C")
+    from torch.utils.dlpack import to_dlpack as dl
+
+    plans = make_plans(4, 6, 8)
+    tensors = [dl(t) for plan in plans for t in plan.tensors(torch.device("cpu"))]
+    sums = torch.zeros(3, 8, dtype=torch.float64)
+    a, z, y = dl(torch.randn(2, 4)), dl(torch.randn(2, 6)), dl(torch.tensor([0, 5]))
+    scratch, acc = dl(torch.empty(1, sum(p.n_blocks * p.N for p in plans))), dl(torch.empty(1, 6, 8).double())
+    cases = [
+        ((dl(sums), dl(sums), a, z, None, None), "give exactly one of y or u"),
+        ((dl(sums), dl(sums.float()), a, z, y, None), "sumsqs must be float64, got float32"),
+        ((dl(sums), dl(sums), a, dl(torch.randn(3, 6)), y, None), "logits dimension 0 must be 2"),
+        ((dl(sums[:, :7].contiguous()), dl(sums), a, z, y, None), "sumsqs dimension 1 must be 7"),
+        ((dl(sums[:, :7]), dl(sums), a, z, y, None), "sums must be contiguous"),
+    ]
+    for head, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _C.fisher_sketch_update(*head, *tensors, scratch, acc, 1)
+    _C.fisher_sketch_update(dl(sums), dl(sums.clone()), a, z, y, None, *tensors, scratch, acc, 1)
+    assert bool(sums.abs().sum() > 0)

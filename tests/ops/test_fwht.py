@@ -280,3 +280,25 @@ def test_rejects_backend_for_wrong_device():
 def test_rejects_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         fwht(torch.randn(8), backend="fast")
+
+
+# ------------------------------------------------------------ edge inputs (issue 9)
+
+def test_empty_batch_gives_empty_result(backend):
+    x = torch.empty(0, 16, device=backend.device)
+    assert fwht(x, backend=backend.name).shape == (0, 16)
+    assert fwht(x, inplace=True, backend=backend.name) is x
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_half_precision_overflow_raises(backend, inplace):
+    """Sixteen entries of 6e4 sum to 9.6e5 > 65504: an OverflowError, never a
+    silent Inf; in place, x is left as it was."""
+    x = torch.full((2, 16), 6e4, dtype=torch.float16, device=backend.device)
+    before = x.clone()
+    with pytest.raises(OverflowError, match="fwht.*overflows torch.float16"):
+        fwht(x, inplace=inplace, backend=backend.name)
+    assert torch.equal(x, before)
+    # In range: sixteen entries of 1e3 give 1.6e4, returned exactly.
+    y = fwht(torch.full((2, 16), 1e3, dtype=torch.float16, device=backend.device), backend=backend.name)
+    assert float(y[0, 0]) == 16e3 and bool(torch.isfinite(y).all())

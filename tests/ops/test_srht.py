@@ -136,3 +136,21 @@ def test_onehot_rejects_bad_labels():
         srht_onehot(torch.tensor([-1]), plan)
     with pytest.raises(TypeError, match="plan must be an SRHTPlan"):
         srht_onehot(torch.tensor([1]), None)
+
+
+# ------------------------------------------------------------ edge inputs (issue 9)
+
+def test_empty_batch_gives_empty_result(backend):
+    plan = SRHTPlan(40, 24, seed=1)
+    y = srht(torch.empty(0, 40, device=backend.device), plan, backend=backend.name)
+    assert y.shape == (0, 24) and y.device.type == backend.device.type
+
+
+def test_half_precision_overflow_raises(backend):
+    """Features are ±-sums of 40 entries of 6e4: beyond 65504, so float16 raises."""
+    plan = SRHTPlan(40, 24, seed=1)
+    x = torch.full((2, 40), 6e4, dtype=torch.float16, device=backend.device)
+    assert float(srht(x.float(), plan, backend="reference" if backend.device.type == "cpu" else backend.name)
+                 .abs().max()) > 65504
+    with pytest.raises(OverflowError, match="srht.*overflows torch.float16"):
+        srht(x, plan, backend=backend.name)

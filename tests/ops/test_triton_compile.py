@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from fisherfast.ops import (SRHTPlan, fisher_sketch_update, fwht, lm_logsumexp, softmax_fisher_gram,  # noqa: E402
-                            softmax_fisher_matmat, softmax_fisher_quad, srht)
+                            softmax_fisher_gram_topk, softmax_fisher_matmat, softmax_fisher_quad, srht)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="records launches through Triton's interpreter (TRITON_INTERPRET=1)")
@@ -72,18 +72,18 @@ def exercise_every_wrapper() -> None:
 
     V, d, B = 80, 24, 5
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        h = torch.randn(B, d, generator=g).to(dtype)
+        a = torch.randn(B, d, generator=g).to(dtype)
         W = (torch.randn(V, d, generator=g) / d ** 0.5).to(dtype)
         b = torch.randn(V, generator=g).to(dtype)
         for bias in (None, b):
-            lm_logsumexp(h, W, bias, backend="triton")
-            softmax_fisher_matmat(h, W, torch.randn(d, 3, generator=g).to(dtype), bias, backend="triton")
+            lm_logsumexp(a, W, bias, backend="triton")
+            softmax_fisher_matmat(a, W, torch.randn(d, 3, generator=g).to(dtype), bias, backend="triton")
             for k in (3, 20):  # one column block (quad kernel); more (matmat)
-                softmax_fisher_quad(h, W, torch.randn(d, k, generator=g).to(dtype), bias, backend="triton")
-        softmax_fisher_matmat(h, W, torch.randn(B, d, 2, generator=g).to(dtype), backend="triton")
+                softmax_fisher_quad(a, W, torch.randn(d, k, generator=g).to(dtype), bias, backend="triton")
+        softmax_fisher_matmat(a, W, torch.randn(B, d, 2, generator=g).to(dtype), backend="triton")
         for reduce in ("none", "mean"):
-            softmax_fisher_gram(h, W, reduce=reduce, backend="triton")
-        softmax_fisher_gram(h, W, tail_tol=1e-2, backend="triton")
+            softmax_fisher_gram(a, W, reduce=reduce, backend="triton")
+        softmax_fisher_gram_topk(a, W, tail_tol=1e-2, backend="triton")
 
     K, m = 300, 64
     plans = (SRHTPlan(d, m, 1), SRHTPlan(d, m, 2), SRHTPlan(K, m, 3), SRHTPlan(K, m, 4))

@@ -1,5 +1,6 @@
 // Per-token pieces of the streamed softmax-Fisher contractions (docs/design.md §3).
-// Header-only, shared by the CPU driver and the CUDA kernels.
+// Header-only, shared by the CPU driver and the CUDA kernels (the
+// FF_HOST_DEVICE pieces: exp_nonpos, weight, Merge, merge_normalizer).
 //
 // One token b, one V-chunk of logits z_c (plus bias) and projections
 // y_c = Uᵀw_c ∈ R^k:
@@ -42,8 +43,12 @@ FF_HOST_DEVICE inline float exp_nonpos(float x) {
   p = p * g + 1.f;
   p = p * g + 1.f;
   const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  const float scale = __int_as_float(bits);
+#else
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
+#endif
   const float r = p * scale;
   return x != x ? x : (x < -87.3f ? 0.f : r);
 }

@@ -1,0 +1,63 @@
+"""What every softmax-Fisher backend shares (docs/design.md §3): the V-chunk
+policy, the merge of per-split partial normalizers, and the errors raised for
+a non-finite normalizer or a non-finite result (the overflow check of a
+half-precision result is ``_checks.cast_checked``, shared by every op).
+Imported by the public op file and by each backend module; it imports none
+of them."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Chunk policy: the per-chunk temporaries hold about CHUNK_ELEMENTS elements
+# (4 MiB in float32), and a chunk has at least MIN_CHUNK rows, so each chunk
+# is GEMM work enough to hide the fixed cost of its calls; ``chunk=`` overrides.
+CHUNK_ELEMENTS = 1 << 20
+MIN_CHUNK = 8192
+# lm_logsumexp on the cpu backend keeps only the B×C logit tile: a 16 MiB
+# budget, so that usual shapes run in one or two chunks (each chunk wakes the
+# GEMM's thread team again, which costs milliseconds on a loaded machine).
+LSE_CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_size(V: int, per_row: int, chunk: int | None, budget: int = CHUNK_ELEMENTS) -> int:
+    """V-chunk length: ``chunk`` if given, else ``budget / per_row`` rows (at least MIN_CHUNK)."""
+    if chunk:
+        return min(chunk, V)
+    return min(V, max(MIN_CHUNK, budget // max(per_row, 1)))
+
+
+def merge_splits(M: torch.Tensor, L: torch.Tensor, S: torch.Tensor | None = None):
+    """Merge per-split partial normalizers into one per token.
+
+    M, L: (splits, B) running max m_s and mass l_s = Σ_{v∈s} e^{z_v − m_s};
+    S: optional (splits, B, K) sums Σ_{v∈s} e^{z_v − m_s} y_v. Returns
+    (m, log l, ȳ = s / l or None) with m = max_s m_s and every split rescaled
+    by e^{m_s − m} (flash-attention merge). A NaN in any split's max makes m
+    NaN, so the caller's normalizer check sees it."""
+    m = M.max(dim=0).values
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    scale = torch.exp(M - m_safe)
+    l = (L * scale).sum(dim=0)
+    m = torch.where(torch.isnan(M).any(dim=0), torch.full_like(m, math.nan), m)
+    ybar = None if S is None else (S * scale[:, :, None]).sum(dim=0) / l[:, None]
+    return m, torch.log(l), ybar
+
+
+def raise_nonfinite_normalizer(lse: torch.Tensor, from_logits: bool) -> None:
+    """Raise if any token's normalizer is NaN/±Inf (checked after the pass over V)."""
+    bad = ~torch.isfinite(lse)
+    if bool(bad.any()):
+        tokens = torch.nonzero(bad).flatten()[:8].tolist()
+        source = "logits" if from_logits else "W or b (a was checked finite)"
+        raise ValueError(f"non-finite softmax normalizer for token(s) {tokens}: {source} contain NaN or +Inf, "
+                         f"or every logit of the token is -Inf")
+
+
+def raise_nonfinite_result(out: torch.Tensor, from_logits: bool) -> None:
+    """A finite normalizer can still meet an Inf row of W whose logit is −Inf
+    (p = 0, 0·Inf = NaN); this O(output) check catches that."""
+    if not bool(torch.isfinite(out).all()):
+        source = "logits or W" if from_logits else "W or b (a was checked finite)"
+        raise ValueError(f"non-finite result: {source} contain NaN or Inf")

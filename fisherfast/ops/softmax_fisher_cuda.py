@@ -1,0 +1,78 @@
+"""cuda backend of the softmax-Fisher ops (the CUDA extension
+fisherfast._C_cuda, csrc/cuda/softmax_fisher.cu; same signatures as
+``softmax_fisher_reference``): lm_logsumexp and matmat for a shared U from
+the head input. Per-token U and given logits run the reference; quad and gram
+have no cuda implementation (the dispatcher then picks triton or reference).
+
+Two kernels split V over blocks: ``softmax_fisher_stats`` (per split: the
+online max m_s, mass l_s and Σ e^{z−m_s} y) and
+``softmax_fisher_matmat_pass2`` (the centered Wᵀ accumulation). The splits
+are merged on the host by ``merge_splits`` (softmax_fisher_common).
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from fisherfast.ops import _backends
+from fisherfast.ops import softmax_fisher_reference as reference
+from fisherfast.ops.softmax_fisher_common import merge_splits, raise_nonfinite_normalizer
+
+
+def _dl(x):
+    """The C++ side's tensor view: a DLPack capsule (None stays None)."""
+    return None if x is None else to_dlpack(x)
+
+
+def _cuda_launch_shape(V: int, B: int) -> tuple[int, int]:
+    """(rows per split, splits): about 4 blocks per SM-scale target of 512 in all."""
+    splits = max(1, min(V, 512 // max(B, 1), 65535))
+    rows = -(-V // splits)
+    return rows, -(-V // rows)
+
+
+def _stats(a, W, U, b):
+    ext = _backends.cuda_extension()
+    B, d = a.shape
+    V = W.shape[0]
+    k = 0 if U is None else U.shape[1]
+    rows, splits = _cuda_launch_shape(V, B)
+    M = torch.empty(splits, B, dtype=W.dtype, device=W.device)
+    L = torch.empty_like(M)
+    S = torch.empty(splits, B, max(k, 1), dtype=W.dtype, device=W.device)
+    ext.softmax_fisher_stats(_dl(a), _dl(W), _dl(b), _dl(U), _dl(M), _dl(L), _dl(S), rows,
+                             torch.cuda.current_stream(W.device).cuda_stream)
+    m, log_l, ybar = merge_splits(M, L, S[:, :, :k])
+    return m, log_l, ybar, (rows, splits)
+
+
+def lm_logsumexp(a, W, b, chunk):
+    m, log_l, _, _ = _stats(a, W, None, b)
+    lse = m + log_l
+    raise_nonfinite_normalizer(lse, False)
+    return lse
+
+
+def matmat(a, W, U, b, logits, chunk):
+    """Two passes (stats, then the centered Wᵀ accumulation) per column block
+    of U; G U = A − μ tᵀ summed over the splits."""
+    if logits is not None or U.dim() == 3:
+        return reference.matmat(a, W, U, b, logits, chunk)
+    ext = _backends.cuda_extension()
+    B, d = a.shape
+    V = W.shape[0]
+    out = []
+    for Uj in U.split(ext.softmax_fisher_max_k, dim=1):
+        Uj = Uj.contiguous()
+        k = Uj.shape[1]
+        m, log_l, ybar, (rows, splits) = _stats(a, W, Uj, b)
+        raise_nonfinite_normalizer(m + log_l, False)
+        A = torch.zeros(splits, B, d, k, dtype=W.dtype, device=W.device)
+        Mu = torch.zeros(splits, B, d, dtype=W.dtype, device=W.device)
+        T = torch.zeros(splits, B, k, dtype=W.dtype, device=W.device)
+        ext.softmax_fisher_matmat_pass2(_dl(a), _dl(W), _dl(b), _dl(Uj), _dl(m.contiguous()),
+                                        _dl(log_l.contiguous()), _dl(ybar.contiguous()), _dl(A), _dl(Mu), _dl(T), rows,
+                                        torch.cuda.current_stream(W.device).cuda_stream)
+        mu, t = Mu.sum(dim=0), T.sum(dim=0)
+        out.append(A.sum(dim=0) - mu[:, :, None] * t[:, None, :])
+    return torch.cat(out, dim=2)
