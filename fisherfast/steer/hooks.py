@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fisherfast.split import _ARCHS, decoder_blocks
+from fisherfast.split.architectures import _ARCHS, decoder_blocks
 from fisherfast.steer.vectors import SteeringVectors
 
 EDIT_MODES = ("add", "replace")

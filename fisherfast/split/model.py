@@ -1,45 +1,5 @@
-"""Split a Hugging Face causal LM at layer ℓ (docs/design.md §2, §4).
-
-The upper map f_ℓ sends the hidden state h ∈ R^d at layer ℓ, position t, to the
-head input a (after the final norm N) and to the logits z = W a + b, with the
-context held fixed: every position < t, at every layer, is what the model
-computed for the prompt. Causality makes this exact: positions < t never see
-position t, so their keys and values in the upper blocks do not depend on h.
-
-Layer convention: h at layer ℓ is the input of decoder block ℓ (ℓ = 0: the
-embedding output, after any positional embedding or embedding scale; this is
-``hidden_states[ℓ]`` of Hugging Face's ``output_hidden_states`` for ℓ < L).
-ℓ = L is the output of the last block *before* the final norm, so the upper
-map is the norm alone. The upper map is
-
-    r_L = blocks_{L-1} ∘ … ∘ blocks_ℓ (h)        (the last residual)
-    a   = N(r_L)                                  (the head input)
-    z   = W a + b, then whatever the model applies to its logits
-          (Gemma3's final soft-capping c·tanh(z/c)).
-
-and B = ∂a/∂h = J_N A with A = ∂r_L/∂h, J_N = ∂N/∂r at r_L (docs/design.md §2).
-
-How the context is held fixed: ``SplitModel.context`` runs the model once on
-the prompt up to position t (the lower pass, the model's own forward, stopped
-at block ℓ) and then runs blocks ℓ..L-1 over the prefix 0..t-1, recording
-their keys and values. The upper map then runs position t alone through
-blocks ℓ..L-1, attending to the recorded prefix keys/values plus its own. Cost
-per candidate h or per tangent: one token through L-ℓ blocks,
-O((L-ℓ)·(d·d_ff + d² + t·d)), plus the head; the prefix is never recomputed.
-
-The model is not mutated: its parameters are used detached (through
-``torch.func.functional_call``), so torch.func transforms never build graphs
-for them whatever their ``requires_grad``. Attention: forward-mode AD needs
-an eager (plain matmul/softmax) attention (docs/design.md §9), so whatever the
-model was loaded with, ``config._attn_implementation`` is switched for the
-duration of each call and restored afterwards (not thread-safe for one model
-shared across threads): to "eager" for the prefix pass, and to
-"fisherfast_split" (registered once with transformers' AttentionInterface) for
-the upper map. That function is eager attention of one query against
-[K_prefix; k_t], written so the cached prefix is never copied per candidate
-or per tangent. The model must be in eval mode (dropout would make f_ℓ
-random).
-"""
+"""``SplitModel``: the upper map f_ℓ of a causal LM at one context, its
+Jacobian products and linearization (see the package docstring)."""
 from __future__ import annotations
 
 import contextlib
@@ -49,129 +9,15 @@ from typing import Callable, Sequence
 import torch
 from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
 
-from fisherfast._offload import bypass_dispatch_hooks, execution_device, is_offloaded, materialized_parameters
-from fisherfast._split_sequence import ATTN_SEQUENCE, Continuation, run_sequence, sequence_attention
-from fisherfast.linearization import Linearization
-
-__all__ = ["SplitModel", "SplitContext", "Continuation", "Linearization", "SUPPORTED_MODEL_TYPES", "decoder_blocks",
-           "OutputHead", "output_head", "final_head_inputs"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Arch:
-    base: str            # attribute of the *ForCausalLM holding the decoder stack
-    blocks: str          # attribute of base: the ModuleList of decoder blocks
-    norm: str            # attribute of base: the final norm
-    cache_kwarg: str     # keyword under which a block takes its KV cache
-    rotary: str | None   # attribute of base: the rotary embedding module, if any
-    rotary_per_layer_type: bool = False  # Gemma3: rotary_emb(x, pos, layer_type)
-    softmax_fp32: bool = True  # the model's eager attention takes its softmax in float32
-
-
-_ARCHS: dict[str, _Arch] = {
-    "llama": _Arch("model", "layers", "norm", "past_key_values", "rotary_emb"),
-    "qwen2": _Arch("model", "layers", "norm", "past_key_values", "rotary_emb"),
-    "gpt2": _Arch("transformer", "h", "ln_f", "past_key_values", None, softmax_fp32=False),
-    "gpt_neox": _Arch("gpt_neox", "layers", "final_layer_norm", "layer_past", "rotary_emb"),
-    "gemma3_text": _Arch("model", "layers", "norm", "past_key_values", "rotary_emb",
-                         rotary_per_layer_type=True),
-}
-SUPPORTED_MODEL_TYPES = tuple(_ARCHS)
-
-
-def decoder_blocks(model) -> torch.nn.ModuleList:
-    """The decoder blocks of a supported causal LM (h at layer ℓ < L is the input
-    of block ℓ; layer L is the last block's output), for hooks that read or
-    edit hidden states."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _ARCHS:
-        raise ValueError(f"model: unsupported architecture {model_type!r} ({type(model).__name__}); "
-                         f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    arch = _ARCHS[model_type]
-    return getattr(getattr(model, arch.base), arch.blocks)
+from fisherfast.split.architectures import _ARCHS, SUPPORTED_MODEL_TYPES
+from fisherfast.split.attention import _ATTN_NAME, _RecordKV, _register_attention
+from fisherfast.split.linearization import Linearization
+from fisherfast.split.offload import bypass_dispatch_hooks, execution_device, is_offloaded, materialized_parameters
+from fisherfast.split.sequence import ATTN_SEQUENCE, Continuation, run_sequence
 
 
 class _Stop(Exception):
     """Raised by the lower-pass hook once block ℓ's input is captured."""
-
-
-class _RecordKV:
-    """A stand-in for a transformers Cache during the prefix pass.
-
-    ``update(k, v, layer_idx)`` stores k, v (the keys/values of positions < t
-    in that block) and returns them unchanged.
-    """
-
-    def __init__(self):
-        self.kv = {}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.kv[layer_idx] = (key_states, value_states)
-        return key_states, value_states
-
-
-_ATTN_NAME = "fisherfast_split"
-
-
-def _split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                     split_prefix=None, split_softmax_fp32=True, **kwargs):
-    """Attention of one query (position t) against the cached prefix and itself.
-
-    Registered with transformers' AttentionInterface and selected only while
-    SplitModel runs the upper map, so the model's own attention modules (their
-    projections, rotary, q/k norms) compute q, k, v for position t and this
-    function replaces the eager score/softmax/sum. It equals eager attention
-    over the keys [K_prefix; k_t] but never expands the prefix per candidate:
-    the prefix products are one matmul with the (unbatched) cache, so vmap over
-    d tangents costs O(d·t·heads·head_dim), not d copies of the cache.
-
-    query (n, H, 1, hd); key, value (n, Hkv, 1, hd); split_prefix: (K, V), each
-    (1, Hkv, t, hd), or None at t = 0; attention_mask (1, 1, 1, t+1) additive.
-    """
-    n, H, q_len, hd = query.shape
-    Hkv = key.shape[1]
-    g = H // Hkv  # query head j uses kv head j // g, as transformers' repeat_kv
-    if scaling is None:
-        scaling = hd ** -0.5
-    q = query.reshape(n, Hkv, g, hd)
-    s_self = (q * key).sum(-1, keepdim=True) * scaling                   # (n, Hkv, g, 1)
-    if split_prefix is not None:
-        K, V = split_prefix
-        s = torch.cat([_per_kv_head(q, K[0].transpose(1, 2)) * scaling, s_self], dim=-1)
-    else:
-        s = s_self
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    if attention_mask is not None:
-        s = s + attention_mask
-    if split_softmax_fp32:
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
-    else:
-        p = torch.softmax(s, dim=-1).to(value.dtype)
-    out = p[..., -1:] * value                                          # (n, Hkv, g, hd)
-    if split_prefix is not None:
-        out = out + _per_kv_head(p[..., :-1], V[0])
-    return out.reshape(n, H, q_len, hd).transpose(1, 2), None
-
-
-def _per_kv_head(x, M):
-    """(n, Hkv, g, a) × (Hkv, a, b) → (n, Hkv, g, b), one 2-D matmul per kv head.
-
-    Under vmap a batched x against the unbatched cache M then folds the vmap
-    dimension into the rows of each matmul; a broadcasting 4-D matmul or
-    einsum would instead copy M once per vmapped tangent (measured: 40% of a
-    Jacobian's time at t = 200 on SmolLM2).
-    """
-    n, Hkv, g, a = x.shape
-    return torch.stack([(x[:, j].reshape(n * g, a) @ M[j]).reshape(n, g, -1) for j in range(Hkv)], dim=1)
-
-
-def _register_attention():
-    from transformers import AttentionInterface
-
-    for name, fn in ((_ATTN_NAME, _split_attention), (ATTN_SEQUENCE, sequence_attention)):
-        if name not in AttentionInterface._global_mapping:
-            AttentionInterface.register(name, fn)
 
 
 def _to_device(value, device):
@@ -455,7 +301,6 @@ class SplitModel:
             _, pullback = _vjp(lambda x, j=j, kw=kw: self._call_block(j, x.reshape(1, 1, d), kw).reshape(d),
                                inputs[j].reshape(d))
             cot = vmap(lambda c: pullback(c)[0], chunk_size=chunk)(cot)  # on block j's input device
-            del pullback
         return cot.to(h.device)
 
     def jacobian(self, ctx: SplitContext, h: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
@@ -662,48 +507,3 @@ class SplitModel:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
         return chunk
-
-
-# ------------------------------------------------------------ whole batches
-@dataclasses.dataclass(frozen=True)
-class OutputHead:
-    """The model's head: z = W a + b, then its logit post-processing (Gemma3's
-    final soft-capping c·tanh(z/c) when ``logit_softcap`` is set).
-
-    W: (V, d) detached; b: (V,) or None; logit_softcap: c or None."""
-
-    W: torch.Tensor
-    b: torch.Tensor | None
-    logit_softcap: float | None
-
-    def logits(self, a: torch.Tensor) -> torch.Tensor:
-        """(..., d) head inputs → (..., V) logits, as the model's own forward."""
-        z = a.to(self.W.dtype) @ self.W.T
-        if self.b is not None:
-            z = z + self.b
-        if self.logit_softcap is not None:
-            z = torch.tanh(z / self.logit_softcap) * self.logit_softcap
-        return z
-
-
-def output_head(model) -> OutputHead:
-    """The OutputHead of a supported causal LM (ValueError naming ``model`` otherwise)."""
-    decoder_blocks(model)  # checks the architecture
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"model: expected a Linear output embedding, got {type(head).__name__}")
-    b = None if head.bias is None else head.bias.detach()
-    return OutputHead(head.weight.detach(), b, getattr(model.config, "final_logit_softcapping", None))
-
-
-def final_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """a = N(r_L) at every position of a batch: (B, T) ids (and 0/1 mask) → (B, T, d).
-
-    The model's own forward through its decoder stack and final norm, without
-    the LM head (so no B·T·V logits); ``output_head(model).logits(a)`` gives
-    the model's logits. Runs under ``torch.no_grad``."""
-    decoder_blocks(model)  # checks the architecture
-    arch = _ARCHS[model.config.model_type]
-    with torch.no_grad():
-        out = getattr(model, arch.base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
