@@ -9,7 +9,7 @@ from fisherfast.geodesic.encoder import (EncoderFit, GagaEncoder, distance_match
                                          train_gaga_encoder)
 from fisherfast.geodesic.evaluate import (PathEvaluation, bhattacharyya_distance, bhattacharyya_energy,
                                           evaluate_path, hellinger_arc_length, hellinger_distance, legibility)
-from fisherfast.geodesic.metrics import (DEFAULT_EPS, ConceptHellingerMetric, EncoderMetric, FlatMetric,
+from fisherfast.geodesic.metrics import (DEFAULT_EPS_FRACTION, ConceptHellingerMetric, EncoderMetric, FlatMetric,
                                          GeodesicMetric)
 from fisherfast.geodesic.solvers import (GeodesicResult, centroid_spline, chord_path, embedded_energy, lbfgs_path,
                                          path_energy, spline_path)
@@ -17,7 +17,7 @@ from fisherfast.geodesic.tasks import (AGES, LETTERS, MONTHS, TASKS, WEEKDAYS, C
                                        class_centroids, get_task)
 
 __all__ = ["ConceptSchema", "concept_distributions",
-           "GeodesicMetric", "FlatMetric", "ConceptHellingerMetric", "EncoderMetric", "DEFAULT_EPS",
+           "GeodesicMetric", "FlatMetric", "ConceptHellingerMetric", "EncoderMetric", "DEFAULT_EPS_FRACTION",
            "GagaEncoder", "EncoderFit", "train_gaga_encoder", "target_distances", "distance_matching_loss",
            "chord_path", "centroid_spline", "spline_path", "path_energy", "embedded_energy", "lbfgs_path",
            "GeodesicResult",

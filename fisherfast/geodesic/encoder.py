@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fisherfast.geodesic.evaluate import check_distributions, hellinger_distance
-from fisherfast.geodesic.metrics import DEFAULT_EPS, EncoderMetric, check_eps
+from fisherfast.geodesic.metrics import EncoderMetric, check_eps
 
 __all__ = ["GagaEncoder", "EncoderFit", "train_gaga_encoder", "target_distances", "distance_matching_loss"]
 
@@ -101,7 +101,7 @@ class EncoderFit:
 
 def train_gaga_encoder(points: torch.Tensor, q: torch.Tensor, *, width: int = 128, out_dim: int = 16,
                        steps: int = 500, batch_pairs: int = 256, lr: float = 1e-3, seed: int = 0,
-                       eps: float = DEFAULT_EPS, progress: bool = True) -> EncoderFit:
+                       eps: float | None = None, progress: bool = True) -> EncoderFit:
     """Train E so ‖E(x_i) − E(x_j)‖ ≈ D(x_i, x_j) (module docstring); return it with its metric.
 
     Args:

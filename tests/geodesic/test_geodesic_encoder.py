@@ -56,7 +56,7 @@ def test_training_reduces_the_loss_and_is_deterministic_under_a_seed():
     fit = train_gaga_encoder(X, q, seed=0, **kwargs)
     assert fit.final_loss < 0.2 * fit.initial_loss
     assert len(fit.losses) == 300 and np.mean(fit.losses[-20:]) < 0.2 * np.mean(fit.losses[:20])
-    assert isinstance(fit.metric, EncoderMetric) and fit.metric.eps == 1e-3 and fit.metric.d == 5
+    assert isinstance(fit.metric, EncoderMetric) and fit.metric.eps is None and fit.metric.d == 5
     assert not any(p.requires_grad for p in fit.encoder.parameters())
     # the metric factor is the encoder's Jacobian
     J = fit.metric.factor(X[:3])
