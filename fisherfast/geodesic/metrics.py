@@ -87,16 +87,21 @@ class GeodesicMetric:
     eps: float | None
     eps_fraction: float = DEFAULT_EPS_FRACTION
 
+    def segment_energy(self, path: torch.Tensor) -> torch.Tensor:
+        """The metric's discrete energy of a path (T, d) without the ε term, differentiable:
+        Σ_i ‖s(x_{i+1}) − s(x_i)‖² for a pullback (overridden by metrics without features)."""
+        S = self.features(path)
+        return ((S[1:] - S[:-1]) ** 2).sum()
+
     def chord_eps(self, h0: torch.Tensor, h1: torch.Tensor, T: int) -> float:
-        """ε = eps_fraction · Σ‖s(x_{i+1}) − s(x_i)‖² / Σ‖Δ_i‖² on the T-point chord from h0 to h1
-        (0 when the features do not move along it). Cost: ``features`` at T points."""
+        """ε = eps_fraction · segment_energy(chord) / Σ‖Δ_i‖² on the T-point chord from h0 to h1
+        (0 when the metric part does not move along it). Cost: ``features`` at T points."""
         if isinstance(T, bool) or not isinstance(T, int) or T < 2:
             raise ValueError(f"T: expected an int ≥ 2, got {T!r}")
         w = torch.linspace(0.0, 1.0, T, dtype=h0.dtype, device=h0.device)[:, None]
         chord = torch.lerp(h0[None], h1[None], w)
         with torch.no_grad():
-            S = self.features(chord)
-            E_J = float(((S[1:] - S[:-1]) ** 2).sum())
+            E_J = float(self.segment_energy(chord))
             step2 = float(((chord[1:] - chord[:-1]) ** 2).sum())
         if step2 == 0.0:
             raise ValueError("h0, h1: the endpoints coincide; ε relative to the chord is undefined")

@@ -203,14 +203,15 @@ class GeodesicResult:
 
 
 def embedded_energy(metric: GeodesicMetric, path: torch.Tensor) -> torch.Tensor:
-    """E_s(x) = Σ_{i<T−1} ‖s(x_{i+1}) − s(x_i)‖² + ε‖x_{i+1} − x_i‖² (0-dim, differentiable).
-    ε must be absolute (``metric.resolved``).
+    """E_s(x) = Σ_{i<T−1} ‖s(x_{i+1}) − s(x_i)‖² + ε‖x_{i+1} − x_i‖² (0-dim, differentiable):
+    ``metric.segment_energy(path)`` plus the ε term (a metric without a feature map, such as
+    the conformal ``DensityMetric``, supplies its own discrete energy). ε must be absolute
+    (``metric.resolved``).
 
     Cost: ``metric.features`` at T points."""
     path = _check_metric_path(metric, path)
     eps = metric.require_eps()
-    S = metric.features(path)
-    return ((S[1:] - S[:-1]) ** 2).sum() + eps * ((path[1:] - path[:-1]) ** 2).sum()
+    return metric.segment_energy(path) + eps * ((path[1:] - path[:-1]) ** 2).sum()
 
 
 ENERGIES = ("embedded", "frozen")
