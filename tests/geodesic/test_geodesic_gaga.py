@@ -57,7 +57,7 @@ def test_hellinger_targets_are_the_written_out_formula():
 
 def test_gaga_out_latent_is_the_outputs_hellinger_coordinates_and_decodes():
     q = class_probabilities()
-    fit = gaga_out(CIRCLE, q, width=64, steps=1500, batch=None, lr=3e-3, seed=0)
+    fit = gaga_out(CIRCLE, q, width=32, steps=700, batch=None, lr=5e-3, seed=0)
     ae = fit.autoencoder
     assert fit.kind == "out" and ae.latent_dim == 4 and not ae.training
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_gaga_phate_latent_preserves_neighbour_order_and_the_decoder_reconstruct
 
 def test_latent_path_decodes_with_exact_endpoints_and_the_density_penalty_keeps_it_on_the_cloud():
     q = class_probabilities()
-    fit = gaga_out(CIRCLE, q, width=64, steps=600, batch=None, lr=3e-3, seed=0)
+    fit = gaga_out(CIRCLE, q, width=32, steps=300, batch=None, lr=5e-3, seed=0)
     h0, h1 = CIRCLE[0], CIRCLE[N // 2]                                   # opposite points
     plain = latent_path(fit.autoencoder, h0, h1, 9)
     assert torch.equal(plain.path[0], h0) and torch.equal(plain.path[-1], h1) and plain.penalty is None
