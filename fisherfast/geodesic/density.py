@@ -10,17 +10,21 @@ labelled spline through class centroids is a geodesic (Wurgaft et al.).
   (2πσ²)^{−d/2}), by log-sum-exp so it never underflows far from the centers.
 - ``DensityMetric``: the conformal metric
 
-      M(x) = w(x)² I + εI,   w(x)² = 1 / (ρ(x) + δ),   ρ(x) = p(x) / max_j p(c_j),
+      M(x) = w(x)² I + εI,   w(x)² = 1 + λ · max(0, −2 log ρ(x)),   ρ(x) = p(x) / max_j p(c_j),
 
-  with p the kernel density of points sampled densely along the class-centroid
-  spline (``from_centroids``). Near the curve ρ ≈ 1 and a step costs about its
-  Euclidean length; off the curve ρ → 0 and it costs 1/δ times more, so a
-  minimum-energy path between two points of the curve runs along it: the
-  labelled spline is (to the kernel width σ and the floor δ) a geodesic.
-  This metric is not the pullback of a feature map, so its discrete energy is
-  the midpoint rule Σ_i w(x̄_i)² ‖Δ_i‖², x̄_i = (x_i + x_{i+1})/2, with its
-  exact gradient by autograd (``segment_energy``; ``lbfgs_path`` minimizes
-  it); it converges to the continuous energy ∫ w² ‖ẋ‖² as T grows.
+  with p the kernel density of points c_j sampled densely along the
+  class-centroid spline (``from_centroids``). −2σ² log ρ(x) is a soft minimum
+  of the squared distances ‖x − c_j‖² (up to a constant), so w(x)² ≈ 1 +
+  λ·dist(x, curve)²/σ²: a step on the curve costs its Euclidean length, a step
+  at distance r from it (1 + λr²/σ²) times more, without saturating (a
+  1/(ρ + δ) weight is flat, with zero gradient, far from the curve in high
+  dimension, and a solver started there never moves). A minimum-energy path
+  between two points of the curve therefore runs along it: the labelled
+  spline is (to O(σ)) a geodesic. The metric is not the pullback of a
+  feature map, so its discrete energy is the midpoint rule
+  Σ_i w(x̄_i)² ‖Δ_i‖², x̄_i = (x_i + x_{i+1})/2, with its exact gradient by
+  autograd (``segment_energy``; ``lbfgs_path`` minimizes it); it converges to
+  the continuous energy ∫ w² ‖ẋ‖² as T grows.
 """
 from __future__ import annotations
 
@@ -70,27 +74,28 @@ class DensityMetric(GeodesicMetric):
         centers: (N, d) points along the curve (``from_centroids`` samples a
             centroid spline).
         sigma: the kernel width σ (units of x).
-        floor: δ > 0; off the curve a step costs up to 1/δ times its squared length.
-        eps: ε ≥ 0 (default 0: M is positive definite already, w² ≥ 1/(1 + δ)).
+        strength: λ > 0; at distance r from the curve a step costs about
+            (1 + λr²/σ²) times its squared length.
+        eps: ε ≥ 0 (default 0: M is positive definite already, w² ≥ 1).
 
     Cost per point: O(N·d).
     """
 
-    def __init__(self, centers: torch.Tensor, *, sigma: float, floor: float = 1e-3, eps: float = 0.0):
+    def __init__(self, centers: torch.Tensor, *, sigma: float, strength: float = 1.0, eps: float = 0.0):
         if not isinstance(centers, torch.Tensor) or not centers.is_floating_point() or centers.ndim != 2 or \
                 centers.shape[0] == 0:
             raise TypeError("centers: expected a floating tensor (N, d) with N ≥ 1")
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < math.inf:
-            raise ValueError(f"floor: expected a finite float > 0, got {floor!r}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength < math.inf:
+            raise ValueError(f"strength: expected a finite float > 0, got {strength!r}")
         if check_eps(eps) is None:
             raise ValueError("eps: expected a float ≥ 0 (the density metric has no relative ε)")
         self.centers = centers.detach()
-        self.d, self.sigma, self.floor, self.eps = centers.shape[1], float(sigma), float(floor), float(eps)
+        self.d, self.sigma, self.strength, self.eps = centers.shape[1], float(sigma), float(strength), float(eps)
         self._log_p_max = float(kde_log_density(self.centers, self.centers, self.sigma).max())
 
     @classmethod
     def from_centroids(cls, knots: torch.Tensor, *, periodic: bool, samples: int = 256, sigma: float | None = None,
-                       floor: float = 1e-3, eps: float = 0.0) -> "DensityMetric":
+                       strength: float = 1.0, eps: float = 0.0) -> "DensityMetric":
         """The density metric of the cubic spline through class centroids ``knots`` (K, d)
         (``centroid_spline``: periodic for cyclic concepts), sampled at ``samples``
         equally spaced parameters. Default σ: ¼ of the mean distance between
@@ -104,15 +109,16 @@ class DensityMetric(GeodesicMetric):
         centers = torch.from_numpy(spline(grid.numpy())).to(knots.device, knots.dtype)
         if sigma is None:
             sigma = 0.25 * float(u[-1]) / (len(u) - 1)
-        return cls(centers, sigma=sigma, floor=floor, eps=eps)
+        return cls(centers, sigma=sigma, strength=strength, eps=eps)
 
     def __repr__(self) -> str:
-        return f"DensityMetric(d={self.d}, centers={self.centers.shape[0]}, sigma={self.sigma:g}, floor={self.floor:g})"
+        return (f"DensityMetric(d={self.d}, centers={self.centers.shape[0]}, sigma={self.sigma:g}, "
+                f"strength={self.strength:g})")
 
     def weight_sq(self, points: torch.Tensor) -> torch.Tensor:
-        """w(x)² = 1 / (ρ(x) + δ) at each point (n, d) → (n,); differentiable."""
+        """w(x)² = 1 + λ·max(0, −2 log ρ(x)) at each point (n, d) → (n,); differentiable."""
         log_rho = kde_log_density(points, self.centers, self.sigma) - self._log_p_max
-        return torch.exp(-torch.logaddexp(log_rho, torch.full_like(log_rho, math.log(self.floor))))
+        return 1.0 + self.strength * torch.clamp(-2.0 * log_rho, min=0.0)
 
     def segment_energy(self, path: torch.Tensor) -> torch.Tensor:
         """Σ_i w(x̄_i)² ‖Δ_i‖² (midpoint rule), without the ε term."""

@@ -3,7 +3,7 @@
 Oracles: brute-force sorted distances (numpy) for the kNN penalty; the kernel
 density written out in float64 numpy; for the density metric, the arc of the
 unit circle through its class centroids (the geodesic when off-curve steps
-cost 1/δ times more) and the explicit w(x)² = 1/(ρ + δ).
+cost 1 + λr²/σ² times more) and the explicit w(x)² = 1 + λ·max(0, −2 log ρ).
 """
 from __future__ import annotations
 
@@ -53,13 +53,14 @@ def test_kde_log_density_is_the_written_out_formula():
 
 def test_density_metric_weight_and_factor():
     centers = circle(np.linspace(0, 2 * np.pi, 50, endpoint=False), ROTATION)
-    metric = DensityMetric(centers, sigma=0.2, floor=1e-2)
+    metric = DensityMetric(centers, sigma=0.2, strength=0.5)
     x = torch.stack([centers[3], 0.5 * centers[10], torch.zeros(4, dtype=DT)])
     sq = ((x.numpy()[:, None] - centers.numpy()[None]) ** 2).sum(-1)
     p = np.exp(-sq / (2 * 0.04)).mean(1)
     all_sq = ((centers.numpy()[:, None] - centers.numpy()[None]) ** 2).sum(-1)
     p_max = np.exp(-all_sq / (2 * 0.04)).mean(1).max()
-    expected = 1.0 / (p / p_max + 1e-2)
+    expected = 1.0 + 0.5 * np.maximum(0.0, -2 * np.log(p / p_max))
+    assert expected[0] < 1.01 and expected[2] > 10             # on the curve / at its centre
     np.testing.assert_allclose(metric.weight_sq(x).numpy(), expected, rtol=1e-12)
     torch.testing.assert_close(metric.matrix(x), torch.tensor(expected)[:, None, None] * torch.eye(4, dtype=DT))
 
@@ -67,7 +68,7 @@ def test_density_metric_weight_and_factor():
 def test_density_geodesic_between_two_circle_points_follows_the_arc():
     K = 8
     knots = circle(2 * np.pi * np.arange(K) / K, ROTATION)
-    metric = DensityMetric.from_centroids(knots, periodic=True, samples=400, sigma=0.1, floor=1e-3)
+    metric = DensityMetric.from_centroids(knots, periodic=True, samples=400, sigma=0.1)
     T = 25
     result = lbfgs_path(metric, knots[0], knots[3], T, outer_steps=20)   # from the chord
     flat = result.path @ ROTATION                                        # back to the circle's plane
@@ -80,12 +81,14 @@ def test_density_geodesic_between_two_circle_points_follows_the_arc():
     # ... and runs along the arc from 0 to 3π/4 at constant speed (equal w‖Δ‖ at a minimum)
     arc = torch.linspace(0, 3 * math.pi / 4, T, dtype=DT)
     assert float((angle - arc).abs().max()) < 0.03
-    assert result.energy < 0.01 * float(metric.segment_energy(chord_path(knots[0], knots[3], T)))
+    # energy of the arc at constant speed and w² ≈ 1: (3π/4)² / (T − 1); the chord's is > 10× that
+    assert result.energy == pytest.approx((3 * math.pi / 4) ** 2 / (T - 1), rel=0.03)
+    assert float(metric.segment_energy(chord_path(knots[0], knots[3], T))) > 10 * result.energy
 
 
 def test_density_metric_bad_inputs():
-    with pytest.raises(ValueError, match="floor"):
-        DensityMetric(torch.zeros(3, 2, dtype=DT), sigma=1.0, floor=0.0)
+    with pytest.raises(ValueError, match="strength"):
+        DensityMetric(torch.zeros(3, 2, dtype=DT), sigma=1.0, strength=0.0)
     with pytest.raises(ValueError, match="sigma"):
         DensityMetric(torch.zeros(3, 2, dtype=DT), sigma=-1.0)
     with pytest.raises(NotImplementedError, match="no feature map"):
