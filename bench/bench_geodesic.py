@@ -70,7 +70,8 @@ def run_setting(model, tokenizer, task, layer, args, log):
     carrier_examples = [task.list_example(task.classes[0], 3), task.list_example(task.classes[task.K // 2], 4)]
     carriers = split.contexts([task.prompt_ids(tokenizer, e.prompt) for e in carrier_examples])
     metric = ConceptHellingerMetric(split, carriers, schema)
-    density = DensityMetric.from_centroids(C, periodic=task.cyclic)
+    density = DensityMetric.from_centroids(C.double(), periodic=task.cyclic,          # float64: its log-density
+                                           strength=args.density_strength)
     fits = {}
     if "gaga_out" in args.solvers:
         t0 = time.perf_counter()
@@ -99,8 +100,9 @@ def run_setting(model, tokenizer, task, layer, args, log):
                 path = result.path
                 extra = {"converged": result.converged, "iters": result.inner_iterations}
             elif solver == "density":
-                result = lbfgs_path(density, h0, h1, args.T, outer_steps=args.outer, inner_steps=args.inner)
-                path = result.path
+                result = lbfgs_path(density, h0.double(), h1.double(), args.T, outer_steps=args.outer,
+                                    inner_steps=args.inner)
+                path = result.path.to(C.dtype)
                 extra = {"converged": result.converged, "iters": result.inner_iterations}
             elif solver in fits:
                 fit, _ = fits[solver]
@@ -192,9 +194,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, nargs="+", default=[24, 27])
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--T", type=int, default=9)
-    parser.add_argument("--outer", type=int, default=3, help="L-BFGS outer steps")
+    parser.add_argument("--outer", type=int, default=2, help="L-BFGS outer steps")
     parser.add_argument("--inner", type=int, default=40, help="L-BFGS iterations per outer step")
     parser.add_argument("--gaga-steps", type=int, default=800)
+    parser.add_argument("--density-strength", type=float, default=10.0, help="λ of the density metric")
     parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS)
     parser.add_argument("--name", default=None, help="results file name (default geodesic / geodesic_quick)")
     args = parser.parse_args(argv)
