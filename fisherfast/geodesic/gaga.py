@@ -130,7 +130,10 @@ def phate_distances(points: torch.Tensor, *, knn: int = 5, t="auto", seed: int =
     X = _check_points(points)
     if isinstance(knn, bool) or not isinstance(knn, int) or not 1 <= knn < X.shape[0]:
         raise ValueError(f"knn: expected an int in [1, {X.shape[0] - 1}], got {knn!r}")
-    operator = phate.PHATE(knn=knn, t=t, n_landmark=None, random_state=seed, verbose=0, n_jobs=1)
+    n, d = X.shape
+    # PCA to at most n − 1 components first (lossless for n ≤ d; PHATE's default is 100)
+    n_pca = min(100, n - 1) if d > min(100, n - 1) else None
+    operator = phate.PHATE(knn=knn, t=t, n_pca=n_pca, n_landmark=None, random_state=seed, verbose=0, n_jobs=1)
     operator.fit(X.detach().to("cpu", torch.float64).numpy())
     potential = torch.from_numpy(operator.diff_potential).double()
     return torch.cdist(potential, potential)
