@@ -190,7 +190,7 @@ def plot(figures, path):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="weekdays, layer 24, one pair, T = 4, few iterations")
-    parser.add_argument("--tasks", nargs="+", default=["weekdays", "months", "letters", "ages"])
+    parser.add_argument("--tasks", nargs="+", default=["weekdays", "months", "ages", "letters"])
     parser.add_argument("--layers", type=int, nargs="+", default=[24, 27])
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--T", type=int, default=9)
@@ -217,20 +217,23 @@ def main(argv=None) -> dict:
             log(f"{task_name}, layer {layer}")
             setting_rows, figures[(task_name, layer)] = run_setting(model, tokenizer, task, layer, args, log)
             rows += setting_rows
+            out = report(rows, figures, args, name)      # after every setting: a stopped run keeps what it did
+    print(out.pop("text"))
+    return out
+
+
+def report(rows, figures, args, name) -> dict:
     table = markdown_table(summary(rows), ["solver", "n", *MEASURES, "lowest E_BC", "shortest arc", "converged",
                                            "dec_top1", "seconds"])
     detail = markdown_table(rows, ["task", "layer", "pair", "solver", *MEASURES, "converged", "seconds"])
     os.makedirs(RESULTS_DIR, exist_ok=True)
     figure = os.path.join(RESULTS_DIR, f"{name}_paths.png")
     plot(figures, figure)
-    print(f"SmolLM2-135M, list carriers, T = {args.T}, tasks {args.tasks}, layers {args.layers}, "
-          f"{args.pairs} pair(s) each; torch threads {torch.get_num_threads()}\n")
-    print(table)
-    print()
-    print(detail)
     path = write_results(name, rows, meta={"args": vars(args), "figure": figure}, table=table)
-    print(f"\nwrote {path} and {figure}")
-    return {"rows": rows, "summary": summary(rows), "json": path, "figure": figure}
+    text = (f"SmolLM2-135M, list carriers, T = {args.T}, tasks {args.tasks}, layers {args.layers}, "
+            f"{args.pairs} pair(s) each; torch threads {torch.get_num_threads()}\n\n{table}\n\n{detail}\n\n"
+            f"wrote {path} and {figure}")
+    return {"rows": rows, "summary": summary(rows), "json": path, "figure": figure, "text": text}
 
 
 if __name__ == "__main__":
