@@ -9,11 +9,13 @@ definitions. The metric is compared with ``pullback_fisher(mode="concept")``
 in float64, where the two routes agree to 1.7e-7 relative (in float32 they
 differ by ~5e-4 on these carriers).
 
-What each check catches (verified by breaking the implementation, see the
-commit message): a wrong feature map or scale (energy ≠ oracle), a wrong or
-missing ε (energy and ε ≠ oracle), an optimizer that does not move or
-follows a wrong gradient (energy not below the chord; the gradient the solver
-uses ≠ the oracle's central difference), a wrong metric factor (M ≠ ½ G_H).
+What each check catches, verified by breaking the implementation and running
+this test (then reverting): features √q instead of √(q/2) → the energy is 2×
+the oracle's; the solver skipping its L-BFGS step → the energy is not below
+0.9× the chord's; ε at 10% instead of 1% of the chord → the energy is off by
+9%; the metric factor scaled by 1/C instead of 1/√C → M − ½G_H is 0.25 of G_H.
+The old checks (energy ≤ chord energy, which holds by construction since the
+chord is a candidate; M vs G_H at 1e-3 in float32) passed the last three.
 """
 from __future__ import annotations
 
