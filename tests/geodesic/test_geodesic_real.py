@@ -14,8 +14,8 @@ this test (then reverting): features √q instead of √(q/2) → the energy is 
 the oracle's; the solver skipping its L-BFGS step → the energy is not below
 0.9× the chord's; ε at 10% instead of 1% of the chord → the energy is off by
 9%; the metric factor scaled by 1/C instead of 1/√C → M − ½G_H is 0.25 of G_H.
-The old checks (energy ≤ chord energy, which holds by construction since the
-chord is a candidate; M vs G_H at 1e-3 in float32) passed the last three.
+The old check "energy ≤ chord energy" passes a solver that never moves (it
+holds by construction: the chord is a candidate).
 """
 from __future__ import annotations
 
