@@ -318,15 +318,16 @@ def _lbfgs_embedded(metric, h0, h1, path, outer_steps, inner_steps, history_size
             break
     path = torch.cat([h0[None], interior.detach(), h1[None]])
     g = _relative_gradient(metric, h0, h1, path)
+    criterion = (f"|ΔE_s| ≤ {rtol:g}·E_s in the last run and ‖∇E_s‖·‖h1 − h0‖/E_s ≤ {gtol:g} "
+                 f"(measured {g:.2e})")
     return GeodesicResult(path=path, energy=energies[-1], energies=energies, converged=small_change and g <= gtol,
-                          criterion=f"|ΔE_s| ≤ {rtol:g}·E_s in the last run and ‖∇E_s‖·‖h1 − h0‖/E_s ≤ {gtol:g} "
-                                    f"(measured {g:.2e})",
+                          criterion=criterion,
                           iterations=len(energies) - 1, inner_iterations=_n_iter(optimizer), eps=metric.eps,
                           energy_kind="embedded", last_path=path)
 
 
 def _relative_gradient(metric, h0, h1, path) -> float:
-    """‖∇_interior E_s‖ · ‖h₁ − h₀‖ / E_s: scale-free (invariant under x → a·x for a flat metric)."""
+    """‖∇_interior E_s‖ · ‖h₁ − h₀‖ / E_s: scale-free (invariant under x → a·x, flat metric)."""
     interior = path[1:-1].clone().requires_grad_(True)
     with torch.enable_grad():
         E = embedded_energy(metric, torch.cat([h0[None], interior, h1[None]]))
@@ -355,9 +356,10 @@ def _lbfgs_frozen(metric, h0, h1, path, outer_steps, inner_steps, history_size, 
             converged = True
             break
         energy = new_energy
+    criterion = (f"|ΔE| ≤ {rtol:g}·E with fresh factors and max waypoint move ≤ {xtol:g}·‖h1 − h0‖ "
+                 f"in the last outer step (last move {move / span if span else 0.0:.2e})")
     return GeodesicResult(path=best, energy=best_energy, energies=energies, converged=converged,
-                          criterion=f"|ΔE| ≤ {rtol:g}·E with fresh factors and max waypoint move ≤ {xtol:g}·‖h1 − h0‖ "
-                                    f"in the last outer step (last move {move / span if span else 0.0:.2e})",
+                          criterion=criterion,
                           iterations=len(energies) - 1, inner_iterations=inner, eps=eps, energy_kind="frozen",
                           last_path=path)
 
