@@ -118,3 +118,21 @@ def test_weekdays_embedded_geodesic_and_metric_on_smollm2():
     G_H = pullback_fisher(split64, carriers64, mode="concept", concepts=schema.concepts, h=torch.stack([h, h]),
                           progress=False).dense()
     assert float(torch.linalg.matrix_norm(M - 0.5 * G_H) / torch.linalg.matrix_norm(G_H)) < 1e-6
+
+
+def test_list_carriers_carry_every_task_and_injection_steers_from_layer_24():
+    """DESIGN.md §6 / issue 13: ≥ 85% accuracy for each default (list) carrier; the arithmetic
+    carrier at chance (with a warning); centroid injection controls weekdays at 24, not at 16."""
+    from fisherfast.geodesic import check_task, get_task, steerable_layers
+    from fisherfast.models import load_default
+
+    model, tokenizer = load_default()
+    split = SplitModel(model, LAYER)
+    for name in ("weekdays", "months", "letters", "ages"):
+        result = check_task(split, get_task(name), tokenizer)
+        assert result.accuracy >= 0.85 and result.concept_mass >= 0.9 and not result.near_chance, result
+    with pytest.warns(RuntimeWarning, match="near chance"):
+        assert check_task(split, get_task("weekdays", "arithmetic"), tokenizer).near_chance
+    low, high = steerable_layers(model, WEEKDAYS, tokenizer, [16, 24], WEEKDAYS.examples(lengths=(3,)))
+    assert not low.steerable and low.accuracy < 0.3
+    assert high.steerable and high.accuracy == 1.0
