@@ -26,8 +26,8 @@ differentiable, for the solver's embedded energy Σ‖s(x_{i+1}) − s(x_i)‖²
   information of q). With C carrier contexts the metric is their mean,
   JᵀJ = (1/C) Σ_c J_cᵀ J_c: J stacks the C factors J_c / √C (m = C·(K+1)).
   ε keeps M positive definite off the ≤ C·K-dimensional span where q moves.
-- ``EncoderMetric``- ``EncoderMetric``: the pullback of the Euclidean metric through a learned
-  encoder E: R^d → R^k (GAGA-Out, ``fisherfast.geodesic.encoder``),
+- ``EncoderMetric``: the pullback of the Euclidean metric through a learned
+  encoder E: R^d → R^k (GAGA, ``fisherfast.geodesic.gaga``),
   J = ∂E/∂x, plus ε I.
 
 Choosing ε (``eps=None``, the default of the concept and encoder metrics):
@@ -248,7 +248,7 @@ class ConceptHellingerMetric(GeodesicMetric):
 
 
 class EncoderMetric(GeodesicMetric):
-    """M = J_Eᵀ J_E + εI, J_E = ∂E/∂x of an encoder E: R^d → R^k (GAGA-Out).
+    """M = J_Eᵀ J_E + εI, J_E = ∂E/∂x of an encoder E: R^d → R^k (a GAGA encoder, ``fisherfast.geodesic.gaga``).
 
     Args:
         encoder: a ``torch.nn.Module`` mapping (d,) → (k,) (and batches);
