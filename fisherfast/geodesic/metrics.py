@@ -248,7 +248,7 @@ class ConceptHellingerMetric(GeodesicMetric):
 
 
 class EncoderMetric(GeodesicMetric):
-    """M = J_Eᵀ J_E + εI, J_E = ∂E/∂x of an encoder E: R^d → R^k (a GAGA encoder, ``fisherfast.geodesic.gaga``).
+    """M = J_Eᵀ J_E + εI, J_E = ∂E/∂x of an encoder E: R^d → R^k (GAGA, ``fisherfast.geodesic.gaga``).
 
     Args:
         encoder: a ``torch.nn.Module`` mapping (d,) → (k,) (and batches);
