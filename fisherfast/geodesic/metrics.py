@@ -25,18 +25,29 @@ differentiable, for the solver's embedded energy Σ‖s(x_{i+1}) − s(x_i)‖²
   ``fisherfast.metric.pullback_fisher`` (equivalently JᵀJ = ⅛ · the Fisher
   information of q). With C carrier contexts the metric is their mean,
   JᵀJ = (1/C) Σ_c J_cᵀ J_c: J stacks the C factors J_c / √C (m = C·(K+1)).
-  Default ε = 1e-3 (``DEFAULT_EPS``), in squared-Hellinger units per squared
-  unit of h: it keeps M positive definite off the ≤ C·K-dimensional span
-  where q moves. It is absolute, not relative to the scale of h: on
-  SmolLM2-135M at layer 24 (weekday centroids 10–15 apart, T = 8 on the
-  chord) the ε term is 0.0297 of a chord energy of 0.0299, so choose ε
-  against ‖h₁ − h₀‖² and the Hellinger part when the metric must dominate.
+  ε keeps M positive definite off the ≤ C·K-dimensional span where q moves.
 - ``EncoderMetric``: the pullback of the Euclidean metric through a learned
-  encoder E: R^d → R^k (GAGA-Out, ``fisherfast.geodesic.encoder``),
-  J = ∂E/∂x, plus ε I (default 1e-3).
+  encoder E: R^d → R^k (GAGA, ``fisherfast.geodesic.gaga``),
+  J = ∂E/∂x, plus ε I.
+
+Choosing ε (``eps=None``, the default of the concept and encoder metrics):
+ε is set relative to the chord between the endpoints of each path,
+
+    ε = f · E_J(chord) / Σ_i ‖Δ_i‖²,   E_J(chord) = Σ_i ‖s(x_{i+1}) − s(x_i)‖²,
+
+so the ε term is the fraction f (``eps_fraction``, default 1%) of the chord's
+metric energy (for the concept metric, its Hellinger energy Σ d_H²) and the
+metric part dominates. An absolute ε is in squared metric units per squared
+unit of h, and h is large: on SmolLM2-135M at layer 24 (‖h‖ ≈ 400, weekday
+centroids 10–15 apart, a chord of ~288 units) ε = 1e-3 makes the embedded
+energy 10.57 of which the Hellinger part is 0.195, and the solver then
+barely moves (3.5 units). Solvers resolve a relative ε with
+``metric.resolved(h0, h1, T)`` (a copy with ε fixed) and report the value
+they used; pass a float to fix ε yourself.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -44,25 +55,75 @@ from tqdm.auto import tqdm
 
 from fisherfast.geodesic.concepts import ConceptSchema, check_contexts, check_schema
 
-__all__ = ["GeodesicMetric", "FlatMetric", "ConceptHellingerMetric", "EncoderMetric", "DEFAULT_EPS"]
+__all__ = ["GeodesicMetric", "FlatMetric", "ConceptHellingerMetric", "EncoderMetric", "DEFAULT_EPS_FRACTION"]
 
-DEFAULT_EPS = 1e-3
+DEFAULT_EPS_FRACTION = 0.01
 
 
-def check_eps(eps) -> float:
+def check_eps(eps) -> float | None:
+    """A finite float ≥ 0, or None (relative to the chord)."""
+    if eps is None:
+        return None
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps: expected a finite float ≥ 0, got {eps!r}")
+        raise ValueError(f"eps: expected a finite float ≥ 0 or None (relative to the chord), got {eps!r}")
     return float(eps)
+
+
+def check_eps_fraction(fraction) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < math.inf:
+        raise ValueError(f"eps_fraction: expected a finite float > 0, got {fraction!r}")
+    return float(fraction)
 
 
 class GeodesicMetric:
     """Base class: M(x) = J(x)ᵀJ(x) + εI from a factor J (see the module docstring).
 
-    Subclasses set ``d`` and ``eps`` and implement ``_factor(X)``: (n, d) → (n, m, d).
+    Subclasses set ``d`` and ``eps`` (a float, or None: relative to the
+    chord, ``eps_fraction`` of its metric energy; module docstring) and
+    implement ``_factor(X)``: (n, d) → (n, m, d) and ``_features(X)``.
     """
 
     d: int
-    eps: float
+    eps: float | None
+    eps_fraction: float = DEFAULT_EPS_FRACTION
+
+    def segment_energy(self, path: torch.Tensor) -> torch.Tensor:
+        """The metric's discrete energy of a path (T, d) without the ε term, differentiable:
+        Σ_i ‖s(x_{i+1}) − s(x_i)‖² for a pullback (overridden by metrics without features)."""
+        S = self.features(path)
+        return ((S[1:] - S[:-1]) ** 2).sum()
+
+    def chord_eps(self, h0: torch.Tensor, h1: torch.Tensor, T: int) -> float:
+        """ε = eps_fraction · segment_energy(chord) / Σ‖Δ_i‖² on the T-point chord from h0 to h1
+        (0 when the metric part does not move along it). Cost: ``features`` at T points."""
+        if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+            raise ValueError(f"T: expected an int ≥ 2, got {T!r}")
+        w = torch.linspace(0.0, 1.0, T, dtype=h0.dtype, device=h0.device)[:, None]
+        chord = torch.lerp(h0[None], h1[None], w)
+        with torch.no_grad():
+            E_J = float(self.segment_energy(chord))
+            step2 = float(((chord[1:] - chord[:-1]) ** 2).sum())
+        if step2 == 0.0:
+            raise ValueError("h0, h1: the endpoints coincide; ε relative to the chord is undefined")
+        return self.eps_fraction * E_J / step2
+
+    def with_eps(self, eps: float) -> "GeodesicMetric":
+        """A shallow copy with the absolute ε = ``eps``."""
+        out = copy.copy(self)
+        out.eps = check_eps(eps)
+        if out.eps is None:
+            raise ValueError("eps: expected a float ≥ 0, got None")
+        return out
+
+    def resolved(self, h0: torch.Tensor, h1: torch.Tensor, T: int) -> "GeodesicMetric":
+        """``self`` when ε is absolute, else a copy with ε = ``chord_eps(h0, h1, T)``."""
+        return self if self.eps is not None else self.with_eps(self.chord_eps(h0, h1, T))
+
+    def require_eps(self) -> float:
+        if self.eps is None:
+            raise ValueError("metric: its ε is relative to a chord (eps=None); fix it first with "
+                             "metric.resolved(h0, h1, T) or metric.with_eps(value)")
+        return self.eps
 
     def factor(self, points: torch.Tensor) -> torch.Tensor:
         """J at each point: (n, d) → (n, m, d), or (d,) → (m, d); detached."""
@@ -72,9 +133,10 @@ class GeodesicMetric:
 
     def matrix(self, points: torch.Tensor) -> torch.Tensor:
         """M = JᵀJ + εI at each point: (n, d) → (n, d, d), or (d,) → (d, d)."""
+        eps = self.require_eps()
         J = self.factor(points)
         eye = torch.eye(self.d, dtype=J.dtype, device=J.device)
-        return J.transpose(-1, -2) @ J + self.eps * eye
+        return J.transpose(-1, -2) @ J + eps * eye
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
         """s at each point, J = ∂s/∂x: (n, d) → (n, m), or (d,) → (m,); differentiable."""
@@ -131,7 +193,9 @@ class ConceptHellingerMetric(GeodesicMetric):
         contexts: one ``SplitContext`` or a list (the carrier prompts; x
             replaces the state at each context's position).
         schema: a ``ConceptSchema`` with V = split.V.
-        eps: ε ≥ 0 (default 1e-3).
+        eps: ε ≥ 0, or None (default): ``eps_fraction`` of each chord's
+            Hellinger energy (module docstring).
+        eps_fraction: f for ``eps=None`` (default 0.01).
         chunk: cotangents per vmapped VJP batch (None: all K+1 at once).
         progress: a tqdm bar over the points of each ``factor`` call.
 
@@ -140,11 +204,12 @@ class ConceptHellingerMetric(GeodesicMetric):
     through the upper blocks (batched): J_c = (∂s/∂a) B.
     """
 
-    def __init__(self, split, contexts, schema: ConceptSchema, *, eps: float = DEFAULT_EPS,
-                 chunk: int | None = None, progress: bool = False):
+    def __init__(self, split, contexts, schema: ConceptSchema, *, eps: float | None = None,
+                 eps_fraction: float = DEFAULT_EPS_FRACTION, chunk: int | None = None, progress: bool = False):
         self.contexts = check_contexts(split, contexts)
         self.schema = check_schema(split, schema)
         self.split, self.d, self.eps = split, split.d, check_eps(eps)
+        self.eps_fraction = check_eps_fraction(eps_fraction)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
         self.chunk, self.progress = chunk, progress
@@ -183,23 +248,27 @@ class ConceptHellingerMetric(GeodesicMetric):
 
 
 class EncoderMetric(GeodesicMetric):
-    """M = J_Eᵀ J_E + εI, J_E = ∂E/∂x of an encoder E: R^d → R^k (GAGA-Out).
+    """M = J_Eᵀ J_E + εI, J_E = ∂E/∂x of an encoder E: R^d → R^k (GAGA, ``fisherfast.geodesic.gaga``).
 
     Args:
         encoder: a ``torch.nn.Module`` mapping (d,) → (k,) (and batches);
             its parameters are used as they are (freeze them after training).
         d: the input dimension.
-        eps: ε ≥ 0 (default 1e-3).
+        eps: ε ≥ 0, or None (default): ``eps_fraction`` of each chord's
+            energy ‖E(x_{i+1}) − E(x_i)‖² summed (module docstring).
+        eps_fraction: f for ``eps=None`` (default 0.01).
 
     Cost: k reverse products of E per point (``torch.func.jacrev``, vmapped).
     """
 
-    def __init__(self, encoder: torch.nn.Module, d: int, *, eps: float = DEFAULT_EPS):
+    def __init__(self, encoder: torch.nn.Module, d: int, *, eps: float | None = None,
+                 eps_fraction: float = DEFAULT_EPS_FRACTION):
         if not isinstance(encoder, torch.nn.Module):
             raise TypeError(f"encoder: expected a torch.nn.Module, got {type(encoder).__name__}")
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise ValueError(f"d: expected a positive int, got {d!r}")
         self.encoder, self.d, self.eps = encoder, d, check_eps(eps)
+        self.eps_fraction = check_eps_fraction(eps_fraction)
 
     def __repr__(self) -> str:
         return f"EncoderMetric(d={self.d}, eps={self.eps}, encoder={type(self.encoder).__name__})"

@@ -9,42 +9,42 @@ Closed form:
   centroids and resampled at T parameter values equally spaced between two
   of the centroids.
 
-Free waypoints (``lbfgs_path``): minimize the discrete energy of a metric
-M = JᵀJ + εI (``fisherfast.geodesic.metrics``)
+Free waypoints (``lbfgs_path``), endpoints fixed, starting on the chord, on
+one of two energies of a metric M = JᵀJ + εI (``fisherfast.geodesic.metrics``;
+a relative ε is resolved on the chord first, ``metric.resolved``):
 
-    E(x) = Σ_{i<T−1} ‖J(x_i)(x_{i+1} − x_i)‖² + ε‖x_{i+1} − x_i‖²
-
-over the interior waypoints, endpoints fixed, starting on the chord. Each
-outer step evaluates the factors J_i = J(x_i) at the current path and freezes
-them (detached); the frozen energy is then a convex quadratic in the
-interior waypoints, minimized by ``torch.optim.LBFGS`` (strong-Wolfe line
-search; it runs on the path's device and dtype). The outer loop repeats until
-the energy with fresh factors changes by less than ``rtol`` relative.
-
-What the frozen iteration converges to: a fixed point satisfies the discrete
-conservation law (M(x_{i−1}) + εI)(x_i − x_{i−1}) = (M(x_i) + εI)(x_{i+1} − x_i),
-i.e. d/dt(M ẋ) = 0. That is the geodesic when M is constant along the path
-(the chord), and otherwise drops the ½∇_x(ẋᵀMẋ) term of the geodesic
-equation d/dt(M ẋ) = ½∇_x(ẋᵀMẋ) (derivatives of the factor are never taken).
-The path returned is the iterate with the lowest energy under fresh factors,
-so it is never worse than the chord it starts from.
-
-``energy="embedded"`` (a better-posed alternative to the frozen iteration,
-and the one to use when the metric curves along the path): every metric here
-is the pullback of a feature map s (J = ∂s/∂x, ``GeodesicMetric.features``),
-so the path can minimize
+``energy="embedded"`` (the default; finds geodesics). Every metric here is
+the pullback of a feature map s (J = ∂s/∂x), so the path minimizes
 
     E_s(x) = Σ_{i<T−1} ‖s(x_{i+1}) − s(x_i)‖² + ε‖x_{i+1} − x_i‖²
 
-directly, with its exact gradient by autograd (one reverse pass through s
-per waypoint, no second derivatives). For the concept Hellinger metric
-‖s(x′) − s(x)‖² is exactly d_H(q(x), q(x′))², so E_s is the sum of squared
-Hellinger distances between neighbouring waypoints, and a minimizer is a
-true (discretized) minimum-energy path: as T grows it tends to the geodesic,
-∇_x M terms included. Measured on M = diag(cosh² x) (s = sinh, ε = 0): the
-embedded minimizer is the exact geodesic x_i = asinh(lerp(sinh h₀, sinh h₁)),
-whereas the frozen fixed point lies 0.14 away at T = 9 (0.08 at T = 17), with
-a higher E_s than the chord.
+with its exact gradient by autograd (``torch.optim.LBFGS``, strong-Wolfe line
+search). For the concept Hellinger metric E_s is the sum of squared Hellinger
+distances between neighbouring waypoints (+ the ε term); a minimizer is a
+discrete minimum-energy path and tends to the geodesic as T grows, ∇_x M
+terms included. Measured on M = diag(cosh² x) (s = sinh, ε = 0): the
+minimizer is the exact geodesic x_i = asinh(lerp(sinh h₀, sinh h₁)).
+Converged means: the last L-BFGS run changed E_s by ≤ rtol relative AND the
+scale-free gradient norm ‖∇E_s‖·‖h₁ − h₀‖/E_s at the returned path is ≤ gtol.
+
+``energy="frozen"`` (docs/design.md §6: the seed paper's headline solver). Each
+outer step evaluates J_i = J(x_i) at the current path, freezes it, and
+minimizes the convex quadratic Σ_i ‖J_i Δ_i‖² + ε‖Δ_i‖² by L-BFGS. What it
+finds: a fixed point satisfies the discrete conservation law
+M(x_{i−1})(x_i − x_{i−1}) = M(x_i)(x_{i+1} − x_i), i.e. d/dt(M ẋ) = 0. That
+is the geodesic only when M is constant along the path; otherwise it drops
+the ½∇_x(ẋᵀMẋ) term of the geodesic equation. What it does not find:
+geodesics of a curved metric (on diag(cosh² x) its fixed point lies 0.14 away
+from the geodesic at T = 9, 0.08 at T = 17, with a higher E_s than the
+chord), and its iteration need not settle at all: on SmolLM2 at layer 24 the
+fresh-factor energies oscillate and its low proxy energy comes with a true
+Σ d_H² 2.5–5× the chord's. The path returned is the iterate with the lowest
+fresh-factor energy (never worse than the chord on that proxy). Converged
+means: the fresh-factor energy changed by ≤ rtol relative AND no waypoint
+moved more than xtol·‖h₁ − h₀‖ in the last outer step.
+
+``GeodesicResult`` reports the energy history, the iterations, the ε used,
+and ``converged`` only when its stated criterion held.
 """
 from __future__ import annotations
 
@@ -163,72 +163,92 @@ def _frozen_energy(J: torch.Tensor, eps: float, path: torch.Tensor) -> torch.Ten
 
 
 def path_energy(metric: GeodesicMetric, path: torch.Tensor) -> float:
-    """E(x) = Σ_{i<T−1} ‖J(x_i)Δ_i‖² + ε‖Δ_i‖² with the factor at each segment's start.
+    """E(x) = Σ_{i<T−1} ‖J(x_i)Δ_i‖² + ε‖Δ_i‖² with the factor at each segment's start
+    (the frozen-factor energy). ε must be absolute (``metric.resolved``).
 
     Cost: ``metric.factor`` at T − 1 points."""
     path = _check_metric_path(metric, path).detach()
-    return float(_frozen_energy(metric.factor(path[:-1]), metric.eps, path))
+    eps = metric.require_eps()
+    return float(_frozen_energy(metric.factor(path[:-1]), eps, path))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class GeodesicResult:
     """The outcome of ``lbfgs_path``.
 
     Attributes:
-        path: (T, d) the waypoints with the lowest energy found (endpoints h₀, h₁).
-        energy: its energy E with fresh factors.
-        energies: E after each outer step (energies[0]: the initial path).
-        converged: whether the relative change of E fell below ``rtol``.
-        last_path: the last iterate (the frozen iteration's fixed point when
-            converged; it can have a higher energy than ``path``).
+        path: (T, d) the returned waypoints (endpoints h₀, h₁ bit for bit):
+            the last iterate (embedded) or the lowest-energy iterate (frozen).
+        energy: its energy (E_s for "embedded", the fresh-factor E for "frozen").
+        energies: the energy after each outer step (energies[0]: the initial path).
+        converged: whether ``criterion`` held at the end.
+        criterion: the convergence criterion, in words with its tolerances.
+        iterations: outer steps taken; inner_iterations: L-BFGS iterations in all.
+        eps: the ε used (resolved from the chord when the metric's was relative).
+        energy_kind: "embedded" or "frozen".
+        last_path: the last iterate (frozen: the fixed point when converged; it
+            can have a higher energy than ``path``).
     """
 
     path: torch.Tensor
     energy: float
     energies: list[float]
     converged: bool
+    criterion: str
+    iterations: int
+    inner_iterations: int
+    eps: float
+    energy_kind: str
     last_path: torch.Tensor
 
 
 def embedded_energy(metric: GeodesicMetric, path: torch.Tensor) -> torch.Tensor:
-    """E_s(x) = Σ_{i<T−1} ‖s(x_{i+1}) − s(x_i)‖² + ε‖x_{i+1} − x_i‖² (0-dim, differentiable).
+    """E_s(x) = Σ_{i<T−1} ‖s(x_{i+1}) − s(x_i)‖² + ε‖x_{i+1} − x_i‖² (0-dim, differentiable):
+    ``metric.segment_energy(path)`` plus the ε term (a metric without a feature map, such as
+    the conformal ``DensityMetric``, supplies its own discrete energy). ε must be absolute
+    (``metric.resolved``).
 
     Cost: ``metric.features`` at T points."""
     path = _check_metric_path(metric, path)
-    S = metric.features(path)
-    return ((S[1:] - S[:-1]) ** 2).sum() + metric.eps * ((path[1:] - path[:-1]) ** 2).sum()
+    eps = metric.require_eps()
+    return metric.segment_energy(path) + eps * ((path[1:] - path[:-1]) ** 2).sum()
 
 
-ENERGIES = ("frozen", "embedded")
+ENERGIES = ("embedded", "frozen")
 
 
 def lbfgs_path(metric: GeodesicMetric, h0: torch.Tensor, h1: torch.Tensor, T: int = 16, *,
-               init: torch.Tensor | None = None, outer_steps: int = 10, inner_steps: int = 100,
-               history_size: int = 20, rtol: float = 1e-4, energy: str = "frozen",
-               progress: bool = False) -> GeodesicResult:
-    """Free-waypoint path from h₀ to h₁ (module docstring).
-
-    ``energy="frozen"`` (docs/design.md §6): E with the factors frozen per outer
-    step. ``energy="embedded"``: E_s minimized as it is, each outer step one
-    L-BFGS run of up to ``inner_steps`` iterations; the result's energies are E_s.
+               init: torch.Tensor | None = None, energy: str = "embedded", outer_steps: int = 10,
+               inner_steps: int = 100, history_size: int = 20, rtol: float = 1e-4, gtol: float = 1e-3,
+               xtol: float = 1e-3, progress: bool = False) -> GeodesicResult:
+    """Free-waypoint path from h₀ to h₁ on the embedded or frozen energy (module docstring).
 
     Args:
-        metric: a ``GeodesicMetric``.
+        metric: a ``GeodesicMetric``; a relative ε (None) is resolved on the
+            T-point chord (``metric.resolved``) and reported as ``result.eps``.
         h0, h1: (d,) endpoints (kept fixed, bit for bit).
         T: number of waypoints (≥ 3).
         init: (T, d) starting path whose first and last rows are h₀, h₁
             (default: ``chord_path(h0, h1, T)``).
-        outer_steps: factor evaluations after the initial one (at most).
-        inner_steps: L-BFGS iterations per outer step (``max_iter``); the
-            frozen energy is divided by its starting value, so the L-BFGS
-            tolerances are relative.
+        energy: "embedded" (default: exact gradient, finds geodesics) or
+            "frozen" (the frozen-factor iteration).
+        outer_steps: embedded: L-BFGS runs; frozen: factor evaluations after
+            the initial one (at most).
+        inner_steps: L-BFGS iterations per outer step (``max_iter``); energies
+            are divided by their starting value, so L-BFGS tolerances are relative.
         history_size: L-BFGS memory.
-        rtol: stop when |E_new − E_old| ≤ rtol·E_old (energies with fresh factors).
-        energy: "frozen" or "embedded".
+        rtol: relative energy change of an outer step below which it may stop.
+        gtol: embedded: the scale-free gradient norm required for convergence.
+        xtol: frozen: the largest waypoint move, relative to ‖h₁ − h₀‖,
+            required for convergence.
         progress: a tqdm bar over the outer steps.
 
-    Cost: per outer step, ``metric.factor`` at T − 1 points plus up to
-    ``inner_steps`` L-BFGS iterations of O(T·m·d) each.
+    Raises:
+        TypeError / ValueError for a bad argument, before any work.
+
+    Cost per outer step: embedded, up to ``inner_steps`` × (``metric.features``
+    at T points + its backward); frozen, ``metric.factor`` at T − 1 points plus
+    up to ``inner_steps`` L-BFGS iterations of O(T·m·d).
     """
     if not isinstance(metric, GeodesicMetric):
         raise TypeError(f"metric: expected a GeodesicMetric (FlatMetric, ConceptHellingerMetric, EncoderMetric), "
@@ -240,8 +260,9 @@ def lbfgs_path(metric: GeodesicMetric, h0: torch.Tensor, h1: torch.Tensor, T: in
     for name, value in (("outer_steps", outer_steps), ("inner_steps", inner_steps), ("history_size", history_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol >= 0:
-        raise ValueError(f"rtol: expected a float ≥ 0, got {rtol!r}")
+    for name, value in (("rtol", rtol), ("gtol", gtol), ("xtol", xtol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name}: expected a float ≥ 0, got {value!r}")
     if energy not in ENERGIES:
         raise ValueError(f"energy: expected one of {ENERGIES}, got {energy!r}")
     if init is None:
@@ -253,37 +274,32 @@ def lbfgs_path(metric: GeodesicMetric, h0: torch.Tensor, h1: torch.Tensor, T: in
         if not (torch.equal(init[0], h0) and torch.equal(init[-1], h1)):
             raise ValueError("init: its first and last waypoints must equal h0 and h1")
         path = init.detach().to(h0.device).clone()
-
     h0, h1 = h0.detach(), h1.detach()
+    metric = metric.resolved(h0, h1, T)
     if energy == "embedded":
-        return _lbfgs_embedded(metric, h0, h1, path, outer_steps, inner_steps, history_size, rtol, progress)
-    J = metric.factor(path[:-1])
-    energy = float(_frozen_energy(J, metric.eps, path))
-    energies, best, best_energy, converged = [energy], path, energy, False
-    for _ in tqdm(range(outer_steps), desc="geodesic L-BFGS", unit="outer step", disable=not progress):
-        path = _minimize_frozen(J, metric.eps, h0, h1, path, inner_steps, history_size)
-        J = metric.factor(path[:-1])
-        new_energy = float(_frozen_energy(J, metric.eps, path))
-        energies.append(new_energy)
-        if new_energy < best_energy:
-            best, best_energy = path, new_energy
-        if abs(new_energy - energy) <= rtol * abs(energy):
-            converged = True
-            break
-        energy = new_energy
-    return GeodesicResult(path=best, energy=best_energy, energies=energies, converged=converged, last_path=path)
+        return _lbfgs_embedded(metric, h0, h1, path, outer_steps, inner_steps, history_size, rtol, gtol, progress)
+    return _lbfgs_frozen(metric, h0, h1, path, outer_steps, inner_steps, history_size, rtol, xtol, progress)
 
 
-def _lbfgs_embedded(metric, h0, h1, path, outer_steps, inner_steps, history_size, rtol, progress):
-    """Minimize E_s over the interior waypoints: ``outer_steps`` L-BFGS runs, stopped early
-    when one changes E_s by ≤ rtol relative."""
+def _lbfgs(params, inner_steps, history_size, dtype):
+    # Tolerances at round-off: each run stops at the precision of the dtype or after ``inner_steps``.
+    tiny = torch.finfo(dtype).eps
+    return torch.optim.LBFGS(params, lr=1.0, max_iter=inner_steps, history_size=history_size,
+                             tolerance_grad=10 * tiny, tolerance_change=tiny, line_search_fn="strong_wolfe")
+
+
+def _n_iter(optimizer) -> int:
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    return int(state.get("n_iter", 0))
+
+
+def _lbfgs_embedded(metric, h0, h1, path, outer_steps, inner_steps, history_size, rtol, gtol, progress):
+    """Minimize E_s over the interior waypoints: up to ``outer_steps`` L-BFGS runs."""
     with torch.no_grad():
         energies = [float(embedded_energy(metric, path))]
     scale = energies[0] if energies[0] > 0 else 1.0
     interior = path[1:-1].clone().requires_grad_(True)
-    tiny = torch.finfo(path.dtype).eps
-    optimizer = torch.optim.LBFGS([interior], lr=1.0, max_iter=inner_steps, history_size=history_size,
-                                  tolerance_grad=10 * tiny, tolerance_change=tiny, line_search_fn="strong_wolfe")
+    optimizer = _lbfgs([interior], inner_steps, history_size, path.dtype)
 
     def closure():
         optimizer.zero_grad()
@@ -291,30 +307,72 @@ def _lbfgs_embedded(metric, h0, h1, path, outer_steps, inner_steps, history_size
         loss.backward()
         return loss
 
-    converged = False
+    small_change = False
     for _ in tqdm(range(outer_steps), desc="geodesic L-BFGS (embedded)", unit="run", disable=not progress):
         with torch.enable_grad():
             optimizer.step(closure)
         with torch.no_grad():
             energies.append(float(embedded_energy(metric, torch.cat([h0[None], interior, h1[None]]))))
-        if abs(energies[-1] - energies[-2]) <= rtol * abs(energies[-2]):
-            converged = True
+        small_change = abs(energies[-1] - energies[-2]) <= rtol * abs(energies[-2])
+        if small_change:
             break
     path = torch.cat([h0[None], interior.detach(), h1[None]])
-    return GeodesicResult(path=path, energy=energies[-1], energies=energies, converged=converged, last_path=path)
+    g = _relative_gradient(metric, h0, h1, path)
+    criterion = (f"|ΔE_s| ≤ {rtol:g}·E_s in the last run and ‖∇E_s‖·‖h1 − h0‖/E_s ≤ {gtol:g} "
+                 f"(measured {g:.2e})")
+    return GeodesicResult(path=path, energy=energies[-1], energies=energies, converged=small_change and g <= gtol,
+                          criterion=criterion,
+                          iterations=len(energies) - 1, inner_iterations=_n_iter(optimizer), eps=metric.eps,
+                          energy_kind="embedded", last_path=path)
 
 
-def _minimize_frozen(J, eps, h0, h1, path, inner_steps, history_size) -> torch.Tensor:
-    """argmin over the interior waypoints of the frozen energy (J fixed), by L-BFGS from ``path``."""
+def _relative_gradient(metric, h0, h1, path) -> float:
+    """‖∇_interior E_s‖ · ‖h₁ − h₀‖ / E_s: scale-free (invariant under x → a·x, flat metric)."""
+    interior = path[1:-1].clone().requires_grad_(True)
+    with torch.enable_grad():
+        E = embedded_energy(metric, torch.cat([h0[None], interior, h1[None]]))
+        (grad,) = torch.autograd.grad(E, interior)
+    E = float(E.detach())
+    return float(grad.norm() * (h1 - h0).norm()) / E if E > 0 else 0.0
+
+
+def _lbfgs_frozen(metric, h0, h1, path, outer_steps, inner_steps, history_size, rtol, xtol, progress):
+    eps, span = metric.eps, float((h1 - h0).norm())
+    J = metric.factor(path[:-1])
+    energy = float(_frozen_energy(J, eps, path))
+    energies, best, best_energy = [energy], path, energy
+    converged, inner, move = False, 0, float("inf")
+    for _ in tqdm(range(outer_steps), desc="geodesic L-BFGS (frozen)", unit="outer step", disable=not progress):
+        new_path, n_iter = _minimize_frozen(J, eps, h0, h1, path, inner_steps, history_size)
+        inner += n_iter
+        move = float((new_path - path).norm(dim=-1).max())
+        path = new_path
+        J = metric.factor(path[:-1])
+        new_energy = float(_frozen_energy(J, eps, path))
+        energies.append(new_energy)
+        if new_energy < best_energy:
+            best, best_energy = path, new_energy
+        if abs(new_energy - energy) <= rtol * abs(energy) and move <= xtol * span:
+            converged = True
+            break
+        energy = new_energy
+    criterion = (f"|ΔE| ≤ {rtol:g}·E with fresh factors and max waypoint move ≤ {xtol:g}·‖h1 − h0‖ "
+                 f"in the last outer step (last move {move / span if span else 0.0:.2e})")
+    return GeodesicResult(path=best, energy=best_energy, energies=energies, converged=converged,
+                          criterion=criterion,
+                          iterations=len(energies) - 1, inner_iterations=inner, eps=eps, energy_kind="frozen",
+                          last_path=path)
+
+
+def _minimize_frozen(J, eps, h0, h1, path, inner_steps, history_size):
+    """argmin over the interior waypoints of the frozen energy (J fixed), by L-BFGS from ``path``;
+    returns the path and the L-BFGS iterations taken."""
     interior = path[1:-1].clone().requires_grad_(True)
     with torch.no_grad():
         scale = float(_frozen_energy(J, eps, path))
     if scale == 0.0:
-        return path
-    # Tolerances at round-off: the quadratic is solved to the precision of the dtype or ``inner_steps``.
-    tiny = torch.finfo(path.dtype).eps
-    optimizer = torch.optim.LBFGS([interior], lr=1.0, max_iter=inner_steps, history_size=history_size,
-                                  tolerance_grad=10 * tiny, tolerance_change=tiny, line_search_fn="strong_wolfe")
+        return path, 0
+    optimizer = _lbfgs([interior], inner_steps, history_size, path.dtype)
 
     def closure():
         optimizer.zero_grad()
@@ -324,4 +382,4 @@ def _minimize_frozen(J, eps, h0, h1, path, inner_steps, history_size) -> torch.T
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return torch.cat([h0[None], interior.detach(), h1[None]])
+    return torch.cat([h0[None], interior.detach(), h1[None]]), _n_iter(optimizer)

@@ -43,6 +43,9 @@ class ConstantMetric(GeodesicMetric):
     def _factor(self, X):
         return self.A.expand(X.shape[0], *self.A.shape)
 
+    def _features(self, X):
+        return X @ self.A.T
+
 
 def randn(*shape, seed=0):
     return torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
@@ -103,7 +106,7 @@ def test_spline_path_endpoints_and_wrap_around():
 
 def test_lbfgs_on_the_flat_metric_returns_the_chord():
     h0, h1 = randn(4, seed=1), randn(4, seed=2)
-    result = lbfgs_path(FlatMetric(4), h0, h1, 9, init=perturbed_chord(h0, h1, 9), rtol=0.0)
+    result = lbfgs_path(FlatMetric(4), h0, h1, 9, init=perturbed_chord(h0, h1, 9), energy="frozen", rtol=0.0)
     chord = chord_path(h0, h1, 9)
     # energy minimization pins x to ~√(machine ε)·scale
     torch.testing.assert_close(result.path, chord, rtol=0, atol=1e-6)
@@ -114,8 +117,10 @@ def test_lbfgs_on_the_flat_metric_returns_the_chord():
 def test_lbfgs_on_a_constant_anisotropic_metric_returns_the_chord():
     A = torch.eye(4, dtype=DT) + 0.3 * randn(4, 4, seed=5)
     h0, h1 = randn(4, seed=1), randn(4, seed=2)
-    result = lbfgs_path(ConstantMetric(A, 1e-3), h0, h1, 9, init=perturbed_chord(h0, h1, 9), rtol=0.0)
-    torch.testing.assert_close(result.path, chord_path(h0, h1, 9), rtol=0, atol=1e-6)
+    for energy in ("frozen", "embedded"):
+        result = lbfgs_path(ConstantMetric(A, 1e-3), h0, h1, 9, init=perturbed_chord(h0, h1, 9), energy=energy,
+                            rtol=0.0 if energy == "frozen" else 1e-14)
+        torch.testing.assert_close(result.path, chord_path(h0, h1, 9), rtol=0, atol=1e-6)
 
 
 def frozen_quadratic_minimizer(J, eps, h0, h1):
@@ -140,7 +145,7 @@ H0, H1 = torch.tensor([-1.0, 0.5], dtype=DT), torch.tensor([1.2, -0.8], dtype=DT
 
 def test_one_outer_step_solves_the_frozen_quadratic():
     metric = SinhMetric(2, 1e-2)
-    result = lbfgs_path(metric, H0, H1, 9, outer_steps=1)
+    result = lbfgs_path(metric, H0, H1, 9, energy="frozen", outer_steps=1)
     chord = chord_path(H0, H1, 9)
     oracle = frozen_quadratic_minimizer(metric.factor(chord[:-1]), metric.eps, H0, H1)
     torch.testing.assert_close(result.last_path, oracle, rtol=0, atol=1e-6)
@@ -163,13 +168,13 @@ def shooting_fixed_point(h0, h1, T, eps):
 def test_lbfgs_on_a_curved_metric_lowers_the_energy_and_reaches_the_documented_fixed_point():
     metric = SinhMetric(2, 1e-2)
     T = 9
-    result = lbfgs_path(metric, H0, H1, T, outer_steps=100, rtol=1e-13)
+    result = lbfgs_path(metric, H0, H1, T, energy="frozen", outer_steps=100, rtol=1e-13, xtol=1e-9)
     chord_energy = path_energy(metric, chord_path(H0, H1, T))
     assert result.energies[0] == chord_energy
     assert result.energy < chord_energy * (1 - 1e-3)
     assert result.energy == pytest.approx(path_energy(metric, result.path), rel=1e-12)
     assert torch.equal(result.path[0], H0) and torch.equal(result.path[-1], H1)
-    assert result.converged
+    assert result.converged and result.energy_kind == "frozen" and result.iterations == len(result.energies) - 1
     np.testing.assert_allclose(result.last_path.numpy(), shooting_fixed_point(H0, H1, T, metric.eps), atol=1e-6)
     # The true geodesic asinh(lerp(sinh h0, sinh h1)) is a different curve: the frozen iteration drops ∇M.
     geodesic = torch.asinh(torch.lerp(torch.sinh(H0)[None], torch.sinh(H1)[None],
@@ -189,7 +194,8 @@ def test_embedded_energy_finds_the_exact_geodesic_of_a_curved_metric():
     np.testing.assert_allclose(result.path.numpy(), geodesic.numpy(), atol=1e-7)  # ~√(energy round-off)
     assert torch.equal(result.path[0], H0) and torch.equal(result.path[-1], H1)
     assert result.energy == pytest.approx(float(embedded_energy(metric, result.path)), rel=1e-12)
-    frozen = lbfgs_path(metric, H0, H1, T, outer_steps=100, rtol=1e-13)
+    assert result.converged and result.eps == 0.0
+    frozen = lbfgs_path(metric, H0, H1, T, energy="frozen", outer_steps=100, rtol=1e-13)
     for other in (chord_path(H0, H1, T), frozen.last_path):
         assert result.energy < float(embedded_energy(metric, other)) * (1 - 1e-3)
 
@@ -199,6 +205,49 @@ def test_embedded_energy_on_the_flat_metric_returns_the_chord():
     result = lbfgs_path(FlatMetric(5), h0, h1, 7, init=perturbed_chord(h0, h1, 7), energy="embedded", rtol=1e-14)
     # An optimizer stopped at energy round-off (~1e-16 relative) places x only to ~√1e-16 = 1e-8.
     np.testing.assert_allclose(result.path.numpy(), chord_path(h0, h1, 7).numpy(), atol=1e-7)
+
+
+def test_convergence_is_reported_only_when_its_criterion_held():
+    metric = SinhMetric(2, 1e-2)
+    # one frozen outer step from the chord moves the waypoints by O(0.1): not a fixed point
+    one = lbfgs_path(metric, H0, H1, 9, energy="frozen", outer_steps=1)
+    assert not one.converged and one.iterations == 1 and "max waypoint move" in one.criterion
+    # an embedded run capped at 2 L-BFGS iterations from a perturbed chord: gradient far from 0
+    init = perturbed_chord(H0, H1, 9)
+    capped = lbfgs_path(SinhMetric(2, 0.0), H0, H1, 9, init=init, outer_steps=1, inner_steps=2, rtol=1.0)
+    assert not capped.converged and 1 <= capped.inner_iterations <= 2
+    full = lbfgs_path(SinhMetric(2, 0.0), H0, H1, 9, init=init, outer_steps=20, rtol=1e-14)
+    assert full.converged and full.energies[-1] <= full.energies[0]
+
+
+class ScaledSinh(SinhMetric):
+    """s(x) = a·sinh(x) with a relative ε."""
+
+    def __init__(self, a, eps_fraction):
+        self.a, self.d, self.eps, self.eps_fraction = a, 2, None, eps_fraction
+
+    def _features(self, X):
+        return self.a * torch.sinh(X)
+
+
+def test_relative_eps_is_a_fraction_of_the_chords_metric_energy():
+    T = 7
+    metric = ScaledSinh(3.0, 0.05)
+    chord = chord_path(H0, H1, T)
+    E_J = float(((3.0 * torch.sinh(chord[1:]) - 3.0 * torch.sinh(chord[:-1])) ** 2).sum())
+    steps2 = float(((H1 - H0) ** 2).sum()) / (T - 1)
+    eps = metric.chord_eps(H0, H1, T)
+    assert eps == pytest.approx(0.05 * E_J / steps2, rel=1e-12)
+    resolved = metric.resolved(H0, H1, T)
+    assert resolved.eps == eps and metric.eps is None
+    # ε·Σ‖Δ‖² is 5% of the metric part on the chord
+    assert float(embedded_energy(resolved, chord)) == pytest.approx(1.05 * E_J, rel=1e-12)
+    result = lbfgs_path(metric, H0, H1, T, outer_steps=2)
+    assert result.eps == eps
+    with pytest.raises(ValueError, match="relative to a chord"):
+        embedded_energy(metric, chord)
+    with pytest.raises(ValueError, match="relative to a chord"):
+        path_energy(metric, chord)
 
 
 def test_path_energy_is_the_discrete_formula():
