@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from fisherfast.metric import concept_schema
+from fisherfast.concepts import concept_schema
 
 
 class ConceptSchema:

@@ -20,7 +20,7 @@ from fisherfast.metric.operator import (DampedMetric, DenseMetric, LowRankMetric
 from fisherfast.metric.pullback import (AUTO_EXACT_MAX_D, DEFAULT_K, DEFAULT_N_SAMPLES, DEFAULT_TAIL_TOL,
                                         DEFAULT_TRACE_PROBES, METRIC_MODES, MODES, auto_mode, pullback_fisher,
                                         work_dtype)
-from fisherfast.metric.schema import concept_schema
+from fisherfast.concepts import concept_schema
 from fisherfast.metric.survey import SpectrumSurvey, plot_spectra, spectrum_survey, survey_table
 
 __all__ = ["pullback_fisher", "PullbackMetric", "DenseMetric", "LowRankMetric", "MatrixFreeMetric", "DampedMetric",

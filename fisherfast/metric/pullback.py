@@ -26,7 +26,8 @@ import torch
 from fisherfast.metric import distributed as _dist
 from fisherfast.metric.operator import (DenseMetric, LowRankMetric, MatrixFreeMetric, MetricReport,
                                         PullbackMetric)
-from fisherfast.metric.schema import check_points, concept_schema
+from fisherfast.concepts import concept_schema
+from fisherfast.metric.schema import check_points
 from fisherfast.ops.softmax_fisher import softmax_fisher_gram, softmax_fisher_gram_topk, softmax_fisher_matmat
 
 METRIC_MODES = ("exact", "matrix_free", "low_rank", "topk", "monte_carlo", "concept", "auto")

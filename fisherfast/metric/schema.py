@@ -1,7 +1,6 @@
-"""Checks of ``pullback_fisher``'s inputs: its points and concept schemas."""
+"""Checks of ``pullback_fisher``'s inputs: its points (concept schemas are
+checked by ``fisherfast.concepts.concept_schema``)."""
 from __future__ import annotations
-
-from typing import Mapping
 
 import torch
 
@@ -34,47 +33,3 @@ def check_points(split, contexts, h) -> list:
         return list(zip(ctx_list, h))
     raise ValueError(f"h must have shape ({split.d},) with one context or (n, {split.d}) with 1 or n contexts; "
                      f"got shape {tuple(h.shape)} with {len(ctx_list)} context(s)")
-
-
-def concept_schema(concepts, V: int):
-    """(names, [LongTensor of token ids per concept]) after validation.
-
-    Args:
-        concepts: a non-empty sequence (or mapping name → entry) whose entries
-            are a token id or a sequence (list, tuple, range, tensor) of ids;
-            unnamed concepts are named "0", "1", ….
-        V: the vocabulary size.
-
-    Raises:
-        ValueError: no concepts, an empty concept, an id outside [0, V), or a
-            token in two concepts (concepts must be disjoint).
-        TypeError: concepts is neither a sequence nor a mapping.
-    """
-    if concepts is None:
-        raise ValueError("mode='concept' needs concepts: a sequence (or mapping name → entry) of token ids "
-                         "or token-id sequences")
-    if isinstance(concepts, Mapping):
-        names, entries = [str(n) for n in concepts], list(concepts.values())
-    elif isinstance(concepts, (list, tuple)):
-        names, entries = [str(i) for i in range(len(concepts))], list(concepts)
-    else:
-        raise TypeError(f"concepts must be a sequence or mapping of token ids, got {type(concepts).__name__}")
-    if not entries:
-        raise ValueError("concepts must name at least one concept")
-    seen: dict[int, int] = {}
-    token_sets = []
-    for i, entry in enumerate(entries):
-        ids = list(entry) if isinstance(entry, (list, tuple, range)) else [entry]
-        if isinstance(entry, torch.Tensor):
-            ids = entry.flatten().tolist()
-        if not ids:
-            raise ValueError(f"concept {names[i]!r} has no token ids")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise ValueError(f"concept {names[i]!r}: token ids must be ints in [0, {V}), got {t!r}")
-            if t in seen:
-                raise ValueError(f"token {t} is in concepts {names[seen[t]]!r} and {names[i]!r}; "
-                                 "concepts must be disjoint")
-            seen[t] = i
-        token_sets.append(torch.tensor(ids, dtype=torch.long))
-    return names, token_sets
