@@ -52,7 +52,7 @@ import os
 
 import torch
 
-from fisherfast._persist import read_versioned
+from fisherfast._persist import atomic_write, read_versioned
 
 FORMAT = "fisherfast.innsteer"
 VERSION = 1
@@ -329,13 +329,13 @@ class INNSteer(torch.nn.Module):
 
     # -- persistence ----------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the weights, μ, σ and v to a safetensors file; the config and format
-        version go in its metadata."""
+        """Write the weights, μ, σ and v to a safetensors file (atomically, with the
+        umask's file mode); the config and format version go in its metadata."""
         from safetensors.torch import save_file
 
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "version": str(VERSION),
-                                                      "config": json.dumps(self.config())})
+        metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(self.config())}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> "INNSteer":

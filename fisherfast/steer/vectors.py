@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import torch
 
-from fisherfast._persist import read_versioned
+from fisherfast._persist import atomic_write, read_versioned
 
 FORMAT = "fisherfast.steering_vectors"
 VERSION = 1
@@ -117,14 +117,15 @@ class SteeringVectors:
     # ---------------------------------------------------------------- safetensors
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file: tensor ``layer.<ℓ>`` per layer (the dtype kept),
+        """Write a safetensors file (atomically, with the umask's file mode): tensor
+        ``layer.<ℓ>`` per layer (the dtype kept),
         metadata {format, version, spec, hidden_size, model, method, settings (JSON)}."""
         from safetensors.torch import save_file
 
         tensors = {f"layer.{layer}": v.contiguous() for layer, v in self.vectors.items()}
-        save_file(tensors, os.fspath(path), metadata={
-            "format": FORMAT, "version": str(VERSION), "spec": SPEC, "hidden_size": str(self.hidden_size),
-            "model": self.model, "method": self.method, "settings": json.dumps(dict(self.settings))})
+        metadata = {"format": FORMAT, "version": str(VERSION), "spec": SPEC, "hidden_size": str(self.hidden_size),
+                    "model": self.model, "method": self.method, "settings": json.dumps(dict(self.settings))}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, hidden_size: int | None = None,

@@ -130,3 +130,22 @@ def test_bad_inputs():
     sv = SteeringVectors({2: v}, D)
     with pytest.raises(TypeError):
         sv.vectors[3] = v  # read-only
+
+
+def test_saved_steering_files_get_the_umask_mode(tmp_path):
+    """Files other tools and users read (vectors, INNSteer) get 0666 less the umask,
+    not safetensors' private 0600."""
+    import os
+    import stat
+
+    from fisherfast.steer import INNSteer, SteeringVectors
+
+    old = os.umask(0o022)
+    try:
+        SteeringVectors({3: torch.ones(4)}, hidden_size=4).save(tmp_path / "v.safetensors")
+        INNSteer(4, n_layers=2, hidden=8).save(tmp_path / "inn.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("v.safetensors", "inn.safetensors"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["inn.safetensors", "v.safetensors"]
