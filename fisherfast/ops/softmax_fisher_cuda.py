@@ -60,7 +60,6 @@ def matmat(a, W, U, b, logits, chunk):
         return reference.matmat(a, W, U, b, logits, chunk)
     ext = _backends.cuda_extension()
     B, d = a.shape
-    V = W.shape[0]
     out = []
     for Uj in U.split(ext.softmax_fisher_max_k, dim=1):
         Uj = Uj.contiguous()
