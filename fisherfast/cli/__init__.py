@@ -4,8 +4,9 @@
     fisherfast demo                 the main job on the embedded default model
                                     (model, FisherSketch, metric, steering)
     fisherfast spectrum --layer L   pullback-metric diagnostics + spectrum plot
-    fisherfast sketch ...           FisherSketch state of a text file
+    fisherfast sketch ...           FisherSketch state of a text file or datasets corpus
     fisherfast align SIG...         alignment tables + heatmap of sketch states
+    fisherfast select TARGET CAND...  candidate sources ranked by alignment with a target
     fisherfast steer --prompt P --target W --layer L
                                     FishBack vs Euclidean steering of p(W | P)
 

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _load(paths) -> dict:
+def load_states(paths) -> dict:
     """{name: SketchState}, names from the file names; one spec for all, or a
     UsageError naming the files of each spec."""
     from fisherfast.sketch import SketchState
@@ -50,7 +50,7 @@ def run(args) -> int:
     from fisherfast.sketch import alignment, marginals
 
     out = check_output(args.out, PLOT, force=args.force) if args.out else None
-    states = _load(args.signatures)
+    states = load_states(args.signatures)
     try:
         result = alignment(states, kind=args.kind, debiased=args.debiased)
     except ValueError as err:  # e.g. a state with too few samples for the debiased norms

@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from fisherfast.sketch import SketchState
 
@@ -162,3 +163,97 @@ def test_steer_reports_a_multi_token_target_as_a_sequence(work, run_cli, tiny_mo
     repeated = run_cli("steer", "--model", tiny_model_dir, "--prompt", prompt, "--target", target,
                        "--as", "alternatives", "--layer", "2", "--no-progress")
     assert repeated.code == 2 and "repeats a token" in repeated.err
+
+
+def _write_jsonl(path, rows):
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def test_sketch_of_a_dataset_equals_the_same_texts_from_a_file(work, run_cli, tiny_model_dir):
+    lines = (work / "texts.txt").read_text().splitlines()
+    _write_jsonl(work / "corpus.jsonl", [{"text": t, "id": i} for i, t in enumerate(lines)])
+    assert _sketch(run_cli, tiny_model_dir, "file.safetensors").code == 0
+    result = run_cli("sketch", "--model", tiny_model_dir, "--dataset", "corpus.jsonl", "--text-field", "text",
+                     "--out", "data.safetensors", "--m", "64", "--no-progress")
+    assert result.code == 0, result.err
+    a, b = SketchState.load("file.safetensors"), SketchState.load("data.safetensors")
+    assert a.count == b.count > 0
+    torch.testing.assert_close(b.as_tensor(), a.as_tensor(), rtol=1e-12, atol=0)
+
+
+def test_sketch_of_prompt_answer_pairs_and_dataset_mistakes(work, run_cli, tiny_model_dir, no_model):
+    _write_jsonl(work / "qa.jsonl", [{"q": "the capital of france is", "a": "paris"}, {"q": "one two", "a": "three"}])
+    usage = [
+        (["--dataset", "qa.jsonl"], "--dataset needs --text-field, or --prompt-field with --answer-field"),
+        (["--dataset", "qa.jsonl", "--prompt-field", "q"], "--prompt-field needs --answer-field"),
+        (["--texts", "texts.txt", "--text-field", "text"], "--text-field apply to --dataset, not --texts"),
+        (["--dataset", "missing.jsonl", "--text-field", "text"], "--dataset missing.jsonl: no such file or folder"),
+    ]
+    for extra, message in usage:
+        result = run_cli("sketch", "--model", tiny_model_dir, "--out", "x.safetensors", *extra)
+        assert result.code == 2 and message in result.err, (extra, result.err)
+        assert not os.path.exists("x.safetensors")
+
+
+def test_sketch_of_pairs_labels_the_answer_token(work, run_cli, tiny_model_dir):
+    _write_jsonl(work / "qa.jsonl", [{"q": "the capital of france is", "a": "paris"}, {"q": "one two", "a": "three"}])
+    result = run_cli("sketch", "--model", tiny_model_dir, "--dataset", "qa.jsonl", "--prompt-field", "q",
+                     "--answer-field", "a", "--out", "qa.safetensors", "--m", "64", "--no-progress")
+    assert result.code == 0, result.err
+    assert SketchState.load("qa.safetensors").count == 2  # one labelled position per prompt
+    missing = run_cli("sketch", "--model", tiny_model_dir, "--dataset", "qa.jsonl", "--text-field", "text",
+                      "--out", "t.safetensors", "--no-progress")
+    assert missing.code == 2 and "text" in missing.err and "q" in missing.err  # names the fields it has
+
+
+def test_select_ranks_candidates_by_the_cosine_of_their_signatures(work, run_cli, tiny_model_dir):
+    import numpy as np
+
+    texts = {"a": "the cat sat on the mat\nthe dog sat on the mat\n",
+             "b": "the cat sat on the dog\nthe mat sat on the cat\n",
+             "c": "one two three four five six\nseven eight nine ten one two\n"}
+    for name, body in texts.items():
+        (work / f"{name}.txt").write_text(body)
+        assert run_cli("sketch", "--model", tiny_model_dir, "--texts", f"{name}.txt", "--out", f"{name}.safetensors",
+                       "--m", "256", "--no-progress").code == 0
+    result = run_cli("select", "a.safetensors", "b.safetensors", "c.safetensors")
+    assert result.code == 0, result.err
+    rows = [line.split("|") for line in result.out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    mu = {n: SketchState.load(f"{n}.safetensors").signature().double().numpy() for n in texts}
+    cos = {n: float(mu["a"] @ mu[n] / np.linalg.norm(mu["a"]) / np.linalg.norm(mu[n])) for n in ("b", "c")}
+    want = sorted(cos, key=lambda n: -cos[n])
+    assert [r[2].strip() for r in rows] == want
+    for r in rows:
+        assert float(r[3].split("±")[0]) == pytest.approx(cos[r[2].strip()], abs=5e-4)
+    assert "ρ    A / (S_a·S_e)" in result.out
+    bad = run_cli("select", "a.safetensors", "texts.txt")
+    assert bad.code == 2 and "cannot load texts.txt" in bad.err
+
+
+def test_sketch_under_torchrun_equals_one_process(work, tiny_model_dir):
+    """torchrun --nproc-per-node 2 -m fisherfast sketch: rank-sharded corpus, all-reduced
+    state written by rank 0, equal to one process's (gloo on the CPU)."""
+    import subprocess
+    import sys
+
+    _write_jsonl(work / "corpus.jsonl", [{"text": t} for t in
+                                         ("the cat sat on the mat", "one two three four", "yes no yes no yes",
+                                          "the dog sat on the cat and the mat", "a b c d e f g")])
+    common = ["sketch", "--model", str(tiny_model_dir), "--dataset", "corpus.jsonl", "--text-field", "text",
+              "--features", "64", "--no-progress", "--batch-size", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    subprocess.run([sys.executable, "-m", "fisherfast", *common, "--out", "one.safetensors"], env=env, check=True,
+                   timeout=300, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "fisherfast", *common, "--out", "two.safetensors"], env=env, timeout=300,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "by 2 processes" in run.stdout
+    one, two = SketchState.load("one.safetensors"), SketchState.load("two.safetensors")
+    assert one.count == two.count > 0
+    torch.testing.assert_close(two.as_tensor(), one.as_tensor(), rtol=1e-10, atol=1e-12)

@@ -62,7 +62,7 @@ CASES = {
     "align-foreign": (["align", "weights.safetensors"], "cannot load weights.safetensors"),
     # numbers
     "max-prompts-0": (["spectrum", "--layer", "3", "--max-prompts", "0"], "--max-prompts: expected an integer ≥ 1"),
-    "m-0": (["sketch", "--texts", "texts.txt", "--out", "s.safetensors", "--m", "0"], "--m: expected an integer ≥ 1"),
+    "m-0": (["sketch", "--texts", "texts.txt", "--out", "s.safetensors", "--m", "0"], "--m/--features: expected an integer ≥ 1"),
     "seed-neg": (["sketch", "--texts", "texts.txt", "--out", "s.safetensors", "--seed", "-2"], "--seed"),
     "batch-0": (["sketch", "--texts", "texts.txt", "--out", "s.safetensors", "--batch-size", "0"], "--batch-size"),
     "max-length-0": (["sketch", "--texts", "texts.txt", "--out", "s.safetensors", "--max-length", "0"],
