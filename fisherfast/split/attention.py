@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fisherfast.split.sequence import ATTN_SEQUENCE, sequence_attention
+from fisherfast.split.sequence import ATTN_SEQUENCE, attention_probabilities, sequence_attention
 
 
 class _RecordKV:
@@ -53,14 +53,7 @@ def _split_attention(module, query, key, value, attention_mask, scaling=None, dr
         s = torch.cat([_per_kv_head(q, K[0].transpose(1, 2)) * scaling, s_self], dim=-1)
     else:
         s = s_self
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    if attention_mask is not None:
-        s = s + attention_mask
-    if split_softmax_fp32:
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
-    else:
-        p = torch.softmax(s, dim=-1).to(value.dtype)
+    p = attention_probabilities(s, attention_mask, softcap, split_softmax_fp32, query.dtype, value.dtype)
     out = p[..., -1:] * value                                          # (n, Hkv, g, hd)
     if split_prefix is not None:
         out = out + _per_kv_head(p[..., :-1], V[0])

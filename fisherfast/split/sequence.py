@@ -52,16 +52,22 @@ def sequence_attention(module, query, key, value, attention_mask, scaling=None, 
         key = torch.cat([K.expand(N, -1, -1, -1), key], dim=2)
         value = torch.cat([V.expand(N, -1, -1, -1), value], dim=2)
     key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
-    s = (query @ key.transpose(-1, -2)) * scaling
+    p = attention_probabilities((query @ key.transpose(-1, -2)) * scaling, attention_mask, softcap,
+                                split_softmax_fp32, query.dtype, value.dtype)
+    return (p @ value).transpose(1, 2), None
+
+
+def attention_probabilities(s, attention_mask, softcap, softmax_fp32: bool, query_dtype, value_dtype):
+    """Softmax of scaled scores s as the model's eager attention takes it: soft-capped
+    (Gemma), plus the additive mask, in float32 where the model does (cast back to
+    the query's dtype), else in the scores' dtype (cast to the values')."""
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     if attention_mask is not None:
         s = s + attention_mask
-    if split_softmax_fp32:
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
-    else:
-        p = torch.softmax(s, dim=-1).to(value.dtype)
-    return (p @ value).transpose(1, 2), None
+    if softmax_fp32:
+        return torch.softmax(s, dim=-1, dtype=torch.float32).to(query_dtype)
+    return torch.softmax(s, dim=-1).to(value_dtype)
 
 
 def run_sequence(split, ctx, h: torch.Tensor) -> torch.Tensor:

@@ -7,18 +7,15 @@ the same corpus: counts exactly equal, sums to float64 round-off (a float64
 model, so a row's features do not depend on its batch-mates)."""
 import json
 import os
-import socket
-import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 
 from fisherfast.sketch import SketchSpec, SketchState, read_corpus, sketch_corpus, sketch_model
 from fisherfast.sketch.corpus import init_distributed_from_env, shard
+from _distributed import leave, run_workers  # noqa: E402  (tests/)
 from test_model import TEXTS, V, WORDS, assert_states_close, tiny_tokenizer
 
 datasets = pytest.importorskip("datasets")  # in the test extra
@@ -117,9 +114,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
             state.save(os.path.join(folder, f"{name}{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 def load(folder: str):
@@ -130,24 +125,11 @@ def load(folder: str):
     return model.eval(), transformers.AutoTokenizer.from_pretrained(path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tmp_path, model, tokenizer):
     write_files(tmp_path)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    context = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} gloo workers did not finish within {TIMEOUT_S} s")
+    run_workers(_worker, (str(tmp_path),), WORLD, TIMEOUT_S)
     path = str(tmp_path / "c.jsonl")
     model, tokenizer = load(str(tmp_path))
     for name, fields in (("text", dict(text_field="text")),

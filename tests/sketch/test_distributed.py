@@ -1,19 +1,15 @@
 """all_reduce_state across 2 CPU processes (gloo on loopback) equals the
 single-process state over the union of the data, for head and full-network
 states; ranks with different specs all refuse."""
-import datetime
 import os
-import socket
-import sys
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fisherfast.sketch import FisherSketcher, FullNetworkState, SketchSpec, SketchState
 from fisherfast.sketch.distributed import all_reduce_state
+
+from _distributed import gloo_group, leave, run_workers  # noqa: E402  (tests/)
 
 SPEC = SketchSpec(d=12, K=40, m=64, seed=5)
 WORLD = 2
@@ -44,18 +40,9 @@ def full_network_state(rank: int, seed: int = 0) -> FullNetworkState:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    """Writes this rank's states and mismatch error under ``out``, then leaves with os._exit.
-
-    Gloo's worker threads can still hold finished collectives' tensors after
-    destroy_process_group; if one drops them while the interpreter finalizes,
-    it aborts the process (SIGABRT, "terminate called without an active
-    exception": pytorch/pytorch#190489, #179291). Skipping finalization avoids
-    that race; any failure above still raises, so a nonzero exit reports it.
-    """
+    """Writes this rank's states and mismatch error under ``out``, then leaves (``_distributed.leave``)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_group(rank, WORLD, port, TIMEOUT_S):
         local = local_state(rank)
         merged = all_reduce_state(local)
         local.save(os.path.join(out, f"local{rank}.safetensors"))
@@ -69,17 +56,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             except ValueError as err:
                 with open(os.path.join(out, f"mismatch_{name}{rank}.txt"), "w") as f:
                     f.write(str(err))
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    leave()
 
 
 def assert_equal_states(got: SketchState, want: SketchState, **tol):
@@ -90,14 +67,7 @@ def assert_equal_states(got: SketchState, want: SketchState, **tol):
 
 
 def test_all_reduce_two_processes_equals_single_process(tmp_path):
-    context = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} gloo workers did not finish within {TIMEOUT_S} s")
+    run_workers(_worker, (str(tmp_path),), WORLD, TIMEOUT_S)
 
     merged = [SketchState.load(tmp_path / f"merged{r}.safetensors") for r in range(WORLD)]
     local = [SketchState.load(tmp_path / f"local{r}.safetensors") for r in range(WORLD)]
