@@ -130,13 +130,14 @@ def _run_method(method, split, ctx, concept, target_p, G0, q0, fixed) -> tuple[t
 
 def run_cell(split, concept, family, prompt_ids, pair_ids, *, tol: float, innsteer_options: dict,
              labels: dict, log=print) -> list[dict]:
-    """Every method × target × prompt of one (concept, layer): a list of run records."""
+    """Every method × target × prompt of one (concept, layer): a list of run records.
+    ``prompt_ids``: (carrier index, ids) pairs."""
     off_target = torch.ones(split.V, dtype=torch.bool)
     off_target[family.target] = False
     off_target[family.source] = False
     fixed = _fit_directions(split, pair_ids, innsteer_options)
     runs = []
-    for index, ids in enumerate(prompt_ids):
+    for index, ids in prompt_ids:
         ctx = split.context(ids)
         z0 = split.logits(ctx, ctx.h)
         p0 = float(concept.target_probability(z0))
@@ -283,11 +284,36 @@ def tiny_setup():
     return model, concept
 
 
+def _merge(paths, out) -> dict:
+    runs, metas = [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        runs += data["runs"]
+        metas.append(data["meta"])
+    keys = [(r["concept"], r["layer"], r["prompt_index"], r["target"], r["method"]) for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the result files overlap (a concept, layer, prompt, target and method twice)")
+    rows, spearman = summarize(runs)
+    meta = {**metas[0], "merged_from": [os.path.basename(p) for p in paths],
+            "concepts": {k: v for m in metas for k, v in m.get("concepts", {}).items()}}
+    result = {"name": "fishback", "meta": meta, "rows": rows, "spearman": spearman, "runs": runs,
+              "table": tables(rows, spearman)}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(result["table"])
+    print(f"\nwrote {out}")
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18, 24])
     parser.add_argument("--concepts", nargs="+", default=list(MORPHOLOGY_CONCEPTS), choices=list(MORPHOLOGY_CONCEPTS))
     parser.add_argument("--prompts", type=int, default=12, help="carrier prompts per concept (≤ 12)")
+    parser.add_argument("--first", type=int, default=0, help="index of the first carrier prompt used")
+    parser.add_argument("--from-json", nargs="+", metavar="FILE",
+                        help="summarize the runs of earlier result files (e.g. one per concept) instead of running")
     parser.add_argument("--tol", type=float, default=0.01, help="|log p − log p*| that counts as reached")
     parser.add_argument("--quick", action="store_true", help="tiny random-init model, 1 concept, 1 layer, 2 prompts")
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "fishback.json"))
@@ -295,11 +321,13 @@ def main(argv=None) -> dict:
     meta = {**machine_meta(), "kl_direction": KL_DIRECTION, "tol": args.tol, "methods": list(METHODS),
             "reference": REFERENCE, "caa_alpha_max": CAA_ALPHA_MAX, "quick": args.quick}
     jobs = []  # (labels, split, concept, family, prompt_ids, pair_ids)
+    if args.from_json:
+        return _merge(args.from_json, args.out)
     if args.quick:
         model, c = tiny_setup()
         concept, family = ConceptScore(c["target"]), ConceptScore(c["target"], c["source"])
         jobs.append(({"concept": c["name"], "layer": 2}, SplitModel(model, 2), concept, family,
-                     c["carriers"], c["pairs"]))
+                     list(enumerate(c["carriers"])), c["pairs"]))
         meta.update(model="random-init tiny Llama (d=32, V=61, 3 layers)", concepts={c["name"]: c})
         innsteer_options = {"n_layers": 2, "hidden": 16, "steps": 100}
     else:
@@ -317,8 +345,10 @@ def main(argv=None) -> dict:
             concept, family, survivors = concept_scores(tokenizer, definition)
             meta["concepts"][name] = {"target_words": survivors["target"], "source_words": survivors["source"],
                                       "target_listed": len(definition.words), "target_single_token":
-                                      len(survivors["target"]), "carriers": list(definition.carriers[:args.prompts])}
-            prompts = [encode(p) for p in definition.carriers[:args.prompts]]
+                                      len(survivors["target"]), "carriers": list(definition.carriers)}
+            chosen = list(range(args.first, min(args.first + args.prompts, len(definition.carriers))))
+            meta["concepts"][name]["carrier_indices"] = chosen
+            prompts = [(i, encode(definition.carriers[i])) for i in chosen]
             pairs = [(encode(p), encode(n)) for p, n in definition.pairs]
             for layer in args.layers:
                 jobs.append(({"concept": name, "layer": layer}, None, concept, family, prompts, pairs))

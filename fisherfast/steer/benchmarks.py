@@ -45,9 +45,20 @@ VERB_FORMS: tuple[tuple[str, str, str], ...] = (
 )
 INFLECTIONS = ("past", "third_person", "progressive")
 
-_SUBJECTS = ("the boy", "the girl", "the old man", "my sister", "the teacher", "the dog", "our neighbour",
-             "the farmer", "the young woman", "his father", "the child", "the doctor")
-
+# (subject, pronoun) and (past, 3rd person, progressive) activities: "Yesterday the boy cooked dinner and
+# then he …" calls for a past verb, "Every day the boy cooks dinner and then he …" for a 3rd-person one.
+_SUBJECTS = (("the boy", "he"), ("the girl", "she"), ("the old man", "he"), ("my sister", "she"),
+             ("the teacher", "she"), ("the farmer", "he"), ("the young woman", "she"), ("his father", "he"),
+             ("the doctor", "she"), ("our neighbour", "he"), ("the child", "she"), ("my uncle", "he"))
+_ACTIVITIES = (("cooked dinner", "cooks dinner", "cooking dinner"), ("washed the car", "washes the car", "washing the car"),
+               ("fed the cat", "feeds the cat", "feeding the cat"), ("opened the window", "opens the window",
+                                                                      "opening the window"),
+               ("cleaned the kitchen", "cleans the kitchen", "cleaning the kitchen"),
+               ("drank some tea", "drinks some tea", "drinking some tea"), ("packed a bag", "packs a bag", "packing a bag"),
+               ("called home", "calls home", "calling home"), ("watered the plants", "waters the plants",
+                                                               "watering the plants"),
+               ("locked the door", "locks the door", "locking the door"), ("made coffee", "makes coffee", "making coffee"),
+               ("wrote a letter", "writes a letter", "writing a letter"))
 
 @dataclasses.dataclass(frozen=True)
 class MorphologyConcept:
@@ -76,29 +87,40 @@ def _others(index: int) -> tuple[str, ...]:
     return tuple(" " + verbs[j] for verbs in VERB_FORMS for j in range(3) if j != index)
 
 
-def _capital(text: str) -> str:
-    return text[0].upper() + text[1:]
-
-
 _HABITUAL = ("Every morning", "Each day", "Most evenings", "On weekends", "Usually", "Every summer", "Often",
              "Each night", "Sometimes", "Every Sunday", "In the mornings", "Now and then")
 _PAST = ("Yesterday", "Last night", "Two days ago", "Last summer", "Long ago", "Last week", "Earlier today",
          "The night before", "Once upon a time", "Last Sunday", "In 1990", "A moment ago")
 
+
+def _clauses(kind: str, shift: int = 0) -> tuple[str, ...]:
+    """12 contexts of one kind ("past", "third_person", "progressive"); ``shift`` rotates the
+    activities and time phrases so carriers do not repeat the training pairs."""
+    out = []
+    for i, (who, pronoun) in enumerate(_SUBJECTS):
+        j = (i + shift) % 12
+        past, third, progressive = _ACTIVITIES[j]
+        if kind == "past":
+            out.append(f"{_PAST[j]} {who} {past} and then {pronoun}")
+        elif kind == "third_person":
+            out.append(f"{_HABITUAL[j]} {who} {third} and then {pronoun}")
+        else:
+            out.append(f"Right now {who} is {progressive} and {pronoun} is also")
+    return tuple(out)
+
+
 MORPHOLOGY_CONCEPTS: dict[str, MorphologyConcept] = {
-    "past": MorphologyConcept(
-        name="past", words=_forms(0), source_words=_others(0),
-        carriers=tuple(f"{when} {who}" for when, who in zip(_HABITUAL, _SUBJECTS)),
-        pairs=tuple((f"{_PAST[i]} {who}", f"{_HABITUAL[i]} {who}") for i, who in enumerate(_SUBJECTS))),
-    "third_person": MorphologyConcept(
-        name="third_person", words=_forms(1), source_words=_others(1),
-        carriers=tuple(f"{when} {who}" for when, who in zip(_PAST, _SUBJECTS)),
-        pairs=tuple((f"{_HABITUAL[i]} {who}", f"{_PAST[i]} {who}") for i, who in enumerate(_SUBJECTS))),
-    "progressive": MorphologyConcept(
+    "past": MorphologyConcept(  # carriers call for the 3rd person
+        name="past", words=_forms(0), source_words=_others(0), carriers=_clauses("third_person", 5),
+        pairs=tuple(zip(_clauses("past"), _clauses("third_person")))),
+    "third_person": MorphologyConcept(  # carriers call for the past
+        name="third_person", words=_forms(1), source_words=_others(1), carriers=_clauses("past", 5),
+        pairs=tuple(zip(_clauses("third_person"), _clauses("past")))),
+    "progressive": MorphologyConcept(  # carriers call for the past or the 3rd person
         name="progressive", words=_forms(2), source_words=_others(2),
-        carriers=tuple(f"{_capital(who)} {verb}" for who, verb in zip(
-            _SUBJECTS, ("was", "is", "was", "is", "was", "is", "was", "is", "was", "is", "was", "is"))),
-        pairs=tuple((f"Right now {who} is", f"{_PAST[i]} {who}") for i, who in enumerate(_SUBJECTS))),
+        carriers=tuple(p if i % 2 else t for i, (p, t) in enumerate(zip(_clauses("past", 5),
+                                                                          _clauses("third_person", 5)))),
+        pairs=tuple(zip(_clauses("progressive"), _clauses("third_person")))),
 }
 
 
