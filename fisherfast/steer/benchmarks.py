@@ -130,7 +130,7 @@ class Behaviour:
 
     Attributes:
         name: short label.
-        words, source_words: T and S (space-prefixed single words).
+        words, source_words: T and S (single words, space-prefixed unless they open a line).
         pairs: 12 (positive, negative) training contexts (positive calls for T).
         held_out: prompts not used for fitting, on which steering is measured.
     """
@@ -146,11 +146,11 @@ _THINGS = ("movie", "meal", "concert", "hotel", "book", "game", "trip", "show", 
 _LATER = ("museum", "lecture", "restaurant", "flight", "song", "festival", "hike", "phone", "course", "film")
 
 BEHAVIOURS: dict[str, Behaviour] = {
-    "sentiment": Behaviour(
+    "sentiment": Behaviour(  # towards the negative: the held-out prompts lean positive
         name="sentiment",
-        words=(" good", " great", " wonderful", " excellent", " amazing", " fantastic", " lovely", " brilliant"),
-        source_words=(" bad", " terrible", " awful", " horrible", " poor", " boring", " disappointing", " dull"),
-        pairs=tuple((f"I loved the {t}, it was", f"I hated the {t}, it was") for t in _THINGS),
+        words=(" bad", " terrible", " awful", " horrible", " poor", " boring", " disappointing", " dull"),
+        source_words=(" good", " great", " wonderful", " excellent", " amazing", " fantastic", " lovely", " brilliant"),
+        pairs=tuple((f"I hated the {t}, it was", f"I loved the {t}, it was") for t in _THINGS),
         held_out=tuple(f"Honestly, the {t} was" for t in _LATER)),
     "compliance": Behaviour(
         name="compliance",
@@ -166,15 +166,15 @@ BEHAVIOURS: dict[str, Behaviour] = {
             "Can you give me a ride?", "Will you sign this form?", "Could you lend me some money?",
             "Can you keep a secret?", "Will you come to my party?", "Could you turn down the music?",
             "Can you tell me the answer?"))),
-    "register": Behaviour(
+    "register": Behaviour(  # towards an informal first word of the quoted text (no leading space after the quote)
         name="register",
-        words=(" Dear", " Greetings", " Good", " Respected", " Sir", " Madam", " To", " Mr", " Ms"),
-        source_words=(" Hey", " Hi", " Yo", " Sup", " Hiya", " Howdy", " hey", " hi", " yo"),
-        pairs=tuple((f"A formal letter to {r}:\n\n", f"A casual text to {r}:\n\n") for r in (
+        words=("Hey", "Hi", "Yo", "Sup", "Hiya", "Howdy", "hey", "hi", "yo"),
+        source_words=("Dear", "Greetings", "Good", "Respected", "Sir", "Madam", "To", "Mr", "Ms"),
+        pairs=tuple((f'A casual text message to {r}: "', f'A formal letter to {r}: "') for r in (
             "the bank manager", "my landlord", "the professor", "the mayor", "the hiring committee",
             "a client", "the principal", "the judge", "the embassy", "the director", "an investor",
             "the council")),
-        held_out=tuple(f"A note to {r}:\n\n" for r in (
+        held_out=tuple(f'A note to {r}: "' for r in (
             "my neighbour", "the team", "my cousin", "the editor", "a colleague", "my coach", "the landlady",
             "an old friend", "the dean", "my roommate"))),
 }
