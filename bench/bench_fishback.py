@@ -30,7 +30,8 @@ FishBack's direction at h₀, so exactly 1 for fishback_frozen).
 Summary per target × method: success rate; median off-target and total KL over
 reached runs; the paired ratio method/FishBack (iterated) of the off-target and
 total KL per prompt where both reached — pooled median and the range of
-per-(concept, layer) medians; median R; and per (concept, layer, target) the
+per-(concept, layer) medians — and of the off-target KL against the frozen
+FishBack direction (which, unlike today's iterated solver, lands on p*); median R; and per (concept, layer, target) the
 Spearman correlation across methods of median R and median off-target KL.
 
     python bench/bench_fishback.py [--layers 6 12 18 24] [--concepts past ...] [--prompts 12] [--quick]
@@ -186,14 +187,15 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def paired_ratios(runs: list[dict], method: str, target: str, key: str = "kl_off_target") -> dict:
-    """Per prompt where both ``method`` and the reference (iterated FishBack) reached
+def paired_ratios(runs: list[dict], method: str, target: str, key: str = "kl_off_target",
+                  reference: str = REFERENCE) -> dict:
+    """Per prompt where both ``method`` and ``reference`` (default iterated FishBack) reached
     ``target``: method/reference of ``key``, keyed by (concept, layer, prompt_index)."""
     def reached(m):
         return {(r["concept"], r["layer"], r["prompt_index"]): r[key] for r in runs
                 if r["method"] == m and r["target"] == target and r["reached"]}
 
-    mine, ref = reached(method), reached(REFERENCE)
+    mine, ref = reached(method), reached(reference)
     return {k: mine[k] / ref[k] for k in mine if k in ref and ref[k] > 0}
 
 
@@ -221,6 +223,8 @@ def summarize(runs: list[dict]) -> tuple[list[dict], list[dict]]:
                 row[f"ratio_{short}_cell_min"] = min(per_cell) if per_cell else None
                 row[f"ratio_{short}_cell_max"] = max(per_cell) if per_cell else None
                 row[f"pairs_{short}"] = len(ratios)
+            frozen = paired_ratios(runs, method, target, reference="fishback_frozen")
+            row["ratio_off_vs_fishback_frozen"] = _median(list(frozen.values()))
             rows.append(row)
         for concept, layer in cells:
             points = []
@@ -250,6 +254,7 @@ def tables(rows: list[dict], spearman: list[dict]) -> str:
                       f"median total {KL_DIRECTION}": row["median_kl_total"],
                       "off-target ratio vs FishBack (pooled median)": row["ratio_off_vs_fishback"],
                       "per-cell median range": fmt_range(row, "off"),
+                      "off-target ratio vs frozen FishBack": row["ratio_off_vs_fishback_frozen"],
                       "total ratio vs FishBack": row["ratio_total_vs_fishback"],
                       "median R at h₀": row["median_R"]})
     main = markdown_table(shown, list(shown[0]))
