@@ -54,6 +54,8 @@ from fisherfast.steer import (INNSteer, ConceptScore, caa_direction, concept_gra
 from fisherfast.steer.benchmarks import BEHAVIOURS, concept_scores  # noqa: E402
 
 METHODS = ("none", "caa", "probe", "innsteer", "fishback")
+COLUMNS = ["behaviour", "method", "alpha", "calibrated", "train_median_b", "heldout_mean_b", "heldout_success",
+           "median_perplexity", "median_delta_norm"]
 GRID = torch.logspace(-2, math.log10(64.0), 40, dtype=torch.float64).tolist()
 
 
@@ -189,9 +191,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--behaviours", nargs="+", default=list(BEHAVIOURS), choices=list(BEHAVIOURS))
     parser.add_argument("--goal", type=float, default=0.5, help="median b on the training negatives to calibrate to")
     parser.add_argument("--tokens", type=int, default=20, help="greedy tokens generated per held-out prompt")
+    parser.add_argument("--held-out", type=int, default=10, help="held-out prompts per behaviour (the first N)")
+    parser.add_argument("--from-json", nargs="+", metavar="FILE",
+                        help="gather the rows of earlier result files (e.g. one per behaviour) instead of running")
     parser.add_argument("--quick", action="store_true", help="tiny random-init model, 1 behaviour, 2 held-out prompts")
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "innsteer.json"))
     args = parser.parse_args(argv)
+    if args.from_json:
+        return _merge(args.from_json, args.out)
     meta = {**machine_meta(), "goal": args.goal, "quick": args.quick, "grid": [GRID[0], GRID[-1], len(GRID)]}
     jobs = []
     if args.quick:
@@ -215,9 +222,10 @@ def main(argv=None) -> dict:
         for name in args.behaviours:
             definition = BEHAVIOURS[name]
             _, logodds, survivors = concept_scores(tokenizer, definition)
-            meta["behaviours"][name] = {**survivors, "held_out": list(definition.held_out)}
+            held_out = list(definition.held_out[:args.held_out])
+            meta["behaviours"][name] = {**survivors, "held_out": held_out}
             jobs.append((name, logodds, [(encode(p), encode(n)) for p, n in definition.pairs],
-                         [encode(p) for p in definition.held_out]))
+                         [encode(p) for p in held_out]))
     meta.update(layer=layer, tokens=tokens)
     split = SplitModel(model, layer)
     rows, records = [], []
@@ -226,9 +234,7 @@ def main(argv=None) -> dict:
                                innsteer_options=innsteer_options)
         rows += r
         records += rec
-    columns = ["behaviour", "method", "alpha", "calibrated", "train_median_b", "heldout_mean_b", "heldout_success",
-               "median_perplexity", "median_delta_norm"]
-    table = markdown_table(rows, columns)
+    table = markdown_table(rows, COLUMNS)
     result = {"name": "innsteer", "meta": meta, "rows": rows, "records": records, "table": table}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -238,6 +244,25 @@ def main(argv=None) -> dict:
     print(table)
     print(f"\nwrote {args.out}")
     return result
+
+
+def _merge(paths, out) -> dict:
+    rows, records, metas = [], [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        rows += data["rows"]
+        records += data["records"]
+        metas.append(data["meta"])
+    meta = {**metas[0], "merged_from": [os.path.basename(p) for p in paths],
+            "behaviours": {k: v for m in metas for k, v in m["behaviours"].items()}}
+    result = {"name": "innsteer", "meta": meta, "rows": rows, "records": records,
+              "table": markdown_table(rows, COLUMNS)}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(result["table"])
+    return result
+
 
 
 if __name__ == "__main__":
