@@ -43,22 +43,23 @@ VERB_FORMS: tuple[tuple[str, str, str], ...] = (
     ("cleaned", "cleans", "cleaning"), ("pushed", "pushes", "pushing"), ("fell", "falls", "falling"),
     ("left", "leaves", "leaving"), ("stayed", "stays", "staying"), ("learned", "learns", "learning"),
 )
-INFLECTIONS = ("past", "third_person", "progressive")
 
 # (subject, pronoun) and (past, 3rd person, progressive) activities: "Yesterday the boy cooked dinner and
 # then he …" calls for a past verb, "Every day the boy cooks dinner and then he …" for a 3rd-person one.
 _SUBJECTS = (("the boy", "he"), ("the girl", "she"), ("the old man", "he"), ("my sister", "she"),
              ("the teacher", "she"), ("the farmer", "he"), ("the young woman", "she"), ("his father", "he"),
              ("the doctor", "she"), ("our neighbour", "he"), ("the child", "she"), ("my uncle", "he"))
-_ACTIVITIES = (("cooked dinner", "cooks dinner", "cooking dinner"), ("washed the car", "washes the car", "washing the car"),
-               ("fed the cat", "feeds the cat", "feeding the cat"), ("opened the window", "opens the window",
-                                                                      "opening the window"),
-               ("cleaned the kitchen", "cleans the kitchen", "cleaning the kitchen"),
-               ("drank some tea", "drinks some tea", "drinking some tea"), ("packed a bag", "packs a bag", "packing a bag"),
-               ("called home", "calls home", "calling home"), ("watered the plants", "waters the plants",
-                                                               "watering the plants"),
-               ("locked the door", "locks the door", "locking the door"), ("made coffee", "makes coffee", "making coffee"),
-               ("wrote a letter", "writes a letter", "writing a letter"))
+_ACTIVITIES = (
+    ("cooked dinner", "cooks dinner", "cooking dinner"), ("washed the car", "washes the car", "washing the car"),
+    ("fed the cat", "feeds the cat", "feeding the cat"),
+    ("opened the window", "opens the window", "opening the window"),
+    ("cleaned the kitchen", "cleans the kitchen", "cleaning the kitchen"),
+    ("drank some tea", "drinks some tea", "drinking some tea"), ("packed a bag", "packs a bag", "packing a bag"),
+    ("called home", "calls home", "calling home"), ("watered the plants", "waters the plants", "watering the plants"),
+    ("locked the door", "locks the door", "locking the door"), ("made coffee", "makes coffee", "making coffee"),
+    ("wrote a letter", "writes a letter", "writing a letter"),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class MorphologyConcept:
