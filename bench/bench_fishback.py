@@ -86,18 +86,6 @@ def ray_probabilities(split, ctx, concept: ConceptScore, points: torch.Tensor) -
         return concept.target_probability(split.logits(ctx, points)).tolist()
 
 
-def search_alpha(prob, target_p: float, grid=ALPHA_GRID) -> float:
-    """The smallest α on ``grid`` bracketing prob(α) = target_p, refined by Brent's method;
-    ValueError if no grid point reaches it."""
-    from scipy.optimize import brentq
-
-    values = [prob(a) for a in grid]
-    for i in range(1, len(grid)):
-        if values[i] >= target_p:
-            return brentq(lambda a: prob(a) - target_p, grid[i - 1], grid[i], xtol=1e-10)
-    raise ValueError(f"no α ≤ {grid[-1]:g} reaches p* = {target_p:.4g} (max p = {max(values):.4g} on the grid)")
-
-
 # -------------------------------------------------------------------------------------------------- one cell
 def _fit_directions(split, pair_ids, innsteer_options: dict) -> dict:
     h_pos = torch.stack([split.context(p).h for p, _ in pair_ids])
@@ -115,14 +103,9 @@ def _run_method(method, split, ctx, concept, target_p, G0, q0, fixed) -> tuple[t
     if method in ("fishback", "euclidean"):
         result = steer_to_target(split, ctx, concept, phi_star, method=method)
         return result.delta, f"{len(result.step_kls)} steps"
-    if method == "innsteer":
-        inn = fixed["innsteer"]
-        h0 = ctx.h
-
-        def prob(alpha):
-            return ray_probabilities(split, ctx, concept, (h0 + inn.delta(h0, alpha))[None])[0]
-
-        alpha = search_alpha(prob, target_p)
+    if method == "innsteer":  # its displacement depends on h: the library's search over α of δ(α)
+        inn, h0 = fixed["innsteer"], ctx.h
+        alpha = scale_to_target(split, ctx, concept, lambda a: inn.delta(h0, a), phi_star)
         return inn.delta(h0, alpha), f"α = {alpha:.4g}"
     v = fishback_direction(G0, q0) if method == "fishback_frozen" else fixed[method]
     alpha = scale_to_target(split, ctx, concept, v, phi_star)
