@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import torch
 
-from fisherfast._persist import read_versioned
+from fisherfast._persist import atomic_write, read_versioned
 
 FORMAT = "fisherfast.steering_vectors"
 VERSION = 1
@@ -118,13 +118,17 @@ class SteeringVectors:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file: tensor ``layer.<ℓ>`` per layer (the dtype kept),
-        metadata {format, version, spec, hidden_size, model, method, settings (JSON)}."""
+        metadata {format, version, spec, hidden_size, model, method, settings (JSON)}.
+
+        The write is atomic (a temporary file in the same folder, then a rename)
+        and the file gets the mode a plain ``open`` gives (0666 less the umask;
+        safetensors alone leaves 0600). An existing ``path`` is replaced."""
         from safetensors.torch import save_file
 
         tensors = {f"layer.{layer}": v.contiguous() for layer, v in self.vectors.items()}
-        save_file(tensors, os.fspath(path), metadata={
-            "format": FORMAT, "version": str(VERSION), "spec": SPEC, "hidden_size": str(self.hidden_size),
-            "model": self.model, "method": self.method, "settings": json.dumps(dict(self.settings))})
+        metadata = {"format": FORMAT, "version": str(VERSION), "spec": SPEC, "hidden_size": str(self.hidden_size),
+                    "model": self.model, "method": self.method, "settings": json.dumps(dict(self.settings))}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, hidden_size: int | None = None,
@@ -172,6 +176,7 @@ class SteeringVectors:
         Served as ``llama-cli -m model.gguf --control-vector file.gguf`` (or
         ``--control-vector-scaled file.gguf 0.5``), llama.cpp adds the vectors
         at every position, prompt included: ``steering(..., positions="all")``.
+        Written atomically with the umask mode, like :meth:`save`.
 
         Raises:
             ValueError: a layer ℓ ≤ 1 (no llama.cpp counterpart) — before
@@ -191,14 +196,17 @@ class SteeringVectors:
                 from None
         import numpy as np
 
-        writer = gguf.GGUFWriter(os.fspath(path), arch="controlvector")
-        writer.add_string("controlvector.model_hint", self.model if model_hint is None else model_hint)
-        writer.add_int32("controlvector.layer_count", len(self.vectors))
-        writer.add_string("fisherfast.method", self.method)
-        writer.add_string("fisherfast.settings", json.dumps(dict(self.settings)))
-        for layer, v in self.vectors.items():
-            writer.add_tensor(f"direction.{layer - 1}", v.to(torch.float32).numpy().astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        def write(tmp):
+            writer = gguf.GGUFWriter(tmp, arch="controlvector")
+            writer.add_string("controlvector.model_hint", self.model if model_hint is None else model_hint)
+            writer.add_int32("controlvector.layer_count", len(self.vectors))
+            writer.add_string("fisherfast.method", self.method)
+            writer.add_string("fisherfast.settings", json.dumps(dict(self.settings)))
+            for layer, v in self.vectors.items():
+                writer.add_tensor(f"direction.{layer - 1}", v.to(torch.float32).numpy().astype(np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+
+        atomic_write(path, write)

@@ -130,3 +130,43 @@ def test_bad_inputs():
     sv = SteeringVectors({2: v}, D)
     with pytest.raises(TypeError):
         sv.vectors[3] = v  # read-only
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_files_get_the_umask_mode_and_replace_atomically(tmp_path, mask):
+    """save / export_gguf give the mode a plain open() gives (0666 & ~umask;
+    safetensors alone wrote 0600 whatever the umask) and leave no temporary file."""
+    import os
+
+    old = os.umask(mask)
+    try:
+        sample().save(tmp_path / "v.safetensors")
+        sample().export_gguf(tmp_path / "v.gguf")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    want = os.stat(tmp_path / "plain").st_mode & 0o777
+    assert want == 0o666 & ~mask
+    for name in ("v.safetensors", "v.gguf"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == want, name
+    assert sorted(os.listdir(tmp_path)) == ["plain", "v.gguf", "v.safetensors"]
+
+
+def test_a_failing_save_keeps_the_existing_file(tmp_path, monkeypatch):
+    """A write that fails halfway (disk full) leaves the earlier file as it was."""
+    import safetensors.torch
+
+    path = tmp_path / "v.safetensors"
+    sample().save(path)
+    before = path.read_bytes()
+
+    def half_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+    with pytest.raises(OSError):
+        sample(layers=(4,)).save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"]
