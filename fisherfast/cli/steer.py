@@ -16,7 +16,8 @@ def register(sub) -> None:
     p = add_command(sub, "steer", "FishBack vs Euclidean steering of one next-token probability")
     p.add_argument("--prompt", type=nonempty_str, required=True, help="the context; its last token's state is steered")
     p.add_argument("--target", type=nonempty_str, required=True,
-                   help="the word whose tokens form the concept, e.g. ' London' (mind the leading space)")
+                   help="the word whose tokens form the concept, e.g. ' London' (mind the leading space); a word "
+                        "of several tokens scores the set of its tokens as alternative next tokens")
     p.add_argument("--prob", type=open_unit_float, default=0.5, help="target probability of the concept tokens")
     p.add_argument("--layer", type=int, required=True, help="layer ℓ ∈ [0, L]: h is the input of block ℓ")
     p.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS),
@@ -42,6 +43,13 @@ def steer_report(model, tokenizer, prompt: str, word: str, layer: int, goal: flo
     target_ids = tokenizer.encode(word, add_special_tokens=False)
     if not target_ids:
         raise UsageError(f"--target {word!r} has no tokens")
+    pieces = [tokenizer.decode([i]) for i in target_ids]
+    if len(set(target_ids)) != len(target_ids):
+        raise UsageError(f"--target {word!r} is the tokens {pieces}, one of them repeated; steer scores the set of "
+                         f"the target's tokens as alternative next tokens, so each may appear once (a word whose "
+                         f"tokens all differ, or one token)")
+    label = f"p({word!r})" if len(target_ids) == 1 else \
+        f"p(next token ∈ {{{', '.join(map(repr, pieces))}}}) (the tokens of {word!r} as alternatives, not the sequence)"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     split = SplitModel(model, layer)
     ctx = split.context(ids[0])
@@ -51,7 +59,7 @@ def steer_report(model, tokenizer, prompt: str, word: str, layer: int, goal: flo
     rows = []
     for method in steps(methods, "steering", progress):
         rows += compare_methods(split, ctx, concept, math.log(goal), methods=(method,))
-    print(f"raise p({word!r}) after {prompt!r} from {p0:.3f} to {goal} at layer {layer} "
+    print(f"raise {label} after {prompt!r} from {p0:.3f} to {goal} at layer {layer} "
           f"({time.perf_counter() - start:.1f} s):")
     print("| method | reached | steps | p | KL(p₀‖p) | off-target KL | ‖δ‖ |\n|---|---|---|---|---|---|---|")
     for r in rows:

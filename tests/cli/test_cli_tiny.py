@@ -126,3 +126,32 @@ def test_steer_on_the_tiny_model(work, run_cli, tiny_model_dir):
                      "--method", "euclidean", "--new-tokens", "0", "--no-progress")
     assert result.code == 0 and "| euclidean |" in result.out and "| fishback |" not in result.out
     assert "generation" not in result.out
+
+
+def test_steer_with_a_target_of_several_tokens(work, run_cli, tiny_model_dir):
+    """A repeated token is one usage line, not a ValueError traceback; distinct
+    tokens are reported as what is scored (alternative next tokens), and the
+    reported start probability is p(cat) + p(dog) from the model's own forward."""
+    import re
+
+    import torch
+    import transformers
+
+    result = run_cli("steer", "--model", tiny_model_dir, "--prompt", "the cat", "--target", "dog dog",
+                     "--layer", "1", "--no-progress")
+    assert result.code == 2 and result.out.count("\n") <= 1
+    assert result.err.startswith("fisherfast steer: error: --target 'dog dog'") and "repeated" in result.err
+    assert "Traceback" not in result.err and result.err.count("\n") == 1
+    result = run_cli("steer", "--model", tiny_model_dir, "--prompt", "the cat", "--target", "cat dog",
+                     "--layer", "1", "--new-tokens", "0", "--method", "euclidean", "--no-progress")
+    assert result.code == 0, result.err
+    line = next(line for line in result.out.splitlines() if line.startswith("raise "))
+    assert line.startswith("raise p(next token ∈ {'cat', 'dog'}) (the tokens of 'cat dog' as alternatives, not the "
+                           "sequence) after 'the cat' from ")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = tokenizer("the cat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        p = model(ids).logits[0, -1].softmax(-1)
+    want = float(p[tokenizer.convert_tokens_to_ids("cat")] + p[tokenizer.convert_tokens_to_ids("dog")])
+    assert re.search(r" from (\d\.\d{3}) ", line).group(1) == f"{want:.3f}"
