@@ -50,6 +50,7 @@ CASES = {
     "steer-layer-99": ([*STEER, "--layer", "99"], "--layer 99: this model has layers 0..30"),
     "steer-layer-neg": ([*STEER, "--layer", "-1"], "--layer -1: this model has layers 0..30"),
     "spectrum-layer-31": (["spectrum", "--layer", "3", "31"], "--layer 31"),
+    "spectrum-layer-twice": (["spectrum", "--layer", "3", "5", "3"], "--layer 3 is given more than once"),
     # input files
     "sketch-texts-latin1": (["sketch", "--texts", "latin1.txt", "--out", "s.safetensors"],
                             "--texts latin1.txt is not UTF-8 text (byte 0xe9 on line 1)"),
