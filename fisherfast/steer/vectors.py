@@ -41,6 +41,14 @@ SPEC = ("layer ℓ: ℓ < L is the input of decoder block ℓ, ℓ = L the outpu
         "embeddings (fisherfast.split); tensor 'layer.<ℓ>' is the (d,) vector added at layer ℓ")
 
 
+def _write(path, write) -> None:
+    """``atomic_write`` with a missing folder reported by the path the user gave."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {os.fspath(path)}: folder {folder} does not exist")
+    atomic_write(path, write)
+
+
 @dataclasses.dataclass(frozen=True)
 class SteeringVectors:
     """Per-layer steering vectors {ℓ: (d,) tensor} with their provenance.
@@ -128,7 +136,7 @@ class SteeringVectors:
         tensors = {f"layer.{layer}": v.contiguous() for layer, v in self.vectors.items()}
         metadata = {"format": FORMAT, "version": str(VERSION), "spec": SPEC, "hidden_size": str(self.hidden_size),
                     "model": self.model, "method": self.method, "settings": json.dumps(dict(self.settings))}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        _write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, hidden_size: int | None = None,
@@ -209,4 +217,4 @@ class SteeringVectors:
             writer.write_tensors_to_file()
             writer.close()
 
-        atomic_write(path, write)
+        _write(path, write)

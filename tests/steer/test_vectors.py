@@ -170,3 +170,11 @@ def test_a_failing_save_keeps_the_existing_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         sample(layers=(4,)).save(path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"]
+
+
+def test_a_missing_folder_is_named_with_the_given_path(tmp_path):
+    for write in (sample().save, sample().export_gguf):
+        with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path}/nodir/v.out: folder {tmp_path}/nodir "
+                                                    f"does not exist"):
+            write(tmp_path / "nodir" / "v.out")
+    assert list(tmp_path.iterdir()) == []
