@@ -59,6 +59,14 @@ def open_unit_float(text: str) -> float:
 
 
 def nonempty_str(text: str) -> str:
+    """Non-empty text that is valid UTF-8 (a byte that is not arrives from the
+    command line as a lone surrogate, which a tokenizer cannot encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(text[err.start]) - 0xDC00
+        shown = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else f"character {text[err.start]!r}"
+        raise argparse.ArgumentTypeError(f"expected UTF-8 text, got the {shown} at character {err.start}") from None
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a non-empty string")
     return text

@@ -61,6 +61,9 @@ def run(args) -> int:
     out = check_output(args.out, PLOT, force=args.force)
     prompts = _prompts(args.prompts, args.max_prompts)
     model_shape(args.model).check_layers(args.layer)
+    repeated = sorted({layer for layer in args.layer if args.layer.count(layer) > 1})
+    if repeated:
+        raise UsageError(f"--layer {repeated[0]} is given more than once (each layer is one row and one curve)")
 
     from fisherfast.metric import plot_spectra, survey_table
 

@@ -61,8 +61,6 @@ def _check_prompt_length(prompt_length):
 @dataclasses.dataclass
 class _Prompt:
     n: torch.Tensor                     # (B,) real tokens in each row's prompt
-    x: torch.Tensor | None = None       # the prompt call's input_ids / inputs_embeds (cache-free calls only)
-    mask: torch.Tensor | None = None    # its (B, P) bool mask of real tokens
 
 
 class _Tracker:
@@ -79,6 +77,10 @@ class _Tracker:
         self.positions = positions
         self.prompt_length = prompt_length
         self.prompt: _Prompt | None = None
+        # the sequence so far (B, T[, d]): input_ids / inputs_embeds of the calls since the prompt, and its
+        # (B, T) bool mask of real tokens; None when it cannot be followed (a cache filled outside the block)
+        self.seq: torch.Tensor | None = None
+        self.seq_mask: torch.Tensor | None = None
         self.where: torch.Tensor | None = None  # (B, q) bool for the call in progress; None: edit nothing
 
     def begin(self, module, args, kwargs):
@@ -105,6 +107,7 @@ class _Tracker:
         elif self.prompt.n.shape[0] != B:
             raise ValueError(f"a forward call of batch {B} continues a prompt of batch {self.prompt.n.shape[0]}; "
                              f"open a new steering block for a new batch")
+        self._follow(x, real, n_past)
         where = self._select(k[:, -q:], real[:, -q:])
         self.where = where if bool(where.any()) else None  # one check per call, not per block
 
@@ -113,18 +116,31 @@ class _Tracker:
 
     def _starts_prompt(self, x, real, n_past) -> bool:
         """The first call in the block is the prompt; a later call that reuses a
-        cache continues it; a later cache-free call continues it only when it
-        starts with the prompt's tokens (generate(use_cache=False) re-runs the
-        whole sequence), else it is a new prompt."""
-        p = self.prompt
-        if p is None:
+        cache continues it. A later call without cached tokens (with or without
+        an empty cache) continues it only when its tokens are exactly the
+        sequence so far plus one token (each step of ``generate(use_cache=False)``
+        re-runs the whole sequence); any other such call is a new prompt — e.g.
+        a second ``generate`` whose prompt extends the first one's (a chat turn)."""
+        if self.prompt is None:
             return True
         if n_past > 0:
             return False
-        if p.x is None or x.shape[0] != p.x.shape[0] or x.shape[1] < p.x.shape[1] or x.dtype != p.x.dtype:
+        s = self.seq
+        if (s is None or x.dtype != s.dtype or x.dim() != s.dim() or x.shape[0] != s.shape[0]
+                or x.shape[1] != s.shape[1] + 1 or x.shape[2:] != s.shape[2:]):
             return True
-        P = p.x.shape[1]
-        return not (torch.equal(x[:, :P], p.x) and torch.equal(real[:, :P], p.mask))
+        return not (torch.equal(x[:, :-1], s) and torch.equal(real[:, :-1], self.seq_mask))
+
+    def _follow(self, x, real, n_past):
+        """Extend the sequence so far with this call's tokens."""
+        s = self.seq
+        if n_past == 0:
+            self.seq, self.seq_mask = x, real
+        elif (s is not None and s.shape[1] == n_past and x.dtype == s.dtype and x.dim() == s.dim()
+              and x.shape[2:] == s.shape[2:]):
+            self.seq, self.seq_mask = torch.cat([s, x], 1), real
+        else:
+            self.seq = self.seq_mask = None
 
     def _record(self, x, real, n_past):
         B = x.shape[0]
@@ -142,7 +158,7 @@ class _Tracker:
                 row = int(short[0, 0])
                 raise ValueError(f"positions {list(self.positions)}: {low} reaches before the start of row {row}'s "
                                  f"prompt of {int(n[row])} tokens")
-        self.prompt = _Prompt(n, x if n_past == 0 else None, real if n_past == 0 else None)
+        self.prompt = _Prompt(n)
 
     def _select(self, k, real):
         n = self.prompt.n[:, None]
@@ -192,9 +208,11 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
       generation reaches it; none ever raises mid-generation.
 
     The prompt is the first forward call inside the block. A later call that
-    reuses a KV cache continues it; a later call without one continues it when
-    its tokens start with the prompt's (``generate(use_cache=False)``), else it
-    is a new prompt. ``prompt_length`` (an int, or one per row, counting real
+    reuses a KV cache continues it; a later call without cached tokens continues
+    it when its tokens are the sequence so far plus one token (each step of
+    ``generate(use_cache=False)``), else it is a new prompt — so several
+    ``generate`` calls in one block each steer their own prompt, also when one
+    prompt extends another's output. ``prompt_length`` (an int, or one per row, counting real
     tokens) overrides the detected length. Blocks run outside the model's own
     forward (``SplitModel``'s upper pass) are not edited. Pass the attention
     mask with every call of a padded batch (generate does).

@@ -41,6 +41,14 @@ SPEC = ("layer ℓ: ℓ < L is the input of decoder block ℓ, ℓ = L the outpu
         "embeddings (fisherfast.split); tensor 'layer.<ℓ>' is the (d,) vector added at layer ℓ")
 
 
+def _write(path, write) -> None:
+    """``atomic_write`` with a missing folder reported by the path the user gave."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {os.fspath(path)}: folder {folder} does not exist")
+    atomic_write(path, write)
+
+
 @dataclasses.dataclass(frozen=True)
 class SteeringVectors:
     """Per-layer steering vectors {ℓ: (d,) tensor} with their provenance.
@@ -117,15 +125,18 @@ class SteeringVectors:
     # ---------------------------------------------------------------- safetensors
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file (atomically, with the umask's file mode): tensor
-        ``layer.<ℓ>`` per layer (the dtype kept),
-        metadata {format, version, spec, hidden_size, model, method, settings (JSON)}."""
+        """Write a safetensors file: tensor ``layer.<ℓ>`` per layer (the dtype kept),
+        metadata {format, version, spec, hidden_size, model, method, settings (JSON)}.
+
+        The write is atomic (a temporary file in the same folder, then a rename)
+        and the file gets the mode a plain ``open`` gives (0666 less the umask;
+        safetensors alone leaves 0600). An existing ``path`` is replaced."""
         from safetensors.torch import save_file
 
         tensors = {f"layer.{layer}": v.contiguous() for layer, v in self.vectors.items()}
         metadata = {"format": FORMAT, "version": str(VERSION), "spec": SPEC, "hidden_size": str(self.hidden_size),
                     "model": self.model, "method": self.method, "settings": json.dumps(dict(self.settings))}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        _write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, hidden_size: int | None = None,
@@ -173,6 +184,7 @@ class SteeringVectors:
         Served as ``llama-cli -m model.gguf --control-vector file.gguf`` (or
         ``--control-vector-scaled file.gguf 0.5``), llama.cpp adds the vectors
         at every position, prompt included: ``steering(..., positions="all")``.
+        Written atomically with the umask mode, like :meth:`save`.
 
         Raises:
             ValueError: a layer ℓ ≤ 1 (no llama.cpp counterpart) — before
@@ -192,14 +204,17 @@ class SteeringVectors:
                 from None
         import numpy as np
 
-        writer = gguf.GGUFWriter(os.fspath(path), arch="controlvector")
-        writer.add_string("controlvector.model_hint", self.model if model_hint is None else model_hint)
-        writer.add_int32("controlvector.layer_count", len(self.vectors))
-        writer.add_string("fisherfast.method", self.method)
-        writer.add_string("fisherfast.settings", json.dumps(dict(self.settings)))
-        for layer, v in self.vectors.items():
-            writer.add_tensor(f"direction.{layer - 1}", v.to(torch.float32).numpy().astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        def write(tmp):
+            writer = gguf.GGUFWriter(tmp, arch="controlvector")
+            writer.add_string("controlvector.model_hint", self.model if model_hint is None else model_hint)
+            writer.add_int32("controlvector.layer_count", len(self.vectors))
+            writer.add_string("fisherfast.method", self.method)
+            writer.add_string("fisherfast.settings", json.dumps(dict(self.settings)))
+            for layer, v in self.vectors.items():
+                writer.add_tensor(f"direction.{layer - 1}", v.to(torch.float32).numpy().astype(np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+
+        _write(path, write)

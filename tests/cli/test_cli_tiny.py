@@ -257,3 +257,32 @@ def test_sketch_under_torchrun_equals_one_process(work, tiny_model_dir):
     one, two = SketchState.load("one.safetensors"), SketchState.load("two.safetensors")
     assert one.count == two.count > 0
     torch.testing.assert_close(two.as_tensor(), one.as_tensor(), rtol=1e-10, atol=1e-12)
+
+
+def test_steer_with_a_target_as_alternative_tokens(work, run_cli, tiny_model_dir):
+    """--as alternatives: a repeated token is one usage line, not a traceback;
+    distinct tokens are reported as what is scored (alternative next tokens),
+    and the start probability is p(cat) + p(dog) from the model's own forward."""
+    import re
+
+    import torch
+    import transformers
+
+    result = run_cli("steer", "--model", tiny_model_dir, "--prompt", "the cat", "--target", "dog dog",
+                     "--as", "alternatives", "--layer", "1", "--no-progress")
+    assert result.code == 2 and result.out.count("\n") <= 1
+    assert result.err.startswith("fisherfast steer: error: --target 'dog dog'") and "repeats a token" in result.err
+    assert "Traceback" not in result.err and result.err.count("\n") == 1
+    result = run_cli("steer", "--model", tiny_model_dir, "--prompt", "the cat", "--target", "cat dog",
+                     "--as", "alternatives", "--layer", "1", "--new-tokens", "0", "--method", "euclidean",
+                     "--no-progress")
+    assert result.code == 0, result.err
+    line = next(line for line in result.out.splitlines() if line.startswith("raise "))
+    assert line.startswith("raise p('cat' + 'dog') as alternative next tokens after 'the cat' from ")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = tokenizer("the cat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        p = model(ids).logits[0, -1].softmax(-1)
+    want = float(p[tokenizer.convert_tokens_to_ids("cat")] + p[tokenizer.convert_tokens_to_ids("dog")])
+    assert re.search(r" from (\d\.\d{3}) ", line).group(1) == f"{want:.3f}"

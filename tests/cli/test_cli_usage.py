@@ -50,6 +50,7 @@ CASES = {
     "steer-layer-99": ([*STEER, "--layer", "99"], "--layer 99: this model has layers 0..30"),
     "steer-layer-neg": ([*STEER, "--layer", "-1"], "--layer -1: this model has layers 0..30"),
     "spectrum-layer-31": (["spectrum", "--layer", "3", "31"], "--layer 31"),
+    "spectrum-layer-twice": (["spectrum", "--layer", "3", "5", "3"], "--layer 3 is given more than once"),
     # input files
     "sketch-texts-latin1": (["sketch", "--texts", "latin1.txt", "--out", "s.safetensors"],
                             "--texts latin1.txt is not UTF-8 text (byte 0xe9 on line 1)"),
@@ -74,6 +75,12 @@ CASES = {
     "layer-text": ([*STEER, "--layer", "x"], "--layer: invalid int value"),
     "empty-prompt": (["steer", "--prompt", " ", "--target", "x", "--layer", "3"], "--prompt: expected a non-empty"),
     "empty-target": (["steer", "--prompt", "x", "--target", "", "--layer", "3"], "--target: expected a non-empty"),
+    # a byte that is not UTF-8 in an argument reaches argv as a lone surrogate (os.fsdecode), which the
+    # tokenizer cannot encode: refused at parse time, not a TypeError traceback after the model loaded
+    "prompt-not-utf8": (["steer", "--prompt", b"the caf\xe9 is".decode("utf-8", "surrogateescape"), "--target", "x",
+                         "--layer", "3"], "--prompt: expected UTF-8 text, got the byte 0xe9 at character 7"),
+    "target-not-utf8": (["steer", "--prompt", "x", "--target", b" lon\xffdon".decode("utf-8", "surrogateescape"),
+                         "--layer", "3"], "--target: expected UTF-8 text, got the byte 0xff at character 4"),
     # model
     "model-missing": (["sketch", "--texts", "texts.txt", "--out", "s.safetensors", "--model", "nomodel"],
                       "--model must be 'default' or a local Hugging Face model folder"),

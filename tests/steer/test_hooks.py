@@ -226,3 +226,26 @@ def test_smollm2_padded_batch_and_cache_give_the_reference_tokens():
     first = tokenizer(prompts[0]).input_ids
     assert alone[0] == reference_generate(model, first, 24, v, CHOICES["from_prompt_last"])
     assert steered != generate(model, batch.input_ids, batch.attention_mask)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("positions", ["prompt_last", "from_prompt_last", (-2, 8)])
+def test_each_generate_in_one_block_steers_its_own_prompt(models, positions, use_cache):
+    """Several generate() calls in one steering block — a second prompt that
+    extends the first's output (a chat turn) and one that extends the first
+    prompt — each steer as if generated alone: the
+    reference recomputes each call's sequence with its own prompt length."""
+    model = models["llama"]
+    v, chosen = vector(3.0), CHOICES[positions]
+    first = PROMPTS[0]
+    wanted = list(positions) if isinstance(positions, tuple) else positions
+    with torch.no_grad(), steering(model, {1: v}, positions=wanted):
+        out1 = model.generate(torch.tensor([first]), max_new_tokens=NEW, do_sample=False, use_cache=use_cache)[0]
+        turn = out1.tolist() + [4, 12]
+        out2 = model.generate(torch.tensor([turn]), max_new_tokens=NEW, do_sample=False, use_cache=use_cache)[0]
+        longer = first + [10, 16]
+        out3 = model.generate(torch.tensor([longer]), max_new_tokens=NEW, do_sample=False, use_cache=use_cache)[0]
+    with torch.no_grad():
+        assert out1[len(first):].tolist() == reference_generate(model, first, 1, v, chosen)
+        assert out2[len(turn):].tolist() == reference_generate(model, turn, 1, v, chosen)
+        assert out3[len(longer):].tolist() == reference_generate(model, longer, 1, v, chosen)

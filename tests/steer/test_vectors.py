@@ -132,6 +132,54 @@ def test_bad_inputs():
         sv.vectors[3] = v  # read-only
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_files_get_the_umask_mode_and_replace_atomically(tmp_path, mask):
+    """save / export_gguf give the mode a plain open() gives (0666 & ~umask;
+    safetensors alone wrote 0600 whatever the umask) and leave no temporary file."""
+    import os
+
+    old = os.umask(mask)
+    try:
+        sample().save(tmp_path / "v.safetensors")
+        sample().export_gguf(tmp_path / "v.gguf")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    want = os.stat(tmp_path / "plain").st_mode & 0o777
+    assert want == 0o666 & ~mask
+    for name in ("v.safetensors", "v.gguf"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == want, name
+    assert sorted(os.listdir(tmp_path)) == ["plain", "v.gguf", "v.safetensors"]
+
+
+def test_a_failing_save_keeps_the_existing_file(tmp_path, monkeypatch):
+    """A write that fails halfway (disk full) leaves the earlier file as it was."""
+    import safetensors.torch
+
+    path = tmp_path / "v.safetensors"
+    sample().save(path)
+    before = path.read_bytes()
+
+    def half_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+    with pytest.raises(OSError):
+        sample(layers=(4,)).save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"]
+
+
+def test_a_missing_folder_is_named_with_the_given_path(tmp_path):
+    for write in (sample().save, sample().export_gguf):
+        with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path}/nodir/v.out: folder {tmp_path}/nodir "
+                                                    f"does not exist"):
+            write(tmp_path / "nodir" / "v.out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_saved_steering_files_get_the_umask_mode(tmp_path):
     """Files other tools and users read (vectors, INNSteer) get 0666 less the umask,
     not safetensors' private 0600."""
