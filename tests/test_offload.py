@@ -34,7 +34,7 @@ def _device_map(arch, disk_blocks, head="cpu"):
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def pair(request, tiny_lm, tmp_path_factory):
-    """(in-memory model, the same weights loaded with blocks 2..3 offloaded to disk, arch)."""
+    """(in-memory model, the same weights loaded with blocks 2..3 (and llama's head) offloaded to disk, arch)."""
     arch = request.param
     model = tiny_lm(arch, layers=LAYERS, head_scale=10.0, norm_noise=0.3)
     if arch == "gpt2":
@@ -43,7 +43,8 @@ def pair(request, tiny_lm, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"offload-{arch}")
     model.save_pretrained(path)
     offloaded = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float64, device_map=_device_map(arch, {2, 3}), offload_folder=str(path / "offload"),
+        path, dtype=torch.float64, device_map=_device_map(arch, {2, 3}, head="disk" if arch == "llama" else "cpu"),
+        offload_folder=str(path / "offload"),
         attn_implementation="eager")
     offloaded.eval().requires_grad_(False)
     assert offloaded.get_decoder().layers[2].mlp.down_proj.weight.device.type == "meta" if arch == "llama" else \
@@ -164,3 +165,18 @@ def test_blocks_split_across_cpu_and_gpus_match(tiny_lm, tmp_path):
     torch.testing.assert_close(split.logits(ctx, ctx.h).cpu(), ref.logits(rctx, rctx.h), rtol=1e-5, atol=1e-8)
     G, G0 = pullback_fisher(split, ctx, progress=False).dense().cpu(), pullback_fisher(ref, rctx, progress=False).dense()
     assert float((G - G0).norm() / G0.norm()) < 1e-5
+
+
+def test_sketch_of_offloaded_model_matches_in_memory(pair, tmp_path):
+    """sketch_model over a model whose blocks are on disk (and, for llama, the head too:
+    materialized once from accelerate's weights map) gives the in-memory state."""
+    from fisherfast.sketch import SketchSpec, sketch_model
+
+    model, offloaded, arch = pair
+    V, d = model.get_output_embeddings().weight.shape
+    spec = SketchSpec(d=d, K=V, m=64, seed=3)
+    ids = [PROMPT, [5, 3, 5, 8, 9, 7, 9, 3], [2, 7, 1, 8]]
+    want = sketch_model(model, None, ids, spec=spec, batch_size=2, progress=False)
+    got = sketch_model(offloaded, None, ids, spec=spec, batch_size=2, progress=False)
+    assert got.count == want.count
+    torch.testing.assert_close(got.as_tensor(), want.as_tensor(), rtol=1e-6, atol=1e-9)

@@ -8,6 +8,7 @@ import dataclasses
 import torch
 
 from fisherfast.split.architectures import _ARCHS, decoder_blocks
+from fisherfast.split.offload import materialized_parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,8 @@ def output_head(model) -> OutputHead:
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"model: expected a Linear output embedding, got {type(head).__name__}")
-    b = None if head.bias is None else head.bias.detach()
-    return OutputHead(head.weight.detach(), b, getattr(model.config, "final_logit_softcapping", None))
+    params = materialized_parameters(head)  # an offloaded head (accelerate device_map) is loaded here
+    return OutputHead(params["weight"], params.get("bias"), getattr(model.config, "final_logit_softcapping", None))
 
 
 def final_head_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
