@@ -10,48 +10,21 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fisherfast.split import SUPPORTED_MODEL_TYPES, SplitContext, SplitModel  # noqa: E402
+from tiny_models import tiny_causal_lm  # noqa: E402  (tests/)
 
 T = 9  # prompt length; > sliding_window so sliding layers really slide
-
-
-def _configs():
-    tf = transformers
-    small = dict(vocab_size=101)
-    return {
-        "llama": (tf.LlamaForCausalLM, tf.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, **small)),
-        "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1, **small)),
-        "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(
-            n_embd=32, n_layer=3, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0, **small)),
-        "gpt_neox": (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            rotary_pct=0.5, tie_word_embeddings=False, **small)),
-        "gemma3_text": (tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, sliding_window=4, final_logit_softcapping=3.0,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **small)),
-    }
 
 
 _CACHE = {}
 
 
 def make_model(arch, dtype=torch.float32, attn="eager"):
+    """The tiny model of ``arch`` (``tests/tiny_models.py``): V = 101, d = 32, 3 blocks,
+    perturbed norms (J_N not a plain projection), sliding windows of 4 < T, Gemma3's soft-cap."""
     key = (arch, dtype, attn)
     if key not in _CACHE:
-        cls, config = _configs()[arch]
-        config._attn_implementation = attn
-        torch.manual_seed(0)
-        model = cls(config).eval().to(dtype)
-        with torch.no_grad():  # non-trivial norm weights, so J_N is not a plain projection
-            for name, p in model.named_parameters():
-                if "norm" in name or "ln_" in name:
-                    p.add_(0.3 * torch.randn_like(p))
-        model.requires_grad_(False)
-        _CACHE[key] = model
+        _CACHE[key] = tiny_causal_lm(arch, vocab=101, d=32, layers=3, norm_noise=0.3, dtype=dtype, attn=attn,
+                                     sliding_window=4, logit_softcap=3.0 if arch == "gemma3_text" else None)
     return _CACHE[key]
 
 

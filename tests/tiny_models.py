@@ -9,14 +9,16 @@ TINY_ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox", "gemma3_text")
 
 def tiny_causal_lm(arch: str = "llama", *, vocab: int = 61, d: int = 32, layers: int = 3, heads: int = 4,
                    head_scale: float = 1.0, norm_noise: float = 0.0, dtype: torch.dtype = torch.float64,
-                   attn: str = "eager", sliding_window: int | None = None, seed: int = 0):
+                   attn: str = "eager", sliding_window: int | None = None, logit_softcap: float | None = None,
+                   seed: int = 0):
     """A random-init Hugging Face causal LM of ``arch`` (one of ``TINY_ARCHS``),
     in eval mode with gradients off.
 
     head_scale multiplies the unembedding (random init alone gives an almost
     uniform p; 10–25 gives a peaked one). norm_noise perturbs the norm weights
     so the norm Jacobian is not a plain projection. sliding_window (qwen2,
-    gemma3_text) makes sliding layers really slide on prompts longer than it.
+    gemma3_text) makes sliding layers really slide on prompts longer than it;
+    logit_softcap is Gemma3's final soft-capping constant.
     """
     import transformers as tf
 
@@ -38,7 +40,7 @@ def tiny_causal_lm(arch: str = "llama", *, vocab: int = 61, d: int = 32, layers:
         kinds = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
         model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             **common, num_key_value_heads=heads // 2, head_dim=d // heads, sliding_window=sliding_window or 3,
-            layer_types=kinds))
+            layer_types=kinds, final_logit_softcapping=logit_softcap))
     else:
         raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
     model.config._attn_implementation = attn

@@ -11,25 +11,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from fisherfast.geodesic import (ConceptSchema, bhattacharyya_distance, bhattacharyya_energy, chord_path,
                                  evaluate_path, hellinger_arc_length, hellinger_distance, legibility)
 from fisherfast.split import SplitModel
+from tiny_models import tiny_causal_lm  # noqa: E402  (tests/)
 
 V, D = 61, 32
 
 
 def tiny_llama(head_scale: float = 25.0, seed: int = 0):
-    """A random-init float64 Llama with a peaked p (as tests/test_metric.py::tiny_model)."""
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=D, num_hidden_layers=3, num_attention_heads=4, intermediate_size=2 * D,
-        num_key_value_heads=2, max_position_embeddings=64))
-    model.config._attn_implementation = "eager"
-    model = model.double().eval().requires_grad_(False)
-    model.get_output_embeddings().weight.mul_(head_scale)
-    return model
+    """A random-init float64 Llama with a peaked p (``tests/tiny_models.py``)."""
+    return tiny_causal_lm("llama", vocab=V, d=D, layers=3, head_scale=head_scale, seed=seed)
 
 
 Q = np.array([0.5, 0.3, 0.15, 0.05])

@@ -13,12 +13,12 @@ import math
 
 import pytest
 import torch
-import transformers
 
 from fisherfast.geodesic import (ConceptHellingerMetric, ConceptSchema, EncoderMetric, FlatMetric,
                                  concept_distributions)
 from fisherfast.metric import pullback_fisher
 from fisherfast.split import SplitModel
+from tiny_models import tiny_causal_lm  # noqa: E402  (tests/)
 
 V, D, LAYERS = 61, 32, 3
 # transformers computes RMSNorm and the attention softmax in float32 even in float64
@@ -28,15 +28,8 @@ PROMPTS = [[3, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7, 9, 3]]
 
 
 def tiny_llama(head_scale: float = 25.0, seed: int = 0):
-    """A random-init float64 Llama with a peaked p (as tests/test_metric.py::tiny_model)."""
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=2 * D,
-        num_key_value_heads=2, max_position_embeddings=64))
-    model.config._attn_implementation = "eager"
-    model = model.double().eval().requires_grad_(False)
-    model.get_output_embeddings().weight.mul_(head_scale)
-    return model
+    """A random-init float64 Llama with a peaked p (``tests/tiny_models.py``)."""
+    return tiny_causal_lm("llama", vocab=V, d=D, layers=LAYERS, head_scale=head_scale, seed=seed)
 
 
 @pytest.fixture(scope="module")
