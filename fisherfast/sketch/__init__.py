@@ -1,6 +1,6 @@
 """FisherSketch: 16 KB signatures of a task's head-Fisher geometry, computed in
 one streaming pass and mergeable across shards (docs/design.md §7)."""
-from fisherfast.sketch.alignment import AlignmentResult, Marginals, alignment, marginals
+from fisherfast.sketch.alignment import AlignmentResult, Marginals, alignment, coupling_stderr, marginals
 from fisherfast.sketch.sketcher import FisherSketcher, sketch_features
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 from fisherfast.sketch.state import KINDS, SketchState
@@ -12,7 +12,7 @@ from fisherfast.sketch.corpus import init_distributed_from_env, read_corpus, ske
 from fisherfast.sketch.select import SourceScore, rank_sources  # noqa: E402
 
 __all__ = ["SketchSpec", "SKETCH_VERSION", "SketchState", "KINDS", "FisherSketcher", "sketch_features",
-           "alignment", "marginals", "AlignmentResult", "Marginals",
+           "alignment", "marginals", "coupling_stderr", "AlignmentResult", "Marginals",
            "sketch_model", "sketch_task", "sketch_tasks", "PromptTask", "verbalizer_tasks", "all_reduce_state",
            "FullNetworkSketcher", "FullNetworkState", "read_corpus", "sketch_corpus", "init_distributed_from_env",
            "rank_sources", "SourceScore"]

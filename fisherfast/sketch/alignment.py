@@ -75,8 +75,13 @@ def _items(signatures_or_states) -> tuple[list[str], list]:
             raise ValueError(f"cannot align states of different specs: {sorted(map(str, specs))}")
     elif all(isinstance(x, torch.Tensor) for x in items):
         shapes = {tuple(x.shape) for x in items}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-            raise ValueError(f"signatures must be 1-D tensors of one length, got shapes {sorted(shapes)}")
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1 or next(iter(shapes))[0] == 0:
+            raise ValueError(f"signatures must be non-empty 1-D tensors of one length, got shapes {sorted(shapes)}")
+        if not all(x.is_floating_point() for x in items):
+            raise TypeError(f"signatures must be real floating tensors, got dtypes {sorted({str(x.dtype) for x in items})}")
+        bad = [name for name, x in zip(names, items) if not bool(torch.isfinite(x).all())]
+        if bad:
+            raise ValueError(f"signatures contain NaN or Inf: {bad}")
     else:
         raise TypeError("expected all SketchStates or all signature tensors")
     return names, items
@@ -163,6 +168,8 @@ def alignment(signatures_or_states, *, kind: str = "joint", debiased: bool = Fal
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(debiased, bool):
+        raise TypeError(f"debiased must be a bool, got {type(debiased).__name__}")
     names, items = _items(signatures_or_states)
     states = isinstance(items[0], SketchState)
     if debiased and not states:
@@ -179,7 +186,14 @@ def marginals(states) -> Marginals:
     """S_a, S_e (activation and error sketch alignments) and ρ = A / (S_a S_e).
 
     Under independence of a and e within each task, F = M_a ⊗ Γ_e and A = S_a S_e
-    exactly, so ρ ≠ 1 measures the coupling of activations and errors."""
+    exactly, so ρ ≠ 1 measures the coupling of activations and errors.
+
+    Needs SketchStates (TypeError for signature tensors: one signature holds
+    one kind, so its three alignments would all be the same cosine)."""
+    _, items = _items(states)
+    if not isinstance(items[0], SketchState):
+        raise TypeError("marginals needs SketchStates (each holds the joint, activation and error sums), "
+                        "not signature tensors")
     A = alignment(states, kind="joint").A
     S_a = alignment(states, kind="activation").A
     S_e = alignment(states, kind="error").A

@@ -38,6 +38,8 @@ BUILDERS = {".arrow": "arrow", ".parquet": "parquet", ".jsonl": "json", ".json":
 
 
 def _data_files(path) -> tuple[str, list[str]]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (a corpus file or folder), got {type(path).__name__}")
     path = os.fspath(path)
     if os.path.isdir(path):  # the files of the first suffix present in BUILDERS' order (save_to_disk: .arrow)
         names = sorted(os.listdir(path))

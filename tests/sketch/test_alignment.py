@@ -214,3 +214,28 @@ def test_rank_sources_orders_by_alignment_with_decomposition():
         rank_sources(target.signature(), [target])
     with pytest.raises(ValueError, match="at least one"):
         rank_sources(target, {})
+
+
+def test_bad_signatures_and_marginals_of_signatures_are_rejected():
+    """Review: NaN/complex signatures gave NaN or silently dropped the imaginary
+    part; marginals of signature tensors returned S_a = S_e = A and ρ = 1/A
+    (one signature holds one kind); coupling_stderr was missing from
+    fisherfast.sketch."""
+    import importlib
+
+    import fisherfast.sketch as sketch_pkg
+
+    assert sketch_pkg.coupling_stderr is importlib.import_module("fisherfast.sketch.alignment").coupling_stderr
+    good = torch.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="NaN or Inf: \\['b'\\]"):
+        alignment({"a": good, "b": torch.tensor([1.0, float("nan"), 0.0])})
+    with pytest.raises(TypeError, match="real floating"):
+        alignment([good.to(torch.complex64), good.to(torch.complex64)])
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        alignment([torch.ones(0), torch.ones(0)])
+    with pytest.raises(TypeError, match="marginals needs SketchStates"):
+        marginals([good, good.flip(0)])
+    with pytest.raises(TypeError, match="debiased must be a bool"):
+        alignment([good, good.flip(0)], debiased="no")
+    # the cosine itself (independent oracle: 10 / (√14 √14))
+    assert float(alignment([good, good.flip(0)]).A[0, 1]) == pytest.approx(10 / 14, abs=1e-12)

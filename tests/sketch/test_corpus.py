@@ -141,3 +141,10 @@ def test_two_processes_equal_one(tmp_path, model, tokenizer):
             for kind in ("joint", "activation", "error"):
                 torch.testing.assert_close(merged.sums[kind], single.sums[kind], rtol=1e-10, atol=1e-12)
                 torch.testing.assert_close(merged.sumsqs[kind], single.sumsqs[kind], rtol=1e-10, atol=1e-12)
+
+
+def test_read_corpus_path_of_wrong_type_names_path():
+    """Review: read_corpus(None) raised os.fspath's TypeError without naming path."""
+    for path in (None, 3):
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+            read_corpus(path, text_field="text")
