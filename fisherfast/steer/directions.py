@@ -55,6 +55,9 @@ with equality exactly for d ∝ G_λ⁻¹q, the FishBack direction (with
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch
 
@@ -78,7 +81,19 @@ def _metric_size(G) -> int:
     shape = getattr(G, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(f"G must be a square (d, d) tensor or a PullbackMetric, got shape {shape}")
+    if isinstance(G, torch.Tensor):
+        if not G.is_floating_point():
+            raise ValueError(f"G must be a floating tensor, got {G.dtype}")
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError("G contains NaN or Inf")
     return int(shape[0])
+
+
+def check_rho(rho) -> float:
+    """ρ as a float: a finite real number (bools and strings rejected)."""
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho):
+        raise ValueError(f"rho must be a finite real number, got {rho!r}")
+    return float(rho)
 
 
 def _matvec(G, v: torch.Tensor) -> torch.Tensor:
@@ -95,8 +110,9 @@ def _is_matrix_free(G) -> bool:
 
 def damping_value(G, q: torch.Tensor, damping: float = DEFAULT_DAMPING) -> float:
     """λ = damping · qᵀGq / qᵀq."""
-    if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0):
-        raise ValueError(f"damping must be a non-negative number, got {damping!r}")
+    if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and math.isfinite(damping)
+            and damping >= 0):
+        raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
     q64 = q.to(torch.float64)
     return float(damping) * float(q64 @ _matvec(G, q64).to(q64.device)) / float(q64 @ q64)
 
@@ -217,16 +233,17 @@ def fishback_direction(G, q: torch.Tensor, rho: float = 1.0, *, solve: str = DEF
     Raises:
         ValueError when qᵀx = 0 (pinv: q orthogonal to every kept eigenvector).
     """
+    rho = check_rho(rho)
     x = solve_metric(G, q, solve=solve, damping=damping, rcond=rcond, **solver)
     qx = float(q.to(torch.float64) @ x)
     if not qx > 0:
         raise ValueError("qᵀG⁺q = 0: q lies in the discarded eigenspace of G (lower rcond)")
-    return (float(rho) * x / qx).to(q.dtype)
+    return (rho * x / qx).to(q.dtype)
 
 
 def euclidean_direction(q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
     """δ = ρ q / ‖q‖²: gradient ascent with qᵀδ = ρ."""
-    q = check_vector("q", q)
+    q, rho = check_vector("q", q), check_rho(rho)
     norm2 = float(q.to(torch.float64) @ q.to(torch.float64))
     if norm2 == 0:
         raise ValueError("q is zero: the concept score is flat at this point")
@@ -236,6 +253,7 @@ def euclidean_direction(q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
 def scale_to_first_order(direction: torch.Tensor, q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
     """ρ d / (qᵀd): any direction scaled to the first-order concept change ρ."""
     direction, q = check_vector("direction", direction), check_vector("q", q, direction.shape[0])
+    rho = check_rho(rho)
     dq = float(q.to(torch.float64) @ direction.to(torch.float64))
     if dq == 0:
         raise ValueError("direction is orthogonal to q: it does not change the concept to first order")

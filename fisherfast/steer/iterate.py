@@ -36,7 +36,7 @@ from fisherfast.concepts import check_concept, check_logits
 from fisherfast.steer.concept import concept_gradient
 from fisherfast.steer.directions import (DEFAULT_DAMPING, DEFAULT_RCOND, DEFAULT_SOLVE, check_solve,
                                          euclidean_direction, solve_metric)
-from fisherfast.steer.scale import TargetNotReached, scale_to_target
+from fisherfast.steer.scale import TargetNotReached, check_start, scale_to_target
 
 __all__ = ["SteeringResult", "MethodResult", "steer_to_target", "compare_methods", "evaluate_delta",
            "off_target_kl", "scale_to_target", "TargetNotReached", "METHODS"]
@@ -104,9 +104,24 @@ def _kl(z_p: torch.Tensor, z_q: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+def _check_positive(name: str, value, *, finite: bool = False) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0) or \
+            (finite and not math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive{' finite' if finite else ''} number, got {value!r}")
+
+
+def _check_metric_options(metric_options: dict) -> None:
+    """Names ``pullback_fisher`` accepts besides those steer_to_target sets itself."""
+    import inspect
+
+    from fisherfast.metric import pullback_fisher
+
+    own = {"split", "contexts", "mode", "h", "progress"}
+    known = set(inspect.signature(pullback_fisher).parameters) - own
+    unknown = sorted(set(metric_options) - known)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}: steer_to_target passes extra options to "
+                        f"pullback_fisher, which takes {sorted(known)}")
 
 
 def steer_to_target(split, ctx, concept, target_score: float, *, method: str = "fishback",
@@ -137,14 +152,15 @@ def steer_to_target(split, ctx, concept, target_score: float, *, method: str = "
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_positive("max_step_kl", max_step_kl)
-    _check_positive("tol", tol)
+    _check_positive("tol", tol, finite=True)
+    _check_metric_options(metric_options)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     if not (isinstance(target_score, (int, float)) and math.isfinite(target_score)):
         raise ValueError(f"target_score must be a finite number, got {target_score!r}")
     check_solve(solve, rcond)
     check_concept(concept, split, ctx)
-    h0 = ctx.h if h is None else h
+    h0 = check_start(split, ctx, h)
 
     def score(x: torch.Tensor) -> float:
         with torch.no_grad():
@@ -220,7 +236,13 @@ def evaluate_delta(split, ctx, concept, delta: torch.Tensor, *, method: str, rea
     score, probability, total and off-target KL from the base next-token
     distribution at h."""
     check_concept(concept, split, ctx)
-    h = ctx.h if h is None else h
+    h = check_start(split, ctx, h)
+    if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != tuple(h.shape) or not delta.is_floating_point():
+        raise ValueError(f"delta must be a floating tensor of shape {tuple(h.shape)}, got "
+                         f"{tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__}")
+    if not bool(torch.isfinite(delta).all()):
+        raise ValueError("delta contains NaN or Inf")
+    delta = delta.to(h.dtype)
     with torch.no_grad():
         z0, z = split.logits(ctx, h), split.logits(ctx, h + delta)
         score = float(concept.score(split, ctx, h + delta))

@@ -31,6 +31,24 @@ from fisherfast.steer.directions import check_vector
 __all__ = ["scale_to_target", "TargetNotReached"]
 
 
+def check_start(split, ctx, h) -> torch.Tensor:
+    """The starting state: ``ctx.h`` when h is None; for a SplitModel, ctx must
+    be one of its contexts and h a (d,) tensor in the model's dtype; h must be
+    finite (errors name ctx and h)."""
+    if h is None:
+        if not hasattr(ctx, "h"):
+            raise TypeError(f"ctx: expected a SplitContext from split.context(), got {type(ctx).__name__}")
+        h = ctx.h
+    check = getattr(split, "_check_h", None)
+    if check is not None:  # a SplitModel: ctx is its context, h has its shape and dtype
+        check(ctx, h, "h", batched=False)
+    elif not isinstance(h, torch.Tensor) or h.ndim != 1 or not h.is_floating_point():
+        raise TypeError(f"h: expected a floating (d,) tensor, got {getattr(h, 'shape', type(h).__name__)}")
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("h contains NaN or Inf")
+    return h
+
+
 class TargetNotReached(ValueError):
     """No scale in [0, max_scale] reaches the target score.
 
@@ -76,8 +94,9 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
     from scipy.optimize import brentq, minimize_scalar
 
     check_concept(concept, split, ctx)
-    h = ctx.h if h is None else h
+    h = check_start(split, ctx, h)
     max_scale, min_scale = _positive("max_scale", max_scale), _positive("min_scale", min_scale)
+    xtol = _positive("xtol", xtol)
     if min_scale >= max_scale:
         raise ValueError(f"min_scale must be below max_scale, got {min_scale} and {max_scale}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1 < ratio <= 1.25:

@@ -24,6 +24,7 @@ from fisherfast.steer import (ConceptScore, MethodResult, SteeringResult, Target
                               caa_direction, compare_methods, concept_gradient, cost_ratio, euclidean_direction,
                               fishback_direction, off_target_kl, probe_direction, scale_to_first_order,
                               scale_to_target, steer_to_target, steering)
+from fisherfast.steer.iterate import evaluate_delta
 
 V, D, LAYERS = 61, 32, 3
 PROMPT = [3, 14, 15, 9, 2, 6]
@@ -590,3 +591,41 @@ def test_bad_inputs(llama):
     with pytest.raises(ValueError, match="unsupported architecture"):
         with steering(torch.nn.Linear(2, 2), {0: torch.zeros(2)}):
             pass
+
+
+def test_bad_arguments_are_named_before_any_work(llama):
+    """Review: these reached scipy (xtol), torch.linalg (a NaN G: an MKL error and an
+    internal assert), a size mismatch deep in evaluate_delta, a NaN best score, or
+    pullback_fisher after the first gradient (an unknown option); rho = NaN or "1"
+    was accepted."""
+    _, split, ctx = llama
+    concept = ConceptScore(TARGET)
+    q, phi0 = concept_gradient(split, ctx, ctx.h, concept)
+    v = q / q.norm()
+    G, q12 = random_metric()
+    with pytest.raises(ValueError, match="G contains NaN or Inf"):
+        fishback_direction(G * float("nan"), q12)
+    for rho in (float("nan"), "1", True):
+        with pytest.raises(ValueError, match="rho must be a finite real number"):
+            fishback_direction(G, q12, rho)
+        with pytest.raises(ValueError, match="rho must be a finite real number"):
+            euclidean_direction(q12, rho)
+    with pytest.raises(ValueError, match="damping must be a finite"):
+        fishback_direction(G, q12, damping=float("inf"))
+    for xtol in (-1.0, float("nan"), 0):
+        with pytest.raises(ValueError, match="xtol must be a positive finite number"):
+            scale_to_target(split, ctx, concept, v, phi0 + 0.5, xtol=xtol)
+    with pytest.raises(ValueError, match="h contains NaN or Inf"):
+        scale_to_target(split, ctx, concept, v, phi0 + 0.5, h=ctx.h * float("nan"))
+    with pytest.raises(ValueError, match=r"h: expected shape \(32,\)"):
+        scale_to_target(split, ctx, concept, v, phi0 + 0.5, h=torch.zeros(7, dtype=ctx.h.dtype))
+    with pytest.raises(TypeError, match="ctx: expected a SplitContext"):
+        scale_to_target(split, None, concept, v, phi0 + 0.5)
+    with pytest.raises(ValueError, match="tol must be a positive finite number"):
+        steer_to_target(split, ctx, concept, phi0 + 0.5, tol=float("inf"))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['tolerance'\]"):
+        compare_methods(split, ctx, concept, phi0 + 0.5, tolerance=1e-4)
+    with pytest.raises(ValueError, match=r"delta must be a floating tensor of shape \(32,\)"):
+        evaluate_delta(split, ctx, concept, torch.zeros(5, dtype=ctx.h.dtype), method="x")
+    with pytest.raises(ValueError, match="delta contains NaN"):
+        evaluate_delta(split, ctx, concept, v * float("nan"), method="x")
