@@ -144,6 +144,8 @@ def _check_points(points) -> torch.Tensor:
             points.shape[0] < 3:
         raise TypeError(f"points: expected a floating tensor (n, d) with n ≥ 3, got "
                         f"{tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__}")
+    if not bool(torch.isfinite(points).all()):
+        raise ValueError("points: contain NaN or Inf")
     return points
 
 

@@ -49,6 +49,7 @@ and ``converged`` only when its stated criterion held.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -75,6 +76,9 @@ def _check_endpoints(h0, h1) -> None:
     if h0.shape != h1.shape or h0.dtype != h1.dtype or h0.device != h1.device:
         raise ValueError(f"h0, h1: expected the same shape, dtype and device, got {tuple(h0.shape)} {h0.dtype} "
                          f"{h0.device} and {tuple(h1.shape)} {h1.dtype} {h1.device}")
+    for name, h in (("h0", h0), ("h1", h1)):
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(f"{name}: contains NaN or Inf")
 
 
 def chord_path(h0: torch.Tensor, h1: torch.Tensor, T: int) -> torch.Tensor:
@@ -104,6 +108,8 @@ def centroid_spline(knots: torch.Tensor, *, periodic: bool) -> tuple[CubicSpline
     if not isinstance(periodic, bool):
         raise TypeError(f"periodic: expected a bool, got {type(periodic).__name__}")
     minimum = 3 if periodic else 2
+    if not bool(torch.isfinite(knots).all()):
+        raise ValueError("knots: contain NaN or Inf")
     if knots.shape[0] < minimum:
         raise ValueError(f"knots: expected at least {minimum} centroids for a "
                          f"{'periodic' if periodic else 'natural'} spline, got {knots.shape[0]}")
@@ -261,8 +267,8 @@ def lbfgs_path(metric: GeodesicMetric, h0: torch.Tensor, h1: torch.Tensor, T: in
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     for name, value in (("rtol", rtol), ("gtol", gtol), ("xtol", xtol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name}: expected a float ≥ 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{name}: expected a finite float ≥ 0, got {value!r}")
     if energy not in ENERGIES:
         raise ValueError(f"energy: expected one of {ENERGIES}, got {energy!r}")
     if init is None:
@@ -273,6 +279,8 @@ def lbfgs_path(metric: GeodesicMetric, h0: torch.Tensor, h1: torch.Tensor, T: in
                              f"{tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__}")
         if not (torch.equal(init[0], h0) and torch.equal(init[-1], h1)):
             raise ValueError("init: its first and last waypoints must equal h0 and h1")
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError("init: contains NaN or Inf")
         path = init.detach().to(h0.device).clone()
     h0, h1 = h0.detach(), h1.detach()
     metric = metric.resolved(h0, h1, T)

@@ -296,3 +296,38 @@ def test_bad_inputs():
         spline_path(knots, 0, 4, 5, periodic=True)
     with pytest.raises(ValueError, match="two different centroids"):
         spline_path(knots, 2, 2, 5, periodic=True)
+
+
+def test_non_finite_inputs_are_named():
+    """Review: a NaN endpoint surfaced as "eps: expected a finite float" (from the
+    relative ε), a NaN chord came back silently, NaN knots read as "centroids
+    coincide", a NaN init ran to converged=False, and gtol=inf made any path
+    "converged"."""
+    from fisherfast.geodesic.gaga import gaga_phate
+
+    d = 4
+    h0, h1 = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
+    bad = h0.clone()
+    bad[1] = float("nan")
+    metric = FlatMetric(d)
+    with pytest.raises(ValueError, match="h0: contains NaN or Inf"):
+        chord_path(bad, h1, 5)
+    with pytest.raises(ValueError, match="h1: contains NaN or Inf"):
+        lbfgs_path(metric, h0, h1 * float("inf"), T=4)
+    knots = torch.eye(3, d, dtype=torch.float64)
+    knots[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="knots: contain NaN or Inf"):
+        spline_path(knots, 0, 2, 5, periodic=False)
+    init = chord_path(h0, h1, 4)
+    init[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="init: contains NaN or Inf"):
+        lbfgs_path(metric, h0, h1, T=4, init=init)
+    for name in ("rtol", "gtol", "xtol"):
+        with pytest.raises(ValueError, match=f"{name}: expected a finite float"):
+            lbfgs_path(metric, h0, h1, T=4, **{name: float("inf")})
+    points = torch.randn(20, d)
+    points[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="points: contain NaN or Inf"):
+        gaga_phate(points, steps=1)
+    # the chord itself (independent oracle: the straight line)
+    torch.testing.assert_close(chord_path(h0, h1, 5)[2], torch.full((d,), 0.5, dtype=torch.float64))
