@@ -123,3 +123,34 @@ def test_each_mode_reports_its_own_fields(tiny_lm):
         for name in ("tau", "n_kept", "q"):
             if name in fields:
                 assert len(getattr(G.report, name)) == 2
+
+
+def test_pullback_fisher_names_a_bad_split_and_a_non_finite_h():
+    """Review: a model passed as split gave torch's AttributeError ('... has no
+    attribute W'); a NaN h surfaced as "a contains NaN or Inf" from the head op
+    after the Jacobian was computed."""
+    import sys
+    import os
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_models import tiny_causal_lm
+    from fisherfast.metric import pullback_fisher
+    from fisherfast.split import SplitModel
+
+    model = tiny_causal_lm("llama", vocab=29, d=16, layers=2, heads=2)
+    split = SplitModel(model, 1)
+    ctx = split.context(torch.tensor([3, 7, 11]))
+    with pytest.raises(TypeError, match="split must be a fisherfast.split.SplitModel"):
+        pullback_fisher(model, ctx, progress=False)
+    h = ctx.h.clone()
+    h[0] = float("nan")
+    with pytest.raises(ValueError, match="h contains NaN or Inf"):
+        pullback_fisher(split, ctx, h=h, progress=False)
+    from fisherfast.metric.operator import DenseMetric
+    from fisherfast.steer import fishback_direction
+
+    G = DenseMetric(torch.full((3, 3), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="G contains NaN or Inf"):
+        fishback_direction(G, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="G contains NaN or Inf"):
+        fishback_direction(G, torch.ones(3, dtype=torch.float64), solve="pinv")

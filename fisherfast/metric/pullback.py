@@ -162,6 +162,11 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
         if value is not None and mode not in _MODE_OPTIONS[name]:
             users = " or ".join(repr(m) for m in _MODE_OPTIONS[name])
             raise ValueError(f"{name} is only used by mode={users}, not mode={mode!r}")
+    from fisherfast.split import SplitModel
+
+    if not isinstance(split, SplitModel):
+        raise TypeError(f"split must be a fisherfast.split.SplitModel (SplitModel(model, layer)), "
+                        f"got {type(split).__name__}")
     if getattr(split, "logit_softcap", None) is not None:
         raise ValueError(f"split: the model soft-caps its logits (c = {split.logit_softcap}); the pullback metric "
                          "here assumes z = W a + b (docs/design.md §2), so soft-capped heads are not supported")

@@ -26,6 +26,8 @@ def check_points(split, contexts, h) -> list:
         raise TypeError(f"h must be a torch.Tensor or None, got {type(h).__name__}")
     if h.dtype != split.W.dtype:
         raise TypeError(f"h must have the model's dtype {split.W.dtype}, got {h.dtype}")
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("h contains NaN or Inf")
     if h.dim() == 1 and h.shape[0] == split.d and len(ctx_list) == 1:
         return [(ctx_list[0], h)]
     if h.dim() == 2 and h.shape[1] == split.d and len(ctx_list) in (1, h.shape[0]) and h.shape[0] > 0:

@@ -153,6 +153,8 @@ def _pinv_solve(G, q64: torch.Tensor, rcond: float) -> torch.Tensor:
     """G⁺q with G⁺ = Σ_{λ_i > rcond·λ_max} u_i u_iᵀ / λ_i (eigh of the symmetrized dense G, float64)."""
     dense = G if isinstance(G, torch.Tensor) else G.dense()
     A = dense.to(q64.device, torch.float64)
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("G contains NaN or Inf")
     values, U = torch.linalg.eigh(0.5 * (A + A.T))
     top = float(values[-1])
     if not top > 0:
@@ -195,6 +197,8 @@ def solve_metric(G, q: torch.Tensor, *, solve: str = DEFAULT_SOLVE, damping: flo
     if not _is_matrix_free(G):
         dense = G if isinstance(G, torch.Tensor) else G.dense()
         A = dense.to(q.device, torch.float64)
+        if not bool(torch.isfinite(A).all()):
+            raise ValueError("G contains NaN or Inf")
         A = 0.5 * (A + A.T) + lam * torch.eye(d, dtype=torch.float64, device=q.device)
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
