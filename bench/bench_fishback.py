@@ -38,7 +38,7 @@ Spearman correlation across methods of median R and median off-target KL.
 
 --quick: a random-init tiny Llama (no tokenizer: token ids), 1 concept, 1 layer,
 2 prompts, small token sets — the structure of the full run in seconds.
-Results: bench/results/fishback.json (``--out`` to change) and a markdown table.
+Results: bench/results/fishback.json (fishback_quick.json with --quick; ``--out`` to change) and a markdown table.
 """
 from __future__ import annotations
 
@@ -304,8 +304,12 @@ def main(argv=None) -> dict:
                         help="summarize the runs of earlier result files (e.g. one per concept) instead of running")
     parser.add_argument("--tol", type=float, default=0.01, help="|log p − log p*| that counts as reached")
     parser.add_argument("--quick", action="store_true", help="tiny random-init model, 1 concept, 1 layer, 2 prompts")
-    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "fishback.json"))
+    parser.add_argument("--out", default=None,
+                        help="results file (default bench/results/fishback.json; fishback_quick.json with --quick, "
+                             "so a smoke run does not overwrite a full run's results)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(RESULTS_DIR, "fishback_quick.json" if args.quick else "fishback.json")
     meta = {**machine_meta(), "kl_direction": KL_DIRECTION, "tol": args.tol, "methods": list(METHODS),
             "reference": REFERENCE, "caa_alpha_max": CAA_ALPHA_MAX, "quick": args.quick}
     jobs = []  # (labels, split, concept, family, prompt_ids, pair_ids)

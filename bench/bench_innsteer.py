@@ -29,7 +29,7 @@ At one layer (default 12):
     python bench/bench_innsteer.py [--layer 12] [--goal 0.5] [--tokens 20] [--quick]
 
 --quick: a random-init tiny Llama on token ids, 1 behaviour, 4 pairs, 2 held-out
-prompts, 5 tokens. Results: bench/results/innsteer.json (``--out``) and a table.
+prompts, 5 tokens. Results: bench/results/innsteer.json (innsteer_quick.json with --quick; ``--out``) and a table.
 """
 from __future__ import annotations
 
@@ -195,8 +195,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--from-json", nargs="+", metavar="FILE",
                         help="gather the rows of earlier result files (e.g. one per behaviour) instead of running")
     parser.add_argument("--quick", action="store_true", help="tiny random-init model, 1 behaviour, 2 held-out prompts")
-    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "innsteer.json"))
+    parser.add_argument("--out", default=None,
+                        help="results file (default bench/results/innsteer.json; innsteer_quick.json with --quick, "
+                             "so a smoke run does not overwrite a full run's results)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(RESULTS_DIR, "innsteer_quick.json" if args.quick else "innsteer.json")
     if args.from_json:
         return _merge(args.from_json, args.out)
     meta = {**machine_meta(), "goal": args.goal, "quick": args.quick, "grid": [GRID[0], GRID[-1], len(GRID)]}

@@ -134,3 +134,20 @@ def test_single_token_filter_and_concepts():
         assert not set(c.words) & set(c.source_words)
     for b in BEHAVIOURS.values():
         assert len(b.pairs) == 12 and len(b.held_out) >= 8 and not set(b.words) & set(b.source_words)
+
+
+@pytest.mark.parametrize("name", ["fishback", "innsteer"])
+def test_quick_run_does_not_overwrite_the_full_results(name, tmp_path, monkeypatch):
+    """Review: --quick wrote bench/results/{name}.json, the full run's file."""
+    bench = load_bench(name)
+    monkeypatch.setattr(bench, "RESULTS_DIR", str(tmp_path))
+    full = tmp_path / f"{name}.json"
+    full.write_text('{"full": true}')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bench.main(["--quick"])
+    finally:
+        torch.set_num_threads(threads)
+    assert full.read_text() == '{"full": true}'
+    assert json.loads((tmp_path / f"{name}_quick.json").read_text())["meta"]["quick"] is True
