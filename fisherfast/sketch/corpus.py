@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from tqdm.auto import tqdm
 
 from fisherfast.sketch.distributed import all_reduce_state
-from fisherfast.sketch.model import check_chunk_rows, model_head, sketch_batch
+from fisherfast.sketch.model import check_chunk_rows, check_sample_seed, model_head, sketch_batch
 from fisherfast.sketch.sketcher import FisherSketcher
 from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import SketchState
@@ -198,6 +198,7 @@ def sketch_corpus(model, tokenizer, source, *, spec: SketchSpec | None = None, t
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     if not isinstance(sample, bool):
         raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+    check_sample_seed(sample_seed)
     check_chunk_rows(chunk_rows)
     head = model_head(model)
     K, d = head.W.shape

@@ -59,13 +59,33 @@ def _token_lists(tokenizer, data, max_length: int | None) -> list[list[int]]:
         if tokenizer is None:
             raise ValueError("tokenizer is required for string inputs (pass token-id lists to skip it)")
         ids = tokenizer(list(data), add_special_tokens=True)["input_ids"]
-    elif all(isinstance(x, Sequence) and all(isinstance(i, int) for i in x) for x in data):
+    elif all(isinstance(x, Sequence) and not isinstance(x, (str, bytes))
+             and all(isinstance(i, int) and not isinstance(i, bool) for i in x) for x in data):
         ids = [list(x) for x in data]
     else:
         raise TypeError("texts_or_prompts must be all strings or all lists of int token ids")
     if max_length is not None:
         ids = [x[:max_length] for x in ids]
     return ids
+
+
+def check_sample_seed(sample_seed) -> None:
+    if sample_seed is not None and (not isinstance(sample_seed, int) or isinstance(sample_seed, bool)
+                                    or sample_seed < 0):
+        raise ValueError(f"sample_seed must be a non-negative int or None, got {sample_seed!r}")
+
+
+def check_input_ids(model, ids: list[list[int]]) -> None:
+    """Token ids must index the model's input embedding, [0, V_in)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    V_in = getattr(embedding, "num_embeddings", None)
+    if V_in is None:
+        return
+    for index, x in enumerate(ids):
+        bad = [i for i in x if not 0 <= i < V_in]
+        if bad:
+            raise ValueError(f"texts_or_prompts[{index}]: token ids must be in [0, {V_in}) (the model's vocabulary), "
+                             f"got {bad[0]}")
 
 
 def model_head(model) -> OutputHead:
@@ -174,13 +194,16 @@ def sketch_model(model, tokenizer, texts_or_prompts, *, spec: SketchSpec | None 
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                   or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     if not isinstance(sample, bool):
         raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+    check_sample_seed(sample_seed)
     check_chunk_rows(chunk_rows)
     head = model_head(model)
     ids = _token_lists(tokenizer, texts_or_prompts, max_length)
+    check_input_ids(model, ids)
     K, d = head.W.shape
 
     if isinstance(labels, str) and labels != "next_token":

@@ -246,3 +246,21 @@ def test_cli_sketch_and_align(tokenizer, tmp_path, capsys, tiny_model):
     assert cli.main(["sketch", "--model", str(tmp_path / "nowhere"), "--texts", str(tmp_path / "a.txt"),
                      "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_token_ids_outside_the_vocabulary_and_bad_seeds_are_named(tiny_model):
+    """Review: an out-of-range or negative token id reached torch's embedding
+    (IndexError "index out of range in self"); max_length=True was taken as 1;
+    a negative sample_seed was reported as "generator_seed"."""
+    model = tiny_model("llama")
+    spec = SketchSpec(d=16, K=V, m=64)
+    for bad in (V, -1):
+        with pytest.raises(ValueError, match=rf"texts_or_prompts\[1\]: token ids must be in \[0, {V}\).*got {bad}"):
+            sketch_model(model, None, [[2, 3, 4], [2, bad, 4]], spec=spec, progress=False)
+    with pytest.raises(TypeError, match="lists of int token ids"):
+        sketch_model(model, None, [[True, False, True]], spec=spec, progress=False)
+    with pytest.raises(ValueError, match="max_length must be a positive int"):
+        sketch_model(model, None, [[2, 3, 4]], spec=spec, max_length=True, progress=False)
+    with pytest.raises(ValueError, match="sample_seed must be a non-negative int"):
+        sketch_model(model, None, [[2, 3, 4]], spec=spec, sample=True, labels=None, sample_seed=-1, progress=False)
+    assert sketch_model(model, None, [[2, 3, V - 1]], spec=spec, progress=False).count == 2  # the last id is fine
