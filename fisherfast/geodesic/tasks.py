@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import numbers
+import string
 from typing import Sequence
 
 import torch
@@ -99,6 +100,24 @@ class ConceptTask:
     carrier: str = "list"
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: expected a non-empty str, got {self.name!r}")
+        if isinstance(self.classes, (str, bytes)) or not isinstance(self.classes, (tuple, list)) or \
+                not all(isinstance(c, str) and c for c in self.classes):
+            raise ValueError(f"classes: expected a tuple of non-empty class strings, got {self.classes!r}")
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if not isinstance(self.cyclic, bool):
+            raise TypeError(f"cyclic: expected a bool, got {type(self.cyclic).__name__}")
+        if self.template is not None:
+            if not isinstance(self.template, str):
+                raise ValueError(f"template: expected a str or None, got {type(self.template).__name__}")
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
+            except ValueError as err:
+                raise ValueError(f"template: not a format string ({err}): {self.template!r}") from None
+            if not fields <= {"n", "x", "unit"}:
+                raise ValueError(f"template: expected only the fields {{n}}, {{x}} and {{unit}}, got "
+                                 f"{sorted(fields)} in {self.template!r}")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes: expected at least 2 distinct classes, got {self.classes!r}")
         if self.carrier not in CARRIERS:

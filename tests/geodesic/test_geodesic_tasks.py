@@ -256,3 +256,23 @@ def test_steerable_layers_inject_centroids_as_the_models_forward_does(tiny_lm):
     with pytest.raises(ValueError, match=r"no example answers \['Monday'\]"):
         steerable_layers(model, WEEKDAYS, tokenizer, [1], [e for e in examples if e.answer != "Monday"])
 
+
+
+def test_concept_task_rejects_malformed_definitions():
+    """Review: cyclic="no" was taken as True, a str of classes as its characters,
+    int classes were accepted, and a template with an unknown field failed only
+    later with KeyError when prompts were made."""
+    from fisherfast.geodesic import ConceptTask
+
+    with pytest.raises(TypeError, match="cyclic: expected a bool"):
+        ConceptTask("t", ("a", "b", "c"), cyclic="no", header="H:")
+    for classes in ("abc", (1, 2, 3), ("a", "")):
+        with pytest.raises(ValueError, match="classes: expected a tuple of non-empty class strings"):
+            ConceptTask("t", classes, cyclic=False, header="H:")
+    with pytest.raises(ValueError, match=r"template: expected only the fields .* got \['n', 'x', 'y'\]"):
+        ConceptTask("t", ("a", "b", "c"), cyclic=True, template="{x} plus {n} {y}", carrier="arithmetic")
+    with pytest.raises(ValueError, match="template: expected a str"):
+        ConceptTask("t", ("a", "b", "c"), cyclic=True, template=3, carrier="arithmetic")
+    task = ConceptTask("t", ["a", "b", "c"], cyclic=True, template="{n} after {x}:", carrier="arithmetic")
+    assert task.classes == ("a", "b", "c")
+    assert task.prompt("b", 2) == "2 after b:"
