@@ -141,9 +141,15 @@ def evaluate_path(split, contexts, schema: ConceptSchema, path: torch.Tensor, re
     contexts = check_contexts(split, contexts)
     check_schema(split, schema)
     X = check_points(split, path, "path")
+    for name, points in (("path", X), ("reference", reference)):
+        if isinstance(points, torch.Tensor) and not bool(torch.isfinite(points).all()):
+            raise ValueError(f"{name}: contains NaN or Inf")
     if path.ndim != 2:
         raise ValueError(f"path: expected shape (T, {split.d}), got {tuple(path.shape)}")
-    k = schema.index(target)
+    try:
+        k = schema.index(target)
+    except ValueError as err:
+        raise ValueError(f"target: {str(err).removeprefix('concept: ')}") from None
     Q = concept_distributions(split, contexts, schema, X)                    # (T, C, B)
     R = concept_distributions(split, contexts, schema, check_points(split, reference, "reference"))
     tokens = schema.token_sets[k]

@@ -131,8 +131,16 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="Q, R: expected matching shapes"):
         bhattacharyya_energy(t([Q, R]), t([[Q, R]]))
     path = torch.stack([contexts[0].h, contexts[1].h])
-    with pytest.raises(ValueError, match="concept: expected one of"):
+    with pytest.raises(ValueError, match="target: expected one of"):  # review: named "concept"
         evaluate_path(split, contexts, schema, path, path, "w")
+    with pytest.raises(ValueError, match=r"target: expected a name or an int in \[0, "):
+        evaluate_path(split, contexts, schema, path, path, -1)
+    bad = path.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="path: contains NaN or Inf"):  # review: was "Q: entries must be finite"
+        evaluate_path(split, contexts, schema, bad, path, 0)
+    with pytest.raises(ValueError, match="reference: contains NaN or Inf"):
+        evaluate_path(split, contexts, schema, path, bad, 0)
     with pytest.raises(ValueError, match="path: expected shape"):
         evaluate_path(split, contexts, schema, path[:, :5], path, 0)
     with pytest.raises(TypeError, match="reference: expected the model's dtype"):
