@@ -135,6 +135,11 @@ def steerable_layers(model, task: ConceptTask, tokenizer, layers: Sequence[int],
         raise ValueError(f"layers: expected a non-empty sequence of layer indices, got {layers!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise ValueError(f"threshold: expected a float in [0, 1], got {threshold!r}")
+    first = SplitModel(model, layers[0])  # checks the model and the first layer
+    for layer in layers:  # every layer before any work
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= first.num_layers:
+            raise ValueError(f"layers: expected ints in [0, {first.num_layers}] (L = {first.num_layers}), "
+                             f"got {layer!r}")
     examples, ids = _task_inputs(task, tokenizer, examples)
     missing = sorted(set(range(task.K)) - {e.answer_index for e in examples})
     if missing:
@@ -142,7 +147,7 @@ def steerable_layers(model, task: ConceptTask, tokenizer, layers: Sequence[int],
     labels = torch.tensor([e.answer_index for e in examples])
     out = []
     for layer in tqdm(layers, desc=f"{task.name} layers", disable=not progress, leave=False):
-        split = SplitModel(model, layer)
+        split = first if layer == first.layer else SplitModel(model, layer)
         schema = task.schema(tokenizer, split.V)
         contexts = [split.context(i) for i in ids]
         H = torch.stack([ctx.h for ctx in contexts])

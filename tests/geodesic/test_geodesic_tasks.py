@@ -255,6 +255,11 @@ def test_steerable_layers_inject_centroids_as_the_models_forward_does(tiny_lm):
         steerable_layers(model, WEEKDAYS, tokenizer, [])
     with pytest.raises(ValueError, match=r"no example answers \['Monday'\]"):
         steerable_layers(model, WEEKDAYS, tokenizer, [1], [e for e in examples if e.answer != "Monday"])
+    # review: a bad later layer was found only after the earlier layers' work
+    with pytest.raises(ValueError, match=r"layers: expected ints in \[0, 3\] \(L = 3\), got 9"):
+        steerable_layers(model, WEEKDAYS, tokenizer, [1, 9], examples)
+    with pytest.raises(ValueError, match=r"layers: expected ints in \[0, 3\].*got '2'"):
+        steerable_layers(model, WEEKDAYS, tokenizer, [1, "2"], examples)
 
 
 
