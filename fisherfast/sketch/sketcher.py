@@ -13,7 +13,7 @@ import math
 import torch
 
 from fisherfast.ops import fisher_sketch_update, srht, srht_onehot
-from fisherfast.ops._checks import check_tensor
+from fisherfast.ops._checks import check_finite, check_tensor
 from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import KINDS, SketchState
 
@@ -62,6 +62,9 @@ class FisherSketcher:
             raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
         if sample == (y is not None):
             raise ValueError("give labels y, or sample=True to draw y ∼ p (not both)")
+        check_finite("a", a)  # one NaN row would make every later sum NaN
+        if isinstance(logits, torch.Tensor):
+            check_finite("logits", logits)
         K = logits.shape[-1] if isinstance(logits, torch.Tensor) else W.shape[0] if isinstance(W, torch.Tensor) else None
         if K is not None and K != self.spec.K:
             raise ValueError(f"the head must have K = {self.spec.K} classes (spec), got {K}")

@@ -168,3 +168,32 @@ def test_sketcher_bad_inputs():
         sk.state.signature()
     with pytest.raises(ValueError, match="kind"):
         SketchState(spec).signature("weights")
+
+
+def test_sketcher_rejects_non_finite_rows_and_keeps_its_state():
+    """Review: one NaN activation or logit row was accepted and made every later
+    sum of the state NaN (a whole corpus sketch lost to one bad row)."""
+    spec = SketchSpec(d=8, K=16, m=32)
+    g = torch.Generator().manual_seed(0)
+    W, a, y = torch.randn(16, 8, generator=g), torch.randn(3, 8, generator=g), torch.tensor([1, 2, 3])
+    sketcher = FisherSketcher(spec)
+    sketcher.update(a, W=W, y=y)
+    before = sketcher.state
+    bad = a.clone()
+    bad[1, 4] = float("nan")
+    with pytest.raises(ValueError, match="a contains NaN or Inf"):
+        sketcher.update(bad, W=W, y=y)
+    logits = a @ W.T
+    logits[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="logits contains NaN or Inf"):
+        sketcher.update(a, logits=logits, y=y)
+    after = sketcher.state
+    assert after.count == before.count == 3
+    for kind in before.sums:
+        assert torch.equal(after.sums[kind], before.sums[kind])
+        assert bool(torch.isfinite(after.sums[kind]).all())
+    # the state still equals the per-sample features of the good rows (independent oracle)
+    p = torch.softmax((a @ W.T).double(), -1).float()
+    want = sketch_features(a, (p, y), spec)
+    for kind in before.sums:
+        torch.testing.assert_close(after.sums[kind], want[kind].sum(0), rtol=1e-5, atol=1e-6)
