@@ -85,6 +85,8 @@ class DensityMetric(GeodesicMetric):
         if not isinstance(centers, torch.Tensor) or not centers.is_floating_point() or centers.ndim != 2 or \
                 centers.shape[0] == 0:
             raise TypeError("centers: expected a floating tensor (N, d) with N ≥ 1")
+        if not bool(torch.isfinite(centers).all()):
+            raise ValueError("centers: contain NaN or Inf")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength < math.inf:
             raise ValueError(f"strength: expected a finite float > 0, got {strength!r}")
         if check_eps(eps) is None:

@@ -329,5 +329,9 @@ def test_non_finite_inputs_are_named():
     points[3, 2] = float("nan")
     with pytest.raises(ValueError, match="points: contain NaN or Inf"):
         gaga_phate(points, steps=1)
+    from fisherfast.geodesic import DensityMetric
+
+    with pytest.raises(ValueError, match="centers: contain NaN or Inf"):  # review: gave NaN weights silently
+        DensityMetric(knots, sigma=1.0)
     # the chord itself (independent oracle: the straight line)
     torch.testing.assert_close(chord_path(h0, h1, 5)[2], torch.full((d,), 0.5, dtype=torch.float64))
