@@ -26,9 +26,14 @@ def load_bench():
     return module
 
 
-def test_quick_bench_runs_and_its_rows_are_recomputable(tmp_path):
+def test_quick_bench_runs_and_its_rows_are_recomputable(tmp_path, monkeypatch):
     bench = load_bench()
+    import sys
+
+    for module in (bench, sys.modules["_harness"]):  # write into tmp_path, not the checkout's bench/results
+        monkeypatch.setattr(module, "RESULTS_DIR", str(tmp_path))
     out = bench.main(["--quick", "--name", "geodesic_test"])
+    assert os.path.dirname(out["json"]) == str(tmp_path)
     rows = out["rows"]
     expected = [s for s in bench.SOLVERS if s != "gaga_phate" or importlib.util.find_spec("phate")]
     assert [r["solver"] for r in rows] == expected
