@@ -110,11 +110,20 @@ def _check_positive(name: str, value, *, finite: bool = False) -> None:
         raise ValueError(f"{name} must be a positive{' finite' if finite else ''} number, got {value!r}")
 
 
-def _check_metric_options(metric_options: dict) -> None:
-    """Names ``pullback_fisher`` accepts besides those steer_to_target sets itself."""
+def _check_metric_options(metric_options: dict, metric_mode: str) -> None:
+    """Names ``pullback_fisher`` accepts besides those steer_to_target sets itself,
+    and that ``metric_mode`` uses (checked before any work)."""
     import inspect
 
-    from fisherfast.metric import pullback_fisher
+    from fisherfast.metric import METRIC_MODES, pullback_fisher
+    from fisherfast.metric.pullback import _MODE_OPTIONS
+
+    if metric_mode not in METRIC_MODES:
+        raise ValueError(f"metric_mode must be one of {METRIC_MODES}, got {metric_mode!r}")
+    for name, value in metric_options.items():
+        if value is not None and name in _MODE_OPTIONS and metric_mode not in _MODE_OPTIONS[name]:
+            raise ValueError(f"{name} is only used by metric_mode={' or '.join(map(repr, _MODE_OPTIONS[name]))}, "
+                             f"not metric_mode={metric_mode!r}")
 
     own = {"split", "contexts", "mode", "h", "progress"}
     known = set(inspect.signature(pullback_fisher).parameters) - own
@@ -153,7 +162,7 @@ def steer_to_target(split, ctx, concept, target_score: float, *, method: str = "
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_positive("max_step_kl", max_step_kl)
     _check_positive("tol", tol, finite=True)
-    _check_metric_options(metric_options)
+    _check_metric_options(metric_options, metric_mode)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     if not (isinstance(target_score, (int, float)) and math.isfinite(target_score)):

@@ -625,6 +625,10 @@ def test_bad_arguments_are_named_before_any_work(llama):
         steer_to_target(split, ctx, concept, phi0 + 0.5, tol=float("inf"))
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['tolerance'\]"):
         compare_methods(split, ctx, concept, phi0 + 0.5, tolerance=1e-4)
+    with pytest.raises(ValueError, match="k is only used by metric_mode='low_rank', not metric_mode='exact'"):
+        steer_to_target(split, ctx, concept, phi0 + 0.5, k=8)  # review: failed inside the first step
+    with pytest.raises(ValueError, match="metric_mode must be one of"):
+        steer_to_target(split, ctx, concept, phi0 + 0.5, metric_mode="dense")
     with pytest.raises(ValueError, match=r"delta must be a floating tensor of shape \(32,\)"):
         evaluate_delta(split, ctx, concept, torch.zeros(5, dtype=ctx.h.dtype), method="x")
     with pytest.raises(ValueError, match="delta contains NaN"):
