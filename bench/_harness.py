@@ -137,3 +137,17 @@ def write_results(name: str, rows: Iterable[Mapping[str, object]], meta: Mapping
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
     return path
+
+
+def tiny_llama(head_scale: float = 10.0, seed: int = 0):
+    """A random-init float64 Llama (V = 61, d = 32, 3 blocks) with its head scaled so the
+    next-token distribution is peaked, as a trained model's is: the --quick benches' model."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(config).to(torch.float64).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model

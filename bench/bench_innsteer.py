@@ -45,7 +45,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/ and the checkout's fisherfast first
-from _harness import RESULTS_DIR, machine_meta, markdown_table  # noqa: E402
+from _harness import RESULTS_DIR, machine_meta, markdown_table, tiny_llama  # noqa: E402
 
 from fisherfast.metric import pullback_fisher  # noqa: E402
 from fisherfast.split import SplitModel  # noqa: E402
@@ -166,14 +166,7 @@ def run_behaviour(model, split, name, logodds, pairs, held_out, *, goal, tokens,
 
 def tiny_setup():
     """A random-init tiny Llama and one synthetic behaviour on token ids (--quick)."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    model = tf.LlamaForCausalLM(config).to(torch.float64).eval().requires_grad_(False)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)
+    model = tiny_llama()
     generator = torch.Generator().manual_seed(2)
     pool = torch.randint(10, 61, (40, 5), generator=generator)
     target, source = [3, 4, 5], [6, 7, 8]

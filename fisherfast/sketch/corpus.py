@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from tqdm.auto import tqdm
 
 from fisherfast.sketch.distributed import all_reduce_state
-from fisherfast.sketch.model import check_chunk_rows, check_sample_seed, model_head, sketch_batch
+from fisherfast.sketch.model import check_stream_options, model_head, sketch_batch
 from fisherfast.sketch.sketcher import FisherSketcher
 from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import SketchState
@@ -192,14 +192,7 @@ def sketch_corpus(model, tokenizer, source, *, spec: SketchSpec | None = None, t
         ValueError/TypeError for bad arguments or items (mixed texts and pairs,
         a multi-token answer, a missing field), before the item is sketched.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
-        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-    if not isinstance(sample, bool):
-        raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
-    check_sample_seed(sample_seed)
-    check_chunk_rows(chunk_rows)
+    check_stream_options(batch_size, max_length, sample, sample_seed, chunk_rows)
     head = model_head(model)
     K, d = head.W.shape
     spec = spec if spec is not None else SketchSpec(d=d, K=K)

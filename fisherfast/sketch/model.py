@@ -75,6 +75,19 @@ def check_sample_seed(sample_seed) -> None:
         raise ValueError(f"sample_seed must be a non-negative int or None, got {sample_seed!r}")
 
 
+def check_stream_options(batch_size, max_length, sample, sample_seed, chunk_rows) -> None:
+    """The options ``sketch_model`` and ``sketch_corpus`` share, checked before any work."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                   or max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    if not isinstance(sample, bool):
+        raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+    check_sample_seed(sample_seed)
+    check_chunk_rows(chunk_rows)
+
+
 def check_input_ids(model, ids: list[list[int]]) -> None:
     """Token ids must index the model's input embedding, [0, V_in)."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -192,15 +205,7 @@ def sketch_model(model, tokenizer, texts_or_prompts, *, spec: SketchSpec | None 
     Raises:
         TypeError/ValueError for bad arguments, before any forward pass.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
-                                   or max_length < 1):
-        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-    if not isinstance(sample, bool):
-        raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
-    check_sample_seed(sample_seed)
-    check_chunk_rows(chunk_rows)
+    check_stream_options(batch_size, max_length, sample, sample_seed, chunk_rows)
     head = model_head(model)
     ids = _token_lists(tokenizer, texts_or_prompts, max_length)
     check_input_ids(model, ids)
