@@ -31,13 +31,14 @@ that takes them: non-empty, ints (Python or integer tensors, never bool), in
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 from typing import Mapping
 
 import torch
 
-__all__ = ["check_token_ids", "concept_schema", "check_logits", "ConceptScore", "SequenceConcept", "check_concept", "CONCEPT_TYPES"]
+__all__ = ["check_token_ids", "concept_schema", "check_logits", "check_target_score", "ConceptScore", "SequenceConcept", "check_concept", "CONCEPT_TYPES"]
 
 
 def check_token_ids(name: str, ids, *, vocab_size: int | None = None, allow_repeats: bool = False) -> torch.Tensor:
@@ -199,6 +200,8 @@ class SequenceConcept:
     kind = "sequence"
 
     def __init__(self, tokens):
+        if isinstance(tokens, torch.Tensor) and tokens.dim() != 1:
+            raise ValueError(f"tokens must be a 1-D sequence of token ids, got a tensor of shape {tuple(tokens.shape)}")
         self.tokens = check_token_ids("tokens", tokens, allow_repeats=True)
 
     @property
@@ -245,6 +248,18 @@ class SequenceConcept:
 
 
 CONCEPT_TYPES = (ConceptScore, SequenceConcept)
+
+
+def check_target_score(concept, target_score) -> float:
+    """φ* as a float: finite, and ≤ 0 for a log-probability or sequence concept
+    (p ≤ 1), so an unreachable target is refused before any work."""
+    if isinstance(target_score, bool) or not isinstance(target_score, (int, float)) or \
+            not math.isfinite(target_score):
+        raise ValueError(f"target_score must be a finite number, got {target_score!r}")
+    if concept.kind in ("log_probability", "sequence") and target_score > 0:
+        raise ValueError(f"target_score must be ≤ 0 for a {concept.kind} concept (a log-probability: p ≤ 1), "
+                         f"got {target_score!r}; for p* pass math.log(p*)")
+    return float(target_score)
 
 
 def check_concept(concept, split=None, ctx=None):

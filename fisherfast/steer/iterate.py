@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from fisherfast.concepts import check_concept, check_logits
+from fisherfast.concepts import check_concept, check_logits, check_target_score
 from fisherfast.steer.concept import concept_gradient
 from fisherfast.steer.directions import (DEFAULT_DAMPING, DEFAULT_RCOND, DEFAULT_SOLVE, check_solve,
                                          euclidean_direction, solve_metric)
@@ -165,10 +165,9 @@ def steer_to_target(split, ctx, concept, target_score: float, *, method: str = "
     _check_metric_options(metric_options, metric_mode)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-    if not (isinstance(target_score, (int, float)) and math.isfinite(target_score)):
-        raise ValueError(f"target_score must be a finite number, got {target_score!r}")
     check_solve(solve, rcond)
     check_concept(concept, split, ctx)
+    target_score = check_target_score(concept, target_score)
     h0 = check_start(split, ctx, h)
 
     def score(x: torch.Tensor) -> float:

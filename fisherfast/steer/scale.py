@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from fisherfast.concepts import check_concept
+from fisherfast.concepts import check_concept, check_target_score
 from fisherfast.steer.directions import check_vector
 
 __all__ = ["scale_to_target", "TargetNotReached"]
@@ -104,8 +104,7 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
     for name, value, low in (("refine", refine, 0), ("chunk", chunk, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
-    if not (isinstance(target_score, (int, float)) and math.isfinite(target_score)):
-        raise ValueError(f"target_score must be a finite number, got {target_score!r}")
+    target_score = check_target_score(concept, target_score)
     if callable(direction) and not isinstance(direction, torch.Tensor):
         displacement: Callable[[float], torch.Tensor] = direction
         check_vector("direction(α)", displacement(min_scale), h.shape[-1])

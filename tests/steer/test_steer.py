@@ -633,3 +633,30 @@ def test_bad_arguments_are_named_before_any_work(llama):
         evaluate_delta(split, ctx, concept, torch.zeros(5, dtype=ctx.h.dtype), method="x")
     with pytest.raises(ValueError, match="delta contains NaN"):
         evaluate_delta(split, ctx, concept, v * float("nan"), method="x")
+
+
+def test_an_impossible_or_malformed_target_is_refused_before_any_work(llama):
+    """φ* > 0 is p > 1 for a log-probability or sequence concept: refused at once
+    (a log-odds concept may take any finite φ*); a 2-D token tensor is not a sequence."""
+    from fisherfast.steer import SequenceConcept
+
+    _, split, ctx = llama
+    calls = []
+    real = split.logits
+    split.logits = lambda *a, **k: calls.append(1) or real(*a, **k)
+    seq_ctx = split.context(PROMPT, continuation=TARGET)
+    try:
+        for concept, c in ((ConceptScore(TARGET), ctx), (SequenceConcept(TARGET), seq_ctx)):
+            with pytest.raises(ValueError, match="target_score must be ≤ 0"):
+                scale_to_target(split, c, concept, torch.ones(D, dtype=torch.float64), 0.5)
+            with pytest.raises(ValueError, match="target_score must be ≤ 0"):
+                steer_to_target(split, c, concept, 0.1)
+        assert calls == []
+    finally:
+        split.logits = real
+    alpha = scale_to_target(split, ctx, ConceptScore(TARGET, source=[1, 2]),
+                            concept_gradient(split, ctx, ctx.h, ConceptScore(TARGET, source=[1, 2]))[0],
+                            float(ConceptScore(TARGET, source=[1, 2])(split.logits(ctx, ctx.h))) + 0.5)
+    assert alpha > 0  # a log-odds target above 0 is fine
+    with pytest.raises(ValueError, match="1-D sequence"):
+        SequenceConcept(torch.ones(2, 2, dtype=torch.long))
