@@ -151,3 +151,9 @@ def tiny_llama(head_scale: float = 10.0, seed: int = 0):
     with torch.no_grad():
         model.lm_head.weight.mul_(head_scale)
     return model
+
+
+def default_results_path(name: str, quick: bool) -> str:
+    """bench/results/NAME.json, or NAME_quick.json for a --quick run (so a smoke run
+    never overwrites a full run's results)."""
+    return os.path.join(RESULTS_DIR, f"{name}_quick.json" if quick else f"{name}.json")

@@ -54,7 +54,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/ and the checkout's fisherfast first
-from _harness import RESULTS_DIR, machine_meta, markdown_table, tiny_llama  # noqa: E402
+from _harness import default_results_path, machine_meta, markdown_table, tiny_llama  # noqa: E402
 
 from fisherfast.metric import pullback_fisher  # noqa: E402
 from fisherfast.split import SplitModel  # noqa: E402
@@ -301,8 +301,7 @@ def main(argv=None) -> dict:
                         help="results file (default bench/results/fishback.json; fishback_quick.json with --quick, "
                              "so a smoke run does not overwrite a full run's results)")
     args = parser.parse_args(argv)
-    if args.out is None:
-        args.out = os.path.join(RESULTS_DIR, "fishback_quick.json" if args.quick else "fishback.json")
+    args.out = args.out or default_results_path("fishback", args.quick)
     meta = {**machine_meta(), "kl_direction": KL_DIRECTION, "tol": args.tol, "methods": list(METHODS),
             "reference": REFERENCE, "caa_alpha_max": CAA_ALPHA_MAX, "quick": args.quick}
     jobs = []  # (labels, split, concept, family, prompt_ids, pair_ids)

@@ -45,7 +45,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/ and the checkout's fisherfast first
-from _harness import RESULTS_DIR, machine_meta, markdown_table, tiny_llama  # noqa: E402
+from _harness import default_results_path, machine_meta, markdown_table, tiny_llama  # noqa: E402
 
 from fisherfast.metric import pullback_fisher  # noqa: E402
 from fisherfast.split import SplitModel  # noqa: E402
@@ -192,8 +192,7 @@ def main(argv=None) -> dict:
                         help="results file (default bench/results/innsteer.json; innsteer_quick.json with --quick, "
                              "so a smoke run does not overwrite a full run's results)")
     args = parser.parse_args(argv)
-    if args.out is None:
-        args.out = os.path.join(RESULTS_DIR, "innsteer_quick.json" if args.quick else "innsteer.json")
+    args.out = args.out or default_results_path("innsteer", args.quick)
     if args.from_json:
         return _merge(args.from_json, args.out)
     meta = {**machine_meta(), "goal": args.goal, "quick": args.quick, "grid": [GRID[0], GRID[-1], len(GRID)]}

@@ -109,6 +109,9 @@ class SplitModel:
         self._params = [None if is_offloaded(self._blocks[i]) else materialized_parameters(self._blocks[i])
                         for i in self._upper]
         self._norm_params = materialized_parameters(self._norm)
+        # where each upper block and the norm compute (fixed by the placement; looked up once, not per call)
+        self._devices = [execution_device(self._blocks[i]) for i in self._upper]
+        self._norm_device = execution_device(self._norm)
         self._configs = self._attention_configs()
         _register_attention()
 
@@ -348,7 +351,7 @@ class SplitModel:
 
     def _apply_norm(self, r):
         """a = N(r) on the head's device (where W is), whatever device r and the norm are on."""
-        device = next(iter(self._norm_params.values())).device if self._norm_params else r.device
+        device = self._norm_device or r.device
         with bypass_dispatch_hooks([self._norm]):
             a = functional_call(self._norm, self._norm_params, (r.to(device),))
         return a.to(self.W.device)
@@ -371,13 +374,10 @@ class SplitModel:
         """Upper block j (model block ``self._upper[j]``) on y with explicit parameters, on the
         block's own device (activations and keyword tensors follow it; accelerate's hooks bypassed)."""
         block = self._blocks[self._upper[j]]
-        params = self._block_params(j)
-        device = execution_device(block) or y.device
-        if params:
-            device = next(iter(params.values())).device
+        device = self._devices[j] or y.device
         kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
         with bypass_dispatch_hooks([block]):
-            return functional_call(block, params, (y.to(device),), kwargs)
+            return functional_call(block, self._block_params(j), (y.to(device),), kwargs)
 
     def _residual(self, ctx, h):
         """Blocks ℓ..L-1 on one token per candidate: h (..., d) → r_L (..., d); eager attention needed."""

@@ -139,8 +139,10 @@ def test_single_token_filter_and_concepts():
 @pytest.mark.parametrize("name", ["fishback", "innsteer"])
 def test_quick_run_does_not_overwrite_the_full_results(name, tmp_path, monkeypatch):
     """Review: --quick wrote bench/results/{name}.json, the full run's file."""
+    import sys
+
     bench = load_bench(name)
-    monkeypatch.setattr(bench, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(sys.modules["_harness"], "RESULTS_DIR", str(tmp_path))  # where default_results_path writes
     full = tmp_path / f"{name}.json"
     full.write_text('{"full": true}')
     threads = torch.get_num_threads()

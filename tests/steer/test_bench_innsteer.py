@@ -49,12 +49,12 @@ def test_structure(quick):
     assert none["alpha"] == 0 and none["median_delta_norm"] == 0
 
 
-def _hooked_logits(model, layer, ids, delta):
-    """Last-position logits with δ added to the input of block ``layer`` at the last position."""
+def _hooked_logits(model, layer, ids, delta, positions=(-1,)):
+    """Last-position logits of the model's own forward with δ added to the input of
+    block ``layer`` at ``positions`` (a plain pre-hook, no library code)."""
     def hook(module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        hidden = hidden.clone()
-        hidden[:, -1] += delta
+        hidden = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
+        hidden[:, list(positions)] += delta
         if "hidden_states" in kwargs:
             return args, {**kwargs, "hidden_states": hidden}
         return (hidden, *args[1:]), kwargs
@@ -109,20 +109,7 @@ def test_steered_continuation_regenerated_with_a_plain_hook(quick):
         # generated position seen so far: re-add it at every position from the prompt's last on
         n_prompt = len(behaviour["held_out"][0])
         positions = list(range(n_prompt - 1, len(ids)))
-
-        def hook(module, args, kwargs, positions=positions):
-            hidden = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
-            hidden[:, positions] += delta
-            if "hidden_states" in kwargs:
-                return args, {**kwargs, "hidden_states": hidden}
-            return (hidden, *args[1:]), kwargs
-
-        handle = model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                next_id = int(model(ids[None]).logits[0, -1].argmax())
-        finally:
-            handle.remove()
+        next_id = int(_hooked_logits(model, layer, ids, delta, positions).argmax())
         ids = torch.cat([ids, torch.tensor([next_id])])
     assert ids[len(behaviour["held_out"][0]):].tolist() == record["continuation_ids"]
     b = torch.softmax(_hooked_logits(model, layer, behaviour["held_out"][0], delta).double(), 0)
