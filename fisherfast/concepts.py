@@ -132,8 +132,6 @@ class ConceptScore:
     state h (..., d) through ``split.logits``.
     """
 
-    kinds = ("log_probability", "log_odds")
-
     def __init__(self, target, source=None):
         self.target = check_token_ids("target", target)
         self.source = None if source is None else check_token_ids("source", source)
