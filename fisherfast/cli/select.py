@@ -31,6 +31,9 @@ def run(args) -> int:
     for s in ranking:
         print(f"| {s.rank} | {s.name} | {s.A:.3f} ± {s.A_stderr:.3f} | {s.S_a:.3f} ± {s.S_a_stderr:.3f} | "
               f"{s.S_e:.3f} ± {s.S_e_stderr:.3f} | {s.rho:.2f} ± {s.rho_stderr:.2f} | {s.count} |")
+    for s in ranking:
+        if s.undefined:
+            print(f"{s.name}: A undefined, ranked last: {s.undefined}")
     for note in COLUMN_NOTES.values():
         print(note)
     return 0

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from fisherfast.cli._args import UsageError, add_command, nonnegative_int, note, positive_int, read_lines
+from fisherfast.cli._args import UsageError, add_command, nonnegative_int, note, positive_int, read_text
 from fisherfast.cli._files import SKETCH, check_output, write_output
 from fisherfast.cli._model import MODEL_HELP, load_model, model_shape
 
@@ -28,7 +28,9 @@ from fisherfast.cli._model import MODEL_HELP, load_model, model_shape
 def register(sub) -> None:
     p = add_command(sub, "sketch", "FisherSketch state of a text file or a local datasets corpus")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--texts", metavar="FILE", help="UTF-8 text file, one text per non-empty line")
+    source.add_argument("--texts", metavar="FILE",
+                        help="UTF-8 text file, one text per non-empty line (lines end at \\n or \\r\\n; "
+                             "a leading BOM is dropped)")
     source.add_argument("--dataset", metavar="PATH",
                         help="local datasets file or folder (jsonl, parquet, arrow), streamed")
     p.add_argument("--text-field", metavar="NAME", help="--dataset column of texts (next-token labels)")
@@ -75,6 +77,18 @@ def _dataset_fields(args) -> dict:
     return fields
 
 
+def read_texts(path: str, option: str = "--texts") -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped, as Python's text files
+    read them: a leading byte-order mark is dropped and lines end only at \\n or
+    \\r\\n (a form feed, U+2028 or a lone \\r stays inside its text, unlike
+    ``str.splitlines``). UsageError naming ``option`` if none or unreadable."""
+    text = read_text(path, option).removeprefix("\ufeff")
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    if not lines:
+        raise UsageError(f"{option} {path} holds no non-empty line")
+    return lines
+
+
 def _notices(args, texts: list[str], tokenizer) -> None:
     """Notices for --texts lines that are truncated or too short to sketch."""
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
@@ -94,7 +108,7 @@ def run(args) -> int:
 
     out = check_output(args.out, SKETCH, force=args.force)
     fields = _dataset_fields(args)
-    texts = read_lines(args.texts, "--texts") if args.texts is not None else None  # checked before the load
+    texts = read_texts(args.texts) if args.texts is not None else None  # checked before the load
     model_shape(args.model)  # the model can be loaded here
     distributed = init_distributed_from_env()
     rank = _rank() if distributed else 0

@@ -9,12 +9,18 @@ error from ``alignment`` (projection jackknife and, for A, S_a, S_e, the
 sampling part; for ρ the joint delete-one-feature jackknife,
 ``coupling_stderr``). Candidates are ranked by A, largest first.
 
+A candidate whose alignment is undefined (its joint sketch is zero, e.g. a
+zero head Fisher: every error e = 0, so A = 0/0) is ranked last, after every
+defined one, in the order given, with ``A = nan`` and the reason in
+``SourceScore.undefined``; a target whose own sketch is zero is an error.
+
 What the ranking predicts is measured in bench/bench_source_selection.py
 (fine-tuning the head on each source and measuring the target's loss).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from fisherfast.sketch.alignment import alignment, coupling_stderr, marginals
 from fisherfast.sketch.state import SketchState
@@ -31,6 +37,7 @@ class SourceScore:
         S_e, S_e_stderr: error marginal (second moments of e = p − e_y).
         rho, rho_stderr: coupling A / (S_a S_e) (projection part of the error).
         count: the candidate's sample count.
+        undefined: why A is undefined (NaN; such candidates rank last), or "".
     """
 
     name: str
@@ -44,6 +51,7 @@ class SourceScore:
     rho: float
     rho_stderr: float
     count: int
+    undefined: str = ""
 
 
 def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
@@ -59,7 +67,8 @@ def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
 
     Raises:
         TypeError: target not a SketchState, or candidates not states.
-        ValueError: no candidates, different specs, empty states.
+        ValueError: no candidates, different specs, empty states, a target
+            whose joint sketch is zero (every alignment undefined).
     """
     if not isinstance(target, SketchState):
         raise TypeError(f"target must be a SketchState, got {type(target).__name__}")
@@ -73,12 +82,17 @@ def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
         raise ValueError("candidates must hold at least one SketchState")
     if not all(isinstance(s, SketchState) for s in states):
         raise TypeError("every candidate must be a SketchState")
+    if target.count and not bool(target.sums["joint"].any()):
+        raise ValueError("the target's joint sketch is zero (zero head Fisher: every e = 0), so its alignment "
+                         "with any candidate is undefined")
     everything = [target, *states]  # row 0 is the target
     joint, act, err = (alignment(everything, kind=kind) for kind in ("joint", "activation", "error"))
     rho, rho_se = marginals(everything).rho, coupling_stderr(everything)
     scores = [dict(name=name, A=float(joint.A[0, j]), A_stderr=float(joint.stderr[0, j]), S_a=float(act.A[0, j]),
                    S_a_stderr=float(act.stderr[0, j]), S_e=float(err.A[0, j]), S_e_stderr=float(err.stderr[0, j]),
-                   rho=float(rho[0, j]), rho_stderr=float(rho_se[0, j]), count=state.count)
+                   rho=float(rho[0, j]), rho_stderr=float(rho_se[0, j]), count=state.count,
+                   undefined="" if math.isfinite(float(joint.A[0, j])) else
+                   "the candidate's joint sketch is zero (zero head Fisher), so A = 0/0")
               for j, (name, state) in enumerate(zip(names, states), start=1)]
-    scores.sort(key=lambda s: -s["A"])
+    scores.sort(key=lambda s: (bool(s["undefined"]), -s["A"] if not s["undefined"] else 0.0))  # stable
     return [SourceScore(rank=r, **s) for r, s in enumerate(scores, start=1)]

@@ -18,6 +18,26 @@ from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import KINDS, SketchState
 
 
+def check_masked_logits(logits: torch.Tensor, y: torch.Tensor | None) -> None:
+    """ValueError unless ``logits`` (B, K) are finite or −inf (a mask), every row keeps
+    one finite logit, and no label ``y`` (B,) falls on a masked class."""
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        raise ValueError("logits contains NaN or +inf values (−inf is accepted as a mask: probability zero)")
+    if logits.dim() != 2 or logits.shape[0] == 0:
+        return
+    masked = torch.isneginf(logits)
+    if bool(masked.any()):
+        empty = masked.all(dim=1).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(f"logits row {int(empty[0])} is −inf everywhere: every class masked, no distribution")
+        if isinstance(y, torch.Tensor) and y.dim() == 1 and y.shape[0] == logits.shape[0] \
+                and not y.is_floating_point() and bool(((y >= 0) & (y < logits.shape[1])).all()):
+            on_mask = masked.gather(1, y.long().to(logits.device)[:, None]).flatten().nonzero().flatten()
+            if on_mask.numel():
+                i = int(on_mask[0])
+                raise ValueError(f"y[{i}] = {int(y[i])} is a masked class (logit −inf, probability zero)")
+
+
 class FisherSketcher:
     """Accumulates the FisherSketch state of one task, batch by batch.
 
@@ -54,7 +74,12 @@ class FisherSketcher:
                chunk_rows: int | None = None) -> None:
         """Add a batch: a (B, d) and logits (B, K) or the head (W (K, d), b (K,));
         labels y (B,) for the empirical Fisher, or ``sample=True`` to draw
-        y ∼ softmax(logits) (true Fisher) from this sketcher's seeded generator."""
+        y ∼ softmax(logits) (true Fisher) from this sketcher's seeded generator.
+
+        A logit of −inf is a mask: that class has probability zero (e = p − e_y
+        is 0 there and y ∼ p never draws it). Raises ValueError for NaN or +inf
+        logits, a row with every logit −inf (no distribution), or a label y on
+        a masked class (its log-likelihood is −inf); all before any work."""
         check_tensor("a", a, ndim=2)
         if a.shape[1] != self.spec.d:
             raise ValueError(f"a must have shape (B, d = {self.spec.d}), got {tuple(a.shape)}")
@@ -64,7 +89,7 @@ class FisherSketcher:
             raise ValueError("give labels y, or sample=True to draw y ∼ p (not both)")
         check_finite("a", a)  # one NaN row would make every later sum NaN
         if isinstance(logits, torch.Tensor):
-            check_finite("logits", logits)
+            check_masked_logits(logits, y)
         K = logits.shape[-1] if isinstance(logits, torch.Tensor) else W.shape[0] if isinstance(W, torch.Tensor) else None
         if K is not None and K != self.spec.K:
             raise ValueError(f"the head must have K = {self.spec.K} classes (spec), got {K}")

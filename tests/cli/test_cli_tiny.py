@@ -41,6 +41,26 @@ def test_sketch_writes_a_shareable_state_and_reports_truncation(work, run_cli, t
     assert sorted(os.listdir()) == ["a.safetensors", "texts.txt"]
 
 
+def test_sketch_texts_drop_a_bom_and_end_lines_only_at_newlines(work, run_cli, tiny_model_dir):
+    """Issue 18.5: a UTF-8 BOM stayed in the first text (an extra [UNK] token) and a
+    form feed or U+2028 split a text in two (str.splitlines). Lines end at \\n or \\r\\n only."""
+    from fisherfast.cli.sketch import read_texts
+
+    body = "the cat sat\x0con the mat\u2028one two\r\n\nthe dog sat\n"
+    (work / "bom.txt").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (work / "plain.txt").write_bytes(body.encode())
+    want = ["the cat sat\x0con the mat\u2028one two", "the dog sat"]
+    assert read_texts("bom.txt") == read_texts("plain.txt") == want
+    for name in ("bom", "plain"):
+        result = run_cli("sketch", "--model", tiny_model_dir, "--texts", f"{name}.txt", "--out",
+                         f"{name}.safetensors", "--m", "64", "--no-progress")
+        assert result.code == 0, result.err
+    bom, plain = SketchState.load("bom.safetensors"), SketchState.load("plain.safetensors")
+    # 8 + 3 words: 7 + 2 next-token positions (a BOM token or a split text would change the count)
+    assert bom.count == plain.count == 9
+    torch.testing.assert_close(bom.as_tensor(), plain.as_tensor(), rtol=0, atol=0)
+
+
 def test_sketch_replaces_its_own_output_only_with_force(work, run_cli, tiny_model_dir):
     assert _sketch(run_cli, tiny_model_dir, "a.safetensors").code == 0
     before = open("a.safetensors", "rb").read()

@@ -216,6 +216,33 @@ def test_rank_sources_orders_by_alignment_with_decomposition():
         rank_sources(target, {})
 
 
+def test_rank_sources_puts_undefined_alignments_last_whatever_the_order():
+    """Issue 18.5: a zero-Fisher candidate (every e = 0: the head is certain of its label,
+    all other classes masked) has A = 0/0 = NaN, which used to land first, second or third
+    depending on dict order. It ranks last, with the reason; a zero-Fisher target is an error."""
+    from fisherfast.sketch import rank_sources
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(32, 8, generator=g, dtype=torch.float64) / 2
+    spec = SketchSpec(d=8, K=32, m=256, seed=2)
+    good = {name: sketch(spec, *task(theta, W, 100, gen=g)) for name, theta in (("b", 0.2), ("c", 0.9))}
+    a = torch.randn(20, 8, generator=g)
+    certain = torch.full((20, 32), float("-inf"))
+    certain[:, 5] = 0.0  # p = e_5 and y = 5: e = 0
+    zero = sketch(spec, a, certain, torch.full((20,), 5))
+    assert zero.count == 20 and not bool(zero.sums["joint"].any())
+    target = sketch(spec, *task(0.0, W, 100, gen=g))
+    orders = (("zero", "b", "c"), ("b", "zero", "c"), ("b", "c", "zero"))
+    for order in orders:
+        states = {**good, "zero": zero}
+        ranked = rank_sources(target, {name: states[name] for name in order})
+        assert [s.name for s in ranked] == ["b", "c", "zero"], order
+        assert math.isnan(ranked[2].A) and "zero" in ranked[2].undefined and ranked[2].rank == 3
+        assert ranked[0].undefined == ranked[1].undefined == ""
+    with pytest.raises(ValueError, match="target's joint sketch is zero"):
+        rank_sources(zero, good)
+
+
 def test_bad_signatures_and_marginals_of_signatures_are_rejected():
     """Review: NaN/complex signatures gave NaN or silently dropped the imaginary
     part; marginals of signature tensors returned S_a = S_e = A and ρ = 1/A

@@ -185,7 +185,18 @@ def test_sketcher_rejects_non_finite_rows_and_keeps_its_state():
         sketcher.update(bad, W=W, y=y)
     logits = a @ W.T
     logits[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="logits contains NaN or Inf"):
+    with pytest.raises(ValueError, match="logits contains NaN or \\+inf"):
+        sketcher.update(a, logits=logits, y=y)
+    logits[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits contains NaN or \\+inf"):
+        sketcher.update(a, logits=logits, y=y)
+    logits = a @ W.T
+    logits[2] = float("-inf")
+    with pytest.raises(ValueError, match="row 2 is −inf everywhere"):
+        sketcher.update(a, logits=logits, y=y)
+    logits = a @ W.T
+    logits[1, 2] = float("-inf")
+    with pytest.raises(ValueError, match="y\\[1\\] = 2 is a masked class"):
         sketcher.update(a, logits=logits, y=y)
     after = sketcher.state
     assert after.count == before.count == 3
@@ -197,3 +208,59 @@ def test_sketcher_rejects_non_finite_rows_and_keeps_its_state():
     want = sketch_features(a, (p, y), spec)
     for kind in before.sums:
         torch.testing.assert_close(after.sums[kind], want[kind].sum(0), rtol=1e-5, atol=1e-6)
+
+
+def dense_plan(plan: SRHTPlan) -> torch.Tensor:
+    """(m, n_in) float64: the SRHT rows ±1 written out (H_N from scipy, independent of the fwht op)."""
+    H = torch.from_numpy(scipy.linalg.hadamard(plan.N)).double()
+    return (plan.signs.double()[plan.idx // plan.N] * H[plan.idx % plan.N])[:, : plan.n_in]
+
+
+def dense_features(spec: SketchSpec, a: torch.Tensor, e: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample ψ of docs/design.md §7 in float64 from dense SRHT rows and explicit errors e (B, K)."""
+    Ra, Sa, Re, Se = (dense_plan(p) for p in spec.plans())
+    a, e = a.double(), e.double()
+    act = (a @ Ra.T) * (a @ Sa.T) / math.sqrt(spec.m)
+    err = (e @ Re.T) * (e @ Se.T) / math.sqrt(spec.m)
+    return {"joint": act * err * math.sqrt(spec.m), "activation": act, "error": err}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_minus_inf_logits_are_masks(backend):
+    """Issue 18.5: −inf logits are probability-zero classes. The state equals the dense
+    float64 features of e = p − e_y with p = 0 on the masked classes, for given labels and
+    for y ∼ p (drawn from the sketcher's generator, never on a masked class).
+    Error model: the op computes the features in float32; each feature is a product of four
+    SRHT outputs with relative error ≲ log₂N·2⁻²⁴ each, so sums are within ~1e-5 of the
+    largest |Σψ| (the float64 sums add no error at this size)."""
+    spec = SketchSpec(d=12, K=40, m=128, seed=4)
+    a, W, _ = batch(50, 12, 40, seed=3)
+    z = a @ W.T
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(50, 40, generator=g) < 0.6
+    mask[:, 0] = False  # every row keeps a class
+    z = z.masked_fill(mask, float("-inf"))
+    p = torch.softmax(z.double(), -1)
+    assert bool((p[mask] == 0).all())
+    allowed = (~mask).float()
+    y = torch.multinomial(allowed, 1, generator=g).flatten()
+
+    def check(state, labels):
+        e = p.clone()
+        e[torch.arange(50), labels] -= 1
+        want = dense_features(spec, a, e)
+        for kind in ("joint", "activation", "error"):
+            ref = want[kind].sum(0)
+            torch.testing.assert_close(state.sums[kind], ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+    sk = FisherSketcher(spec, backend=backend)
+    sk.update(a, logits=z, y=y)
+    check(sk.state, y)
+    seed = 11
+    u = torch.rand(50, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    c = torch.cumsum(p, -1)  # inverse CDF in float64, as an independent draw of the same y
+    y_drawn = (c <= u[:, None] * c[:, -1:]).sum(-1)
+    assert not bool(mask[torch.arange(50), y_drawn].any())
+    sk = FisherSketcher(spec, generator_seed=seed, backend=backend)
+    sk.update(a, logits=z, sample=True)
+    check(sk.state, y_drawn)
