@@ -7,9 +7,10 @@ The corpus is a text file (one text per line) or a local Hugging Face
 (a verbalizer task: the answer's token at the prompt's last position).
 
 Many processes: ``torchrun --nproc-per-node N -m fisherfast sketch ...`` (one
-machine or several, as torchrun sets them up) gives rank r the items r, r+N, …,
-merges the states with an all-reduce and rank 0 writes the file; the result
-equals one process's (counts exactly, sums to float64 round-off). Backend:
+machine or several, as torchrun sets them up) gives rank r the batches r, r+N,
+… of one process's batching, merges the states with an all-reduce and rank 0
+writes the file; the result equals one process's with the same --batch-size
+and threads per process (counts exactly, sums to float64 round-off). Backend:
 NCCL when CUDA is available (each rank on cuda:LOCAL_RANK), else gloo. Under
 torchrun write ``--m`` as ``--features``: torchrun's parser reads every
 argument and rejects ``--m`` as an ambiguous abbreviation of its own options.

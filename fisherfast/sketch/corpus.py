@@ -13,12 +13,16 @@ by name.
 
 ``sketch_corpus`` streams such a source (or any iterable of texts or pairs)
 through ``sketch_model``'s batch step. When torch.distributed is initialized,
-rank r of N takes items r, r + N, r + 2N, … and the ranks' states are summed
-with ``all_reduce_state``, so every rank (rank 0 writes the file) ends with the
-state of the whole corpus: counts exactly equal to a single process's, sums
-equal up to float64 summation order (the features of each row do not depend on
-which rows share its batch, up to the float32 rounding of the model's forward;
-a float64 model gives the single-process sums to round-off).
+the items are cut into batches of ``batch_size`` consecutive items exactly as
+one process cuts them, rank r of N takes batches r, r + N, r + 2N, … and the
+ranks' states are summed with ``all_reduce_state``, so every rank (rank 0
+writes the file) ends with the state of the whole corpus: counts exactly
+equal to a single process's, and sums equal to a single process's with the
+same batch size and threads per process up to float64 summation order (each
+batch is the same forward pass, bit for bit). Batching by items instead
+would put a row beside other rows and padding than in one process, and a
+float32 model's batched forward rounds differently then (6.6e-5 relative on
+a sum that cancels; issue 18.3).
 """
 from __future__ import annotations
 
@@ -105,7 +109,8 @@ def _values(rows, fields: list[str], path: str) -> Iterator[str | tuple[str, str
 
 
 def shard(items: Iterable, rank: int, world_size: int) -> Iterator:
-    """Items rank, rank + world_size, rank + 2·world_size, … of ``items``."""
+    """Items rank, rank + world_size, rank + 2·world_size, … of ``items`` (``sketch_corpus``
+    shards batches with it)."""
     return itertools.islice(items, rank, None, world_size)
 
 
@@ -170,7 +175,8 @@ def sketch_corpus(model, tokenizer, source, *, spec: SketchSpec | None = None, t
             names below), or an iterable of texts, or of (prompt, answer) pairs.
         spec: SketchSpec (d = hidden size, K = vocabulary); default SketchSpec(d, K).
         text_field / prompt_field, answer_field: the columns to read from a path.
-        batch_size: items per forward pass (per rank).
+        batch_size: items per forward pass; under torch.distributed rank r takes
+            batches r, r + N, … of the single-process batching.
         max_length: truncate each text or prompt to this many tokens.
         sample: y ∼ p (true Fisher) at every position with a next token (texts)
             or at each prompt's last token (pairs: the answers are then unused).
@@ -217,7 +223,7 @@ def sketch_corpus(model, tokenizer, source, *, spec: SketchSpec | None = None, t
     labeler, kind = _Labeler(tokenizer), None
     with tqdm(desc=f"FisherSketch (rank {rank}/{world})" if world > 1 else "FisherSketch", unit="tok",
               unit_scale=True, disable=not progress or rank != 0) as bar:
-        for batch in _batches(shard(items, rank, world), batch_size):
+        for batch in shard(_batches(items, batch_size), rank, world):  # whole batches: see the module docstring
             kind = kind or _kind(batch[0])
             if any(_kind(item) != kind for item in batch):
                 raise TypeError("source must hold only texts or only (prompt, answer) pairs")
