@@ -3,8 +3,14 @@ with a target task (docs/design.md §7; FisherSketch's source selection), from
 states written by `fisherfast sketch`."""
 from __future__ import annotations
 
+import math
+
 from fisherfast.cli._args import UsageError, add_command
 from fisherfast.cli._report import COLUMN_NOTES
+
+
+G_NOTE = ("G    cosine of the mean head gradients (first moments) with the target's; — for a state "
+          "saved before the first moment")
 
 
 def register(sub) -> None:
@@ -27,13 +33,15 @@ def run(args) -> int:
         raise UsageError(str(err)) from None
     print(f"sources for {names[0]} (n = {target.count}), best aligned first; ± one standard error "
           "(random projections and sampling):")
-    print("| rank | source | A | S_a | S_e | ρ | n |\n|---|---|---|---|---|---|---|")
+    print("| rank | source | A | S_a | S_e | ρ | G | n |\n|---|---|---|---|---|---|---|---|")
     for s in ranking:
+        G = "—" if math.isnan(s.G) else f"{s.G:.3f} ± {s.G_stderr:.3f}"
         print(f"| {s.rank} | {s.name} | {s.A:.3f} ± {s.A_stderr:.3f} | {s.S_a:.3f} ± {s.S_a_stderr:.3f} | "
-              f"{s.S_e:.3f} ± {s.S_e_stderr:.3f} | {s.rho:.2f} ± {s.rho_stderr:.2f} | {s.count} |")
+              f"{s.S_e:.3f} ± {s.S_e_stderr:.3f} | {s.rho:.2f} ± {s.rho_stderr:.2f} | {G} | {s.count} |")
     for s in ranking:
         if s.undefined:
             print(f"{s.name}: A undefined, ranked last: {s.undefined}")
     for note in COLUMN_NOTES.values():
         print(note)
+    print(G_NOTE)
     return 0

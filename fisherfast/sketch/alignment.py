@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from fisherfast.sketch.state import KINDS, SketchState
+from fisherfast.sketch.state import ALL_KINDS, KINDS, SketchState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,9 @@ def alignment(signatures_or_states, *, kind: str = "joint", debiased: bool = Fal
     Args:
         signatures_or_states: list or {name: ·} of SketchStates (one spec) or of
             signature tensors (m,).
-        kind: "joint" (head Fisher), "activation" or "error" (the marginals).
+        kind: "joint" (head Fisher), "activation" or "error" (the marginals), or
+            "mean": cosines of the first moments, cos(ḡ_i, ḡ_j) of the mean head
+            gradients (states of version 2).
         debiased: U-statistic norms (states only; see the module docstring).
 
     Returns:
@@ -166,12 +168,17 @@ def alignment(signatures_or_states, *, kind: str = "joint", debiased: bool = Fal
             no samples, debiased=True with signatures.
         TypeError: a mix of states and tensors, or another container.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in ALL_KINDS:
+        raise ValueError(f"kind must be one of {ALL_KINDS}, got {kind!r}")
     if not isinstance(debiased, bool):
         raise TypeError(f"debiased must be a bool, got {type(debiased).__name__}")
     names, items = _items(signatures_or_states)
     states = isinstance(items[0], SketchState)
+    if states and kind not in KINDS:
+        missing = [name for name, s in zip(names, items) if not s.has_mean]
+        if missing:
+            raise ValueError(f"kind {kind!r} needs the first moment, which these states lack (saved before "
+                             f"state version 2): {missing}")
     if debiased and not states:
         raise ValueError("debiased=True needs SketchStates (the sums of squares), not signatures")
     mu, diag = _contributions(items, kind, debiased)

@@ -2,8 +2,9 @@
 torch.distributed (docs/design.md §7).
 
 States are sums, so the merged state of shards is their elementwise sum: one
-all-reduce (SUM) of the float64 buffers (a head state's (6, m) sums and sums
-of squares of the joint, activation and error features; a full-network
+all-reduce (SUM) of the float64 buffers (a head state's (8, m) sums and sums
+of squares of the joint, activation, error and first-moment features, (6, m)
+without the first moment; a full-network
 state's (2, m)) plus the count, carried in the same float64 message (exact for
 counts below 2⁵³). Every rank ends with the state of the union of all ranks'
 data. Before the sum, a MIN and a MAX all-reduce of the spec fields (for a
@@ -11,8 +12,8 @@ full-network state: m, the layer count and a fingerprint of the layer specs)
 check that every rank sketched under the same spec.
 
 Backends: gloo reduces CPU tensors; NCCL needs them on the current CUDA device,
-where they are moved for the collective. Cost: two all-reduces of ≤ 5 int64 and
-one of 6m + 1 (head) or 2m + 1 float64 (about 192 KB at m = 4096).
+where they are moved for the collective. Cost: two all-reduces of ≤ 6 int64 and
+one of 8m + 1 (head; 6m + 1 without the first moment) or 2m + 1 float64 (about 256 KB at m = 4096).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _spec_fields(state) -> list[int]:
     """Integers that agree across ranks exactly when their states' specs do."""
     if isinstance(state, SketchState):
         spec = state.spec
-        return [spec.d, spec.K, spec.m, spec.seed, spec.version]
+        return [spec.d, spec.K, spec.m, spec.seed, spec.version, int(state.has_mean)]
     return [state.m, len(state.specs), state.fingerprint()]
 
 
@@ -60,7 +61,7 @@ def all_reduce_state(state: SketchState | FullNetworkState, group=None) -> Sketc
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(low, high):
-        what = (f"{state.spec}, the group's (d, K, m, seed, version)" if isinstance(state, SketchState)
+        what = (f"{state.spec}, the group's (d, K, m, seed, version, first moment)" if isinstance(state, SketchState)
                 else f"{len(state.specs)} layer specs, the group's (m, layers, spec fingerprint)")
         raise ValueError(f"all ranks must share one spec; this rank has {what} range from {low.tolist()} "
                          f"to {high.tolist()}")

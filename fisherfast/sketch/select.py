@@ -7,7 +7,9 @@ M_a and of the error second moments Γ_e) and the coupling ρ = A / (S_a S_e)
 (1 when a and e are independent within each task), each with its standard
 error from ``alignment`` (projection jackknife and, for A, S_a, S_e, the
 sampling part; for ρ the joint delete-one-feature jackknife,
-``coupling_stderr``). Candidates are ranked by A, largest first.
+``coupling_stderr``). Beside them, G: the cosine of the first moments (the
+mean head gradients ḡ = E[e ⊗ a]), so one sees where the first and second
+moments disagree. Candidates are ranked by A, largest first.
 
 A candidate whose alignment is undefined (its joint sketch is zero, e.g. a
 zero head Fisher: every error e = 0, so A = 0/0) is ranked last, after every
@@ -38,6 +40,8 @@ class SourceScore:
         rho, rho_stderr: coupling A / (S_a S_e) (projection part of the error).
         count: the candidate's sample count.
         undefined: why A is undefined (NaN; such candidates rank last), or "".
+        G, G_stderr: the first moment's cosine cos(ḡ_target, ḡ_j) of the mean head
+            gradients, beside A (NaN when a state lacks the first moment: version 1).
     """
 
     name: str
@@ -52,6 +56,8 @@ class SourceScore:
     rho_stderr: float
     count: int
     undefined: str = ""
+    G: float = math.nan
+    G_stderr: float = math.nan
 
 
 def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
@@ -88,11 +94,14 @@ def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
     everything = [target, *states]  # row 0 is the target
     joint, act, err = (alignment(everything, kind=kind) for kind in ("joint", "activation", "error"))
     rho, rho_se = marginals(everything).rho, coupling_stderr(everything)
+    first = alignment(everything, kind="mean") if all(s.has_mean for s in everything) else None
     scores = [dict(name=name, A=float(joint.A[0, j]), A_stderr=float(joint.stderr[0, j]), S_a=float(act.A[0, j]),
                    S_a_stderr=float(act.stderr[0, j]), S_e=float(err.A[0, j]), S_e_stderr=float(err.stderr[0, j]),
                    rho=float(rho[0, j]), rho_stderr=float(rho_se[0, j]), count=state.count,
                    undefined="" if math.isfinite(float(joint.A[0, j])) else
-                   "the candidate's joint sketch is zero (zero head Fisher), so A = 0/0")
+                   "the candidate's joint sketch is zero (zero head Fisher), so A = 0/0",
+                   G=math.nan if first is None else float(first.A[0, j]),
+                   G_stderr=math.nan if first is None else float(first.stderr[0, j]))
               for j, (name, state) in enumerate(zip(names, states), start=1)]
     scores.sort(key=lambda s: (bool(s["undefined"]), -s["A"] if not s["undefined"] else 0.0))  # stable
     return [SourceScore(rank=r, **s) for r, s in enumerate(scores, start=1)]

@@ -5,6 +5,13 @@ g = e ⊗ a. The joint feature ψ_j(g) = (r_jᵃ·a)(r_jᵉ·e)(s_jᵃ·a)(s_j�
 E[ψ(g)·ψ(g′)] = (g·g′)² = (a·a′)²(e·e′)², so mean ψ over a task's samples
 sketches its empirical head Fisher F̂ = (1/n) Σ g gᵀ and cosines of signatures
 estimate ⟨F̂_i, F̂_j⟩ / (‖F̂_i‖‖F̂_j‖).
+
+The first moment, in the same pass: φ_j(g) = (r_jᵃ·a)(r_jᵉ·e)/√m with the
+same plans rᵃ, rᵉ, so E[φ(g)·φ(g′)] = g·g′ and mean φ is a random projection
+of the mean head gradient ḡ = (1/n) Σ e ⊗ a (its cosines estimate
+cos(ḡ_i, ḡ_j), the peer's "mean gradient cosine" restricted to the head).
+The fused op accumulates the three second-moment kinds; the first moment
+costs one more SRHT of p per row here (the op does two).
 """
 from __future__ import annotations
 
@@ -14,8 +21,10 @@ import torch
 
 from fisherfast.ops import fisher_sketch_update, srht, srht_onehot
 from fisherfast.ops._checks import check_finite, check_tensor
+from fisherfast.ops.fisher_sketch import LOGITS_CHUNK_BYTES
+from fisherfast.ops.fisher_sketch_common import sample_labels
 from fisherfast.sketch.spec import SketchSpec
-from fisherfast.sketch.state import KINDS, SketchState
+from fisherfast.sketch.state import KINDS, MEAN, SketchState
 
 
 def check_masked_logits(logits: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -47,17 +56,21 @@ class FisherSketcher:
         generator_seed: seed of the generator that draws y ∼ p for
             ``update(..., sample=True)`` (default: ``spec.seed``).
         backend: force an op backend ("reference", "cpu", "triton", "cuda").
+        mean: also sketch the first moment (the mean head gradient; default True).
 
-    The state is 3 × 2 × m float64 (192 KB at m = 4096) whatever the data size.
+    The state is 4 × 2 × m float64 (256 KB at m = 4096; 192 KB without the
+    first moment) whatever the data size.
     """
 
     def __init__(self, spec: SketchSpec, *, device=None, generator_seed: int | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, mean: bool = True):
         if not isinstance(spec, SketchSpec):
             raise TypeError(f"spec must be a SketchSpec, got {type(spec).__name__}")
         if generator_seed is not None and (not isinstance(generator_seed, int) or generator_seed < 0):
             raise ValueError(f"generator_seed must be a non-negative int, got {generator_seed!r}")
-        self.spec, self.backend = spec, backend
+        if not isinstance(mean, bool):
+            raise TypeError(f"mean must be a bool, got {type(mean).__name__}")
+        self.spec, self.backend, self.mean = spec, backend, mean
         self.device = None if device is None else torch.device(device)
         self.count = 0
         self._sums = self._sumsqs = None
@@ -68,6 +81,8 @@ class FisherSketcher:
     def _allocate(self, device: torch.device) -> None:
         self._sums = torch.zeros(len(KINDS), self.spec.m, dtype=torch.float64, device=device)
         self._sumsqs = torch.zeros_like(self._sums)
+        self._mean_sum = torch.zeros(self.spec.m, dtype=torch.float64, device=device)  # first moment: Σφ, Σφ²
+        self._mean_sumsq = torch.zeros_like(self._mean_sum)
 
     def update(self, a: torch.Tensor, *, logits: torch.Tensor | None = None, W: torch.Tensor | None = None,
                b: torch.Tensor | None = None, y: torch.Tensor | None = None, sample: bool = False,
@@ -99,21 +114,54 @@ class FisherSketcher:
         if a.device != self.device:
             raise ValueError(f"a is on {a.device} but the sketcher's state is on {self.device}")
         u = torch.rand(a.shape[0], generator=self._generator, dtype=torch.float64).to(a.device) if sample else None
-        fisher_sketch_update(self._sums, self._sumsqs, a, self.spec.plans(), logits=logits, W=W, b=b, y=y, u=u,
-                             chunk_rows=chunk_rows, backend=self.backend)
+        if not self.mean:
+            fisher_sketch_update(self._sums, self._sumsqs, a, self.spec.plans(), logits=logits, W=W, b=b, y=y, u=u,
+                                 chunk_rows=chunk_rows, backend=self.backend)
+        else:
+            self._update_with_mean(a, logits, W, b, y, u, chunk_rows)
         self.count += a.shape[0]
+
+    def _update_with_mean(self, a, logits, W, b, y, u, chunk_rows) -> None:
+        """Chunks of rows: logits (formed here from W, b as the op would), y ∼ p drawn here
+        (``sample_labels``, the op's inverse CDF), then the fused op for the three second-moment
+        kinds and the first moment φ = (rᵃ·a)(rᵉ·e)/√m beside it."""
+        plans = self.spec.plans()
+        ra, _, re, _ = plans
+        if chunk_rows is None:  # the op's own policy: 64 MB of float32 logits or transform scratch
+            chunk_rows = max(1, LOGITS_CHUNK_BYTES // (4 * max(self.spec.K, 2 * re.n_blocks * re.N)))
+        root_m = math.sqrt(self.spec.m)
+        for start in range(0, a.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            a_rows = a[rows]
+            if logits is not None:
+                z = logits[rows]
+            else:
+                z = a_rows.to(W.dtype) @ W.T if b is None else torch.addmm(b, a_rows.to(W.dtype), W.T)
+            p = torch.softmax(z.float(), dim=-1)
+            y_rows = y[rows] if u is None else sample_labels(p, u[rows])
+            fisher_sketch_update(self._sums, self._sumsqs, a_rows, plans, logits=z, y=y_rows,
+                                 chunk_rows=a_rows.shape[0], backend=self.backend)
+            u_a = srht(a_rows.float(), ra, backend=self.backend)
+            u_e = srht(p, re, backend=self.backend) - srht_onehot(y_rows, re)
+            phi = u_a.double() * u_e.double() / root_m
+            self._mean_sum += phi.sum(0)
+            self._mean_sumsq += phi.square().sum(0)
 
     @property
     def state(self) -> SketchState:
         """A snapshot of the current state (copies of the buffers)."""
         if self._sums is None:
-            return SketchState(self.spec)
-        return SketchState(self.spec, self.count, {k: self._sums[i].clone() for i, k in enumerate(KINDS)},
-                           {k: self._sumsqs[i].clone() for i, k in enumerate(KINDS)})
+            return SketchState(self.spec, mean=self.mean)
+        sums = {k: self._sums[i].clone() for i, k in enumerate(KINDS)}
+        sumsqs = {k: self._sumsqs[i].clone() for i, k in enumerate(KINDS)}
+        if self.mean:
+            sums[MEAN], sumsqs[MEAN] = self._mean_sum.clone(), self._mean_sumsq.clone()
+        return SketchState(self.spec, self.count, sums, sumsqs)
 
 
 def sketch_features(a: torch.Tensor, e, spec: SketchSpec) -> dict[str, torch.Tensor]:
-    """Per-sample features {kind: (B, m) float64} from explicit errors.
+    """Per-sample features {kind: (B, m) float64} from explicit errors, for the
+    kinds joint, activation, error and the first moment "mean".
 
     ``e`` is either the error rows (B, K) (any vectors, e.g. per-position
     backpropagated errors) or a pair (p, y) of probabilities (B, K) and labels
@@ -141,4 +189,5 @@ def sketch_features(a: torch.Tensor, e, spec: SketchSpec) -> dict[str, torch.Ten
     root_m = math.sqrt(spec.m)
     psi_act = u_a.double() * v_a.double() / root_m
     psi_err = u_e.double() * v_e.double() / root_m
-    return {"joint": psi_act * psi_err * root_m, "activation": psi_act, "error": psi_err}
+    return {"joint": psi_act * psi_err * root_m, "activation": psi_act, "error": psi_err,
+            MEAN: u_a.double() * u_e.double() / root_m}

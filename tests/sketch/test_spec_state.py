@@ -42,7 +42,8 @@ def test_spec_fixes_four_independent_plans():
 
 def test_state_sizes():
     state = SketchState(SketchSpec(d=4096, K=128256))
-    assert state.nbytes == 196_608
+    assert state.nbytes == 262_144  # 4 kinds × (Σ, Σ²) × 8 B × 4096
+    assert SketchState(SketchSpec(d=4096, K=128256), mean=False).nbytes == 196_608
     state.count = 1
     sig = state.signature()
     assert sig.dtype == torch.float32 and sig.numel() * sig.element_size() == 16_384
@@ -107,13 +108,31 @@ def test_save_load_roundtrip_and_failures(tmp_path):
     tensors = {f"{p}.{k}": torch.zeros(64, dtype=torch.float64) for p in ("sum", "sumsq")
                for k in ("joint", "activation", "error")}
     meta = {"format": "fisherfast.sketch.state", "version": "1", "spec": spec.to_json(), "count": "3"}
-    for change, message in ((dict(version="2"), "version"), (dict(format="other"), "not a fisherfast"),
+    # a version-1 file (before the first moment) still loads, without the "mean" kind
+    save_file(tensors, tmp_path / "v1.safetensors", metadata=meta)
+    v1 = SketchState.load(tmp_path / "v1.safetensors", spec=spec)
+    assert v1.count == 3 and not v1.has_mean and v1.kinds == ("joint", "activation", "error")
+    with pytest.raises(ValueError, match="no first moment"):
+        v1.signature("mean")
+    with pytest.raises(ValueError, match="with the first moment and one without"):
+        state.merge(v1)
+    assert state.without_mean().merge(v1).count == 28
+    v1.save(tmp_path / "v1-again.safetensors")  # written as version 2, still without the first moment
+    assert not SketchState.load(tmp_path / "v1-again.safetensors").has_mean
+    for change, message in ((dict(version="3"), "version"), (dict(format="other"), "not a fisherfast"),
                             (dict(spec="{"), "corrupted"), (dict(count="x"), "corrupted")):
         save_file(tensors, tmp_path / "bad.safetensors", metadata={**meta, **change})
         with pytest.raises(ValueError, match=message):
             SketchState.load(tmp_path / "bad.safetensors")
     save_file({**tensors, "sum.joint": torch.zeros(63, dtype=torch.float64)}, tmp_path / "bad.safetensors",
               metadata=meta)
+    with pytest.raises(ValueError, match="corrupted"):
+        SketchState.load(tmp_path / "bad.safetensors")
+    mean = {"sum.mean": torch.zeros(64, dtype=torch.float64), "sumsq.mean": torch.zeros(64, dtype=torch.float64)}
+    save_file({**tensors, **mean}, tmp_path / "bad.safetensors", metadata=meta)  # version 1 has no first moment
+    with pytest.raises(ValueError, match="corrupted"):
+        SketchState.load(tmp_path / "bad.safetensors")
+    save_file({**tensors, "sum.mean": mean["sum.mean"]}, tmp_path / "bad.safetensors", metadata={**meta, "version": "2"})
     with pytest.raises(ValueError, match="corrupted"):
         SketchState.load(tmp_path / "bad.safetensors")
     raw = bytearray(path.read_bytes())
