@@ -10,9 +10,10 @@ from fisherfast.sketch.model import sketch_model, sketch_task, sketch_tasks  # n
 from fisherfast.sketch.tasks import PromptTask, verbalizer_tasks  # noqa: E402
 from fisherfast.sketch.corpus import init_distributed_from_env, read_corpus, sketch_corpus  # noqa: E402
 from fisherfast.sketch.select import SourceScore, rank_sources  # noqa: E402
+from fisherfast.sketch.index import SignatureIndex  # noqa: E402
 
 __all__ = ["SketchSpec", "SKETCH_VERSION", "SketchState", "KINDS", "FisherSketcher", "sketch_features",
            "alignment", "marginals", "coupling_stderr", "AlignmentResult", "Marginals",
            "sketch_model", "sketch_task", "sketch_tasks", "PromptTask", "verbalizer_tasks", "all_reduce_state",
            "FullNetworkSketcher", "FullNetworkState", "read_corpus", "sketch_corpus", "init_distributed_from_env",
-           "rank_sources", "SourceScore"]
+           "rank_sources", "SourceScore", "SignatureIndex"]
