@@ -135,15 +135,12 @@ def _sampling_stderr(items, kind: str, mu: torch.Tensor) -> torch.Tensor:
     nrm = mu.norm(dim=1)
     unit = mu / nrm[:, None]
     cos = unit @ unit.T
-    n = len(items)
-    stderr = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(n):
-            if i != j:
-                gi = (unit[j] - cos[i, j] * unit[i]) / nrm[i]
-                gj = (unit[i] - cos[i, j] * unit[j]) / nrm[j]
-                stderr[i, j] = ((gi.square() * var[i]).sum() + (gj.square() * var[j]).sum()).sqrt()
-    return stderr
+    rows = []
+    for i in range(len(items)):  # row i against every j at once: (n, m) terms
+        gi = (unit - cos[i][:, None] * unit[i]) / nrm[i]
+        gj = (unit[i] - cos[i][:, None] * unit) / nrm[:, None]
+        rows.append(((gi.square() * var[i]).sum(1) + (gj.square() * var).sum(1)).sqrt())
+    return torch.stack(rows).fill_diagonal_(0.0)
 
 
 def alignment(signatures_or_states, *, kind: str = "joint", debiased: bool = False) -> AlignmentResult:

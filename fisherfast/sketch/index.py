@@ -221,9 +221,9 @@ class SignatureIndex:
         if not self._names:
             raise ValueError("the index is empty")
         A = self.scores(target)
-        order = sorted(range(len(A)), key=lambda j: (math.isnan(float(A[j])), -float(A[j])
-                                                     if not math.isnan(float(A[j])) else 0.0))
-        hits = [self._names[j] for j in order[:k]]
+        # largest first, undefined (NaN) last in insertion order: a stable sort of −A with NaN → +inf
+        order = torch.sort(torch.nan_to_num(-A, nan=math.inf), stable=True).indices[:k]
+        hits = [self._names[j] for j in order.tolist()]
         states = {name: self.state(name) for name in hits}
         if isinstance(target, SketchState) and target.count > 1 and all(s is not None for s in states.values()):
             if not all(s.has_mean for s in states.values()) and target.has_mean:

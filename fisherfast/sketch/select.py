@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from fisherfast.sketch.alignment import alignment, coupling_stderr, marginals
+from fisherfast.sketch.alignment import alignment, coupling_stderr
 from fisherfast.sketch.state import SketchState
 
 
@@ -93,7 +93,7 @@ def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
                          "with any candidate is undefined")
     everything = [target, *states]  # row 0 is the target
     joint, act, err = (alignment(everything, kind=kind) for kind in ("joint", "activation", "error"))
-    rho, rho_se = marginals(everything).rho, coupling_stderr(everything)
+    rho, rho_se = joint.A / (act.A * err.A), coupling_stderr(everything)  # ρ as ``marginals`` defines it
     first = alignment(everything, kind="mean") if all(s.has_mean for s in everything) else None
     scores = [dict(name=name, A=float(joint.A[0, j]), A_stderr=float(joint.stderr[0, j]), S_a=float(act.A[0, j]),
                    S_a_stderr=float(act.stderr[0, j]), S_e=float(err.A[0, j]), S_e_stderr=float(err.stderr[0, j]),
