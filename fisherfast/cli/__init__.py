@@ -7,6 +7,9 @@
     fisherfast sketch ...           FisherSketch state of a text file or datasets corpus
     fisherfast align SIG...         alignment tables + heatmap of sketch states
     fisherfast select TARGET CAND...  candidate sources ranked by alignment with a target
+    fisherfast index add|query|list INDEX ...
+                                    a signature index of many domains: append states,
+                                    the top-k domains for a target, the domains held
     fisherfast steer --prompt P --target W --layer L
                                     FishBack vs Euclidean steering of p(W | P)
 

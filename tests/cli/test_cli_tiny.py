@@ -254,6 +254,45 @@ def test_select_ranks_candidates_by_the_cosine_of_their_signatures(work, run_cli
     assert bad.code == 2 and "cannot load texts.txt" in bad.err
 
 
+def test_index_add_list_query_on_the_tiny_model(work, run_cli, tiny_model_dir):
+    """Issue 21.4: states from `fisherfast sketch` go into an index (created, appended, merged),
+    `list` shows them, `query` prints what SignatureIndex.query returns; a repeated name is one
+    line and exit 2 with the index file untouched."""
+    from fisherfast.sketch import SignatureIndex
+
+    texts = {"a": "the cat sat on the mat\nthe dog sat on the mat\n",
+             "b": "the cat sat on the dog\nthe mat sat on the cat\n",
+             "c": "one two three four five six\nseven eight nine ten one two\n",
+             "d": "yes no yes no\nno yes no yes yes\n",
+             "t": "the dog sat on the cat\nthe cat sat on the mat\n"}
+    for name, body in texts.items():
+        (work / f"{name}.txt").write_text(body)
+        assert run_cli("sketch", "--model", tiny_model_dir, "--texts", f"{name}.txt", "--out", f"{name}.safetensors",
+                       "--m", "256", "--no-progress").code == 0
+    created = run_cli("index", "add", "i.safetensors", "a.safetensors", "b.safetensors")
+    assert created.code == 0, created.err
+    assert "created with 2 domains: i.safetensors holds 2" in created.out
+    assert run_cli("index", "add", "i.safetensors", "c.safetensors", "--name", "numbers").code == 0
+    assert run_cli("index", "add", "j.safetensors", "d.safetensors").code == 0
+    merged = run_cli("index", "add", "i.safetensors", "j.safetensors")
+    assert merged.code == 0 and "i.safetensors holds 4" in merged.out
+    before = (work / "i.safetensors").read_bytes()
+    again = run_cli("index", "add", "i.safetensors", "a.safetensors")
+    assert again.code == 2 and again.err.count("\n") == 1 and "already holds a domain named 'a'" in again.err
+    assert (work / "i.safetensors").read_bytes() == before
+    listed = run_cli("index", "list", "i.safetensors")
+    assert listed.code == 0 and "4 domains under SketchSpec(d=32, K=64, m=256" in listed.out
+    assert [line.split()[0] for line in listed.out.splitlines()[1:]] == ["a", "b", "numbers", "d"]
+    result = run_cli("index", "query", "i.safetensors", "t.safetensors", "--k", "3")
+    assert result.code == 0, result.err
+    rows = [line.split("|") for line in result.out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    want = SignatureIndex.load("i.safetensors").query(SketchState.load("t.safetensors"), k=3)
+    assert [r[2].strip() for r in rows] == [h.name for h in want] and len(rows) == 3
+    for r, h in zip(rows, want):
+        assert r[3].strip() == f"{h.A:.3f} ± {h.A_stderr:.3f}" and r[7].strip() == f"{h.G:.3f} ± {h.G_stderr:.3f}"
+    assert "G    cosine of the mean head gradients" in result.out
+
+
 def test_sketch_under_torchrun_equals_one_process(work, tiny_model_dir):
     """torchrun --nproc-per-node 2 -m fisherfast sketch: rank-sharded corpus, all-reduced
     state written by rank 0, equal to one process's (gloo on the CPU)."""

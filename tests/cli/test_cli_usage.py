@@ -85,6 +85,24 @@ CASES = {
     "model-missing": (["sketch", "--texts", "texts.txt", "--out", "s.safetensors", "--model", "nomodel"],
                       "--model must be 'default' or a local Hugging Face model folder"),
     "unknown-command": (["frobnicate"], "invalid choice"),
+    # the signature index
+    "index-no-action": (["index"], "the following arguments are required: ACTION"),
+    "index-add-out-txt": (["index", "add", "precious.txt", "texts.txt"], "INDEX precious.txt: a signature index "
+                          "file must end in .safetensors"),
+    "index-add-foreign": (["index", "add", "weights.safetensors", "texts.txt"],
+                          "INDEX weights.safetensors exists and is not a signature index file"),
+    "index-add-nodir": (["index", "add", "nodir/i.safetensors", "texts.txt"], "does not exist"),
+    "index-add-not-a-state": (["index", "add", "i.safetensors", "texts.txt"], "cannot load texts.txt"),
+    "index-add-missing": (["index", "add", "i.safetensors", "none.safetensors"], "cannot load none.safetensors"),
+    "index-add-name-twice": (["index", "add", "i.safetensors", "a.safetensors", "b.safetensors", "--name", "x"],
+                             "--name names one STATE"),
+    "index-query-missing": (["index", "query", "none.safetensors", "t.safetensors"], "cannot load the index "
+                            "none.safetensors"),
+    "index-query-foreign": (["index", "query", "weights.safetensors", "t.safetensors"],
+                            "is not a fisherfast.sketch.index file"),
+    "index-query-k-0": (["index", "query", "i.safetensors", "t.safetensors", "--k", "0"],
+                        "--k: expected an integer ≥ 1"),
+    "index-list-missing": (["index", "list", "none.safetensors"], "cannot load the index none.safetensors"),
 }
 
 
@@ -107,7 +125,7 @@ def test_help_shows_defaults_and_explains_the_plot(run_cli):
 
 def test_every_subcommand_is_listed(run_cli):
     out = run_cli("--help").out
-    for name in ("info", "demo", "spectrum", "sketch", "align", "steer"):
+    for name in ("info", "demo", "spectrum", "sketch", "align", "select", "index", "steer"):
         assert f"\n    {name} " in out
 
 
