@@ -28,3 +28,20 @@ def test_bench_source_selection_quick():
     spearman = [v for per_step in summary["spearman"].values() for v in per_step.values()]
     assert len(spearman) == 6 * len(summary["step_sizes"]) and all(math.isfinite(v) and -1 <= v <= 1
                                                                    for v in spearman)
+
+
+def test_bench_domains_quick():
+    """bench_domains --quick: standard-library domains on the tiny model (no Debian package needed);
+    every accuracy a fraction, top-5 ≥ top-1, chance = 1/D, and the index latency rows present."""
+    import bench_domains
+
+    result = bench_domains.main(["--quick"])
+    D = len(result["domains"])
+    assert D == 6
+    rows = {r["similarity"]: r for r in result["retrieval"]}
+    assert rows["chance"]["top1"] == pytest.approx(1 / D)
+    for name, row in rows.items():
+        assert 0 <= row["top1"] <= row["top5"] <= 1, (name, row)
+        assert name == "chance" or row["n"] == 4 * D
+    assert [r["domains"] for r in result["latency"]] == [D, 200] and all(r["query_ms"] > 0 for r in result["latency"])
+    assert result["cost"][1]["vs_forward"] > 0
