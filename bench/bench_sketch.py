@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     columns = ["contender", "device", "median_s", "x_gemm", "x_fisherfast", "peak_MB", "random_structure_MB"]
     table = markdown_table(rows, columns)
     state = SketchState(spec, count=1)
-    sizes = (f"state: {state.nbytes:,} bytes (3 kinds × sum, sumsq × float64 × m); "
+    sizes = (f"state: {state.nbytes:,} bytes (4 kinds × sum, sumsq × float64 × m: joint, activation, error, first moment); "
              f"signature: {state.signature().numel() * 4:,} bytes (float32 × m)")
     print(f"FisherSketch update, K={K}, d={d}, m={m}, B={B}, torch threads={torch.get_num_threads()}\n")
     print(table)

@@ -21,6 +21,7 @@ True/False answers, capital cities). For each candidate:
              ⟨C_t, C_s⟩_F / (‖C_t‖_F ‖C_s‖_F), C = X_cᵀX_c (X_c centered rows)
   grad cos   reference: cosine of the two tasks' mean head gradients Σ e⊗a (what
              one gradient step's first-order effect depends on)
+  G          the same from the sketch's first moment (same pass as A), ± stderr
 
 Reported: Spearman correlations of transfer with each score over the candidates.
 
@@ -140,7 +141,7 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-SCORES = ("A", "A exact", "S_a", "S_e", "CKA", "grad cos")
+SCORES = ("A", "A exact", "S_a", "S_e", "CKA", "grad cos", "G")
 
 
 def run(model, tokenizer, *, n: int, m: int, steps: int, step_sizes) -> tuple[list[dict], dict]:
@@ -165,7 +166,8 @@ def run(model, tokenizer, *, n: int, m: int, steps: int, step_sizes) -> tuple[li
         s = scores[task.name]
         row = {"source": task.name, "A": s.A, "A stderr": s.A_stderr,
                "A exact": kernel_alignment((a_s, e_s), (a_t, e_t)), "S_a": s.S_a, "S_e": s.S_e, "rho": s.rho,
-               "CKA": cov_cosine(a_s, a_t), "grad cos": float((g_s * g_t).sum() / (g_s.norm() * g_t.norm()))}
+               "CKA": cov_cosine(a_s, a_t), "grad cos": float((g_s * g_t).sum() / (g_s.norm() * g_t.norm())),
+               "G": s.G, "G stderr": s.G_stderr}
         for size in step_sizes:
             W = finetune(W0, b, a_s, y_s, steps, size)
             row[f"transfer@{size:g}"] = base - float(loss(W, b, a_t, y_t))
@@ -220,7 +222,8 @@ def main(argv=None):
     rows, summary = run(model, tokenizer, n=args.n, m=args.m, steps=args.steps, step_sizes=args.step)
     sizes = [f"{size:g}" for size in args.step]
     table = markdown_table(rows, ["source", *(f"transfer@{z}" for z in sizes), *(f"source drop@{z}" for z in sizes),
-                                  "A", "A stderr", "A exact", "S_a", "S_e", "rho", "CKA", "grad cos"])
+                                  "A", "A stderr", "A exact", "S_a", "S_e", "rho", "CKA", "grad cos", "G",
+                                  "G stderr"])
     table += "\n\nSpearman correlation of transfer with each score, per step size:\n\n" + markdown_table(
         [{"step": z, **summary["spearman"][z]} for z in sizes], ["step", *SCORES])
     print(table)

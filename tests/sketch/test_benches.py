@@ -23,10 +23,11 @@ def test_bench_source_selection_quick():
 
     rows, summary = bench_source_selection.main(["--quick"])
     assert len(rows) == 10 and len({r["source"] for r in rows}) == 10
-    for row in rows:  # the sketch against the kernel identity, within its error bar
+    for row in rows:  # the sketch against the kernel identity and the dense mean gradients, within its error bars
         assert abs(row["A"] - row["A exact"]) <= 4 * row["A stderr"] + 0.02, row
+        assert abs(row["G"] - row["grad cos"]) <= 4 * row["G stderr"] + 0.02, row
     spearman = [v for per_step in summary["spearman"].values() for v in per_step.values()]
-    assert len(spearman) == 6 * len(summary["step_sizes"]) and all(math.isfinite(v) and -1 <= v <= 1
+    assert len(spearman) == 7 * len(summary["step_sizes"]) and all(math.isfinite(v) and -1 <= v <= 1
                                                                    for v in spearman)
 
 
