@@ -259,7 +259,6 @@ def main(argv=None):
     p.add_argument("--index-domains", type=int, default=None,
                    help="synthetic domains for the index latency row (default 10,000; quick 200)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results JSON (default bench/results/bench_domains[_quick].json)")
     args = p.parse_args(argv)
     quick = args.quick
     n_sketch = args.sketch or (8 if quick else 16)
@@ -322,8 +321,9 @@ def main(argv=None):
     meta = {"model": model_name, "domains": names, "n_sketch": n_sketch, "n_query": n_query,
             "max_length": max_length, "spec": spec.to_json(), "threads": torch.get_num_threads(), "quick": quick,
             "sketch_seconds": sketch_s}
-    out = args.out or default_results_path("bench_domains", quick)
-    write_results(os.path.splitext(os.path.basename(out))[0], [*retrieval_rows, *cost, *latency], meta, table)
+    name = os.path.splitext(os.path.basename(default_results_path("bench_domains", quick)))[0]
+    path = write_results(name, [*retrieval_rows, *cost, *latency], meta, table)
+    print(f"wrote {path}")
     return {"retrieval": retrieval_rows, "cost": cost, "latency": latency, "domains": names}
 
 
