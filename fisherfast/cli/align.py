@@ -7,13 +7,15 @@ import os
 from fisherfast.cli._args import UsageError, add_command
 from fisherfast.cli._files import PLOT, check_output, write_output
 from fisherfast.cli._report import COLUMN_NOTES, KIND_LABEL, alignment_table, heatmap
+from fisherfast.cli.select import G_NOTE
 
 
 def register(sub) -> None:
     p = add_command(sub, "align", "alignment tables (+ heatmap) of FisherSketch states")
     p.add_argument("signatures", nargs="+", metavar="SIG", help="files written by `fisherfast sketch` (one spec)")
-    p.add_argument("--kind", choices=("joint", "activation", "error"), default="joint",
-                   help="joint: head-Fisher alignment A; activation: S_a; error: S_e")
+    p.add_argument("--kind", choices=("joint", "activation", "error", "mean"), default="joint",
+                   help="joint: head-Fisher alignment A; activation: S_a; error: S_e; mean: G, the cosine of the "
+                        "mean head gradients (first moments)")
     p.add_argument("--debiased", action="store_true", help="U-statistic norms (noisy for small n)")
     p.add_argument("--out", metavar="FILE", help="heatmap of the main table (.png, .pdf or .svg)")
     p.add_argument("--force", action="store_true", help="replace --out if it is an existing plot")
@@ -55,7 +57,7 @@ def run(args) -> int:
         result = alignment(states, kind=args.kind, debiased=args.debiased)
     except ValueError as err:  # e.g. a state with too few samples for the debiased norms
         raise UsageError(str(err)) from None
-    label = KIND_LABEL[args.kind]
+    label = KIND_LABEL.get(args.kind, "G")
     print(f"{args.kind} alignment{' (debiased)' if args.debiased else ''} of {len(states)} states, "
           f"counts {', '.join(str(s.count) for s in states.values())}")
     tables = [(label, result)]
@@ -64,7 +66,7 @@ def run(args) -> int:
         tables += [(name, type(result)(M, None, result.names)) for name, M in (("S_a", S_a), ("S_e", S_e),
                                                                                ("ρ", rho))]
     for name, _ in tables:
-        print(COLUMN_NOTES[name])
+        print(COLUMN_NOTES[name] if name in COLUMN_NOTES else G_NOTE)
     for name, table in tables:
         print(alignment_table(table, name))
     if out is None:

@@ -293,6 +293,21 @@ def test_index_add_list_query_on_the_tiny_model(work, run_cli, tiny_model_dir):
     assert "G    cosine of the mean head gradients" in result.out
 
 
+def test_align_kind_mean_prints_the_first_moment_cosines(work, run_cli, tiny_model_dir):
+    from fisherfast.sketch import alignment
+
+    for name in ("a", "b"):
+        (work / f"{name}.txt").write_text("the cat sat on the mat\n" if name == "a" else "one two three four\n")
+        assert run_cli("sketch", "--model", tiny_model_dir, "--texts", f"{name}.txt", "--out", f"{name}.safetensors",
+                       "--m", "64", "--no-progress").code == 0
+    result = run_cli("align", "a.safetensors", "b.safetensors", "--kind", "mean")
+    assert result.code == 0, result.err
+    assert "G    cosine of the mean head gradients" in result.out
+    want = alignment([SketchState.load(f"{n}.safetensors") for n in "ab"], kind="mean")
+    row = next(line for line in result.out.splitlines() if line.startswith("a "))
+    assert row.split()[2] == f"{float(want.A[0, 1]):.3f}±{float(want.stderr[0, 1]):.3f}"
+
+
 def test_sketch_under_torchrun_equals_one_process(work, tiny_model_dir):
     """torchrun --nproc-per-node 2 -m fisherfast sketch: rank-sharded corpus, all-reduced
     state written by rank 0, equal to one process's (gloo on the CPU)."""
