@@ -320,5 +320,5 @@ def test_refused_model_says_why():
     model = tiny_causal_lm("mamba", layers=1)
     with pytest.raises(ValueError, match="'mamba'.*recurrent state.*MambaMixer"):
         SplitModel(model, 0)
-    with pytest.raises(ValueError, match="model: expected a Hugging Face transformers model"):
+    with pytest.raises(ValueError, match="model: unsupported architecture: expected a Hugging Face transformers model"):
         SplitModel(torch.nn.Linear(2, 2), 0)
