@@ -37,18 +37,19 @@ _DROPPED_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache_par
 
 
 def _rows(value, rows, n_keys, name):
-    """One captured block keyword restricted to query rows ``rows`` (a slice) against keys 0..n_keys-1."""
+    """One captured block keyword restricted to query rows ``rows`` (a slice) against keys 0..n_keys-1
+    (contiguous copies: the upper map reads them once per candidate and tangent)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if name == "attention_mask":
         if not isinstance(value, torch.Tensor) or value.ndim != 4:
             raise ValueError("model: its attention mask is not a 4-D (batch, heads, query, key) mask (flash "
                              "attention?); load it with attn_implementation='eager' or 'sdpa' for SplitModel")
-        return value[:, :, rows, :n_keys]
+        return value[:, :, rows, :n_keys].contiguous()
     if name == "position_embeddings" and isinstance(value, tuple):
-        return tuple(e[..., rows, :] for e in value)
+        return tuple(e[..., rows, :].contiguous() for e in value)
     if name in _ROW_KWARGS and isinstance(value, torch.Tensor):
-        return value[..., rows]
+        return value[..., rows].contiguous()
     if isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list))
                                            and any(isinstance(v, torch.Tensor) for v in value)):
         raise ValueError(f"model: its decoder blocks take a tensor keyword {name!r} that SplitModel does not know "

@@ -222,7 +222,7 @@ def test_attributes_and_unembedding():
         assert not sp.W.requires_grad
 
 
-def test_sdpa_model_switched_to_eager_only_during_calls():
+def test_sdpa_model_config_is_never_switched():
     model = make_model("llama", torch.float32, attn="sdpa")
     ids = prompt()
     ref = model(ids[None]).logits[0, -1]
