@@ -20,7 +20,8 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
-from fisherfast.ops.softmax_fisher_common import LSE_CHUNK_ELEMENTS, chunk_size, raise_nonfinite_normalizer
+from fisherfast.ops.softmax_fisher_common import (LSE_CHUNK_ELEMENTS, chunk_size, raise_nonfinite_normalizer,
+                                                  reduction_chunk)
 from fisherfast.ops.softmax_fisher_reference import gram_mean_chunked, gram_none_chunked, gram_truncated_chunked
 
 # A C++ sweep runs on more than one thread only with at least this many
@@ -77,8 +78,11 @@ def _running(B, dt, dev):
 
 def _moments(a, W, U, b, logits, C):
     """One pass: the normalizer (m, l) per token, μ = Wᵀp (B,d) and, with U,
-    the centered cross-moment Σ_v p_v (w_v − μ)(y_v − ȳ)ᵀ = G U (B,d,k)."""
+    the centered cross-moment Σ_v p_v (w_v − μ)(y_v − ȳ)ᵀ = G U (B,d,k).
+    The GEMM X W_c reduces over the chunk in float32: chunks of at most
+    REDUCTION_BLOCK rows, merged in the running (Chan) statistics."""
     ext = _backends.cpu_extension()
+    C = reduction_chunk(C, W.dtype)
     B = (logits if logits is not None else a).shape[0]
     V, d = W.shape
     k = 0 if U is None else U.shape[-1]
@@ -95,7 +99,7 @@ def _moments(a, W, U, b, logits, C):
         Xc = X[:B * (k + 1) * c].view(B, k + 1, c)
         if Y is None:  # k = 0: no projection rows
             Y = Z.new_empty(B, 0, c)
-        ext.softmax_fisher_matmat_chunk(_dl(Z), _dl(b_c), _dl(Y), _dl(Xc), *running[:4],
+        ext.softmax_fisher_matmat_chunk(_dl(Z), _dl(b_c), None, _dl(Y), _dl(Xc), *running[:4],
                                         _sweep_threads(B * c * (k + 2)))
         torch.mm(Xc.view(B * (k + 1), c), Wc, out=A)
         ext.softmax_fisher_matmat_merge(_dl(A.view(B, k + 1, d)), *running, merge_threads)
