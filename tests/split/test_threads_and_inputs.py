@@ -84,3 +84,13 @@ def test_non_finite_outputs_are_named():
         sp.context([1, 2, 3, 4])
     with pytest.raises(ValueError, match="model: its hidden state at layer 2, position 3 is not finite"):
         SplitModel(model, 2).context([1, 2, 3, 4])
+
+
+def test_products_fall_back_to_one_vector_at_a_time_where_vmap_cannot_batch():
+    """Data-dependent control flow (here .item(); in general a routing vmap cannot batch)
+    makes vmap raise; the split then maps one vector at a time, and remembers it."""
+    sp = SplitModel(tiny_causal_lm("llama", layers=1), 0)
+    X = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = sp._map(lambda x: x * x[0].item(), X, None)
+    assert sp._loop_tangents
+    torch.testing.assert_close(out, X * X[:, :1], rtol=0, atol=0)
