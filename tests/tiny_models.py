@@ -138,17 +138,14 @@ def tiny_causal_lm(arch: str = "llama", *, vocab: int = 61, d: int = 32, layers:
 
 
 def _from_transformers() -> bool:
-    """Whether the nearest caller outside torch and this module is transformers' modeling code
-    (``transformers.models.*``, ``transformers.integrations.*``; not ``PreTrainedModel.float()``)."""
+    """Whether the caller of the patched function is transformers' modeling code
+    (``transformers.models.*``, ``transformers.integrations.*``): only the immediate
+    caller counts, so casts inside torch (decompositions, type promotion) and
+    ``PreTrainedModel.float()`` are never touched."""
     import sys
 
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name.startswith("torch") or name == __name__):
-            return name.startswith(("transformers.models.", "transformers.integrations."))
-        frame = frame.f_back
-    return False
+    name = sys._getframe(2).f_globals.get("__name__", "")
+    return name.startswith(("transformers.models.", "transformers.integrations."))
 
 
 class float64_everywhere:

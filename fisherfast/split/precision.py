@@ -27,15 +27,18 @@ _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 
 
 def _in_transformers() -> bool:
-    """Whether the nearest caller outside torch (and this module) is transformers' modeling code
-    (``transformers.models.*``, ``transformers.integrations.*``; not e.g. ``PreTrainedModel.float()``)."""
+    """Whether the cast was written in transformers' modeling code (``transformers.models.*``,
+    ``transformers.integrations.*``): the nearest caller frame, past only the frames of this
+    module and of torch's own dispatch to the mode (``torch.overrides``, ``torch.nn.functional``).
+    A cast made inside torch (its decompositions, type promotion) is never touched."""
     frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name.startswith("torch") or name == __name__):
-            return name.startswith(("transformers.models.", "transformers.integrations."))
+    while frame is not None and frame.f_globals.get("__name__", "") in _DISPATCH:
         frame = frame.f_back
-    return False
+    name = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return name.startswith(("transformers.models.", "transformers.integrations."))
+
+
+_DISPATCH = {__name__, "torch.overrides", "torch.nn.functional"}
 
 
 class keep_float64(TorchFunctionMode):
