@@ -124,3 +124,44 @@ def test_split_matches_autograd_through_the_model(model_type):
     if sp.head.softcap is None and sp.head.scale == 1.0:  # pullback_fisher reads W and b itself (metric/**)
         from fisherfast.metric import pullback_fisher
         close(pullback_fisher(sp, ctx, h=h, mode="exact", progress=False).dense(), G_ref, rtol=1e-9)
+
+
+def own_scale(model):
+    """The model's linear logit scale, read from its config the way its forward applies it."""
+    c = model.config
+    if c.model_type.startswith("cohere"):
+        return float(c.logit_scale)
+    if c.model_type.startswith("granite"):
+        return 1.0 / float(c.logits_scaling)
+    return 1.0
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_sketch_model_is_the_sketcher_fed_the_models_own_logits(model_type):
+    """sketch_model = FisherSketcher fed the model's own logits (soft-capped and scaled
+    ones included) and head inputs a' = s·a (z = W a' + s b). Error model: the sketch
+    accumulates in float32 whatever the model's dtype; ≤ 8 rows of V = 61 terms each
+    give relative errors ≲ 1e-6 of the largest entry; 1e-5 allowed."""
+    from fisherfast.sketch import FisherSketcher, SketchSpec, sketch_model
+
+    model = model_of(model_type)
+    texts = [ids_of(3)[:5].tolist(), ids_of(4)[:4].tolist()]
+    spec = SketchSpec(d=32, K=61, m=64, seed=3)
+    state = sketch_model(model, None, texts, spec=spec, batch_size=2, progress=False, chunk_rows=3)
+    sketcher = FisherSketcher(spec, generator_seed=spec.seed)
+    norm = architecture(model).norm
+    for ids in texts:
+        out = {}
+        handle = norm.register_forward_hook(lambda mod, args, output: out.__setitem__("a", output))
+        try:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]), use_cache=False).logits[0]
+        finally:
+            handle.remove()
+        a = out["a"][0] * own_scale(model)
+        sketcher.update(a[:-1], logits=logits[:-1], y=torch.tensor(ids[1:]))
+    expected = sketcher.state
+    assert state.count == expected.count == 7
+    for kind in ("joint", "activation", "error"):
+        for got, want in ((state.sums[kind], expected.sums[kind]), (state.sumsqs[kind], expected.sumsqs[kind])):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
