@@ -117,7 +117,8 @@ def test_split_matches_autograd_through_the_model(model_type):
     h_ref = h.clone().requires_grad_(True)
     torch.log_softmax(hooked_logits(model, ids, t, h_ref), -1)[y].backward()
     close(grad, h_ref.grad)
-    # the exact metric Bᵀ G_head B against the float64 formula Jᵀ F J
+    # the exact metric Bᵀ G_head B against the float64 formula Jᵀ F J; the head metric is the
+    # difference of two sums over V (centered form), conditioned by p's spread: one order more room
     p = torch.softmax(hooked_logits(model, ids, t, h), -1)
     G_ref = J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
     close(B.T @ sp.head.gram(a) @ B, G_ref, rtol=1e-9)            # scale and soft-cap folded by the head
