@@ -53,7 +53,6 @@ class SplitState:
     record: dict | None = None
     prefix: dict | None = None
     float64: bool = False  # a float64 model: transformers' float32 downcasts skipped (``keep_float64``)
-    calls: int = 0
 
 
 def current() -> SplitState | None:
@@ -108,7 +107,6 @@ def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
     value (B, Hkv, k, hd_v); attention_mask (B or 1, 1, q, ≥k) additive or boolean, or None
     (causal, the last query at the last key) → ((B, q, H, hd_v), None)."""
     state = current()
-    state.calls += 1
     if state.record is not None and id(module) in state.record:
         state.record[id(module)] = (key.detach(), value.detach())
     prefix = None
