@@ -42,8 +42,10 @@ throughout (``precision``). The model must be in eval mode (dropout would
 make f_ℓ random); every method refuses a model in training mode.
 
 Which models: ``architecture`` finds the parts from the model itself and
-says why a model is refused (recurrent / state-space layers, attention
-outside transformers' attention interface); ``SUPPORTED_MODEL_TYPES`` are
+says why a model is refused (recurrent / state-space layers; attention
+outside transformers' attention interface in blocks that take no cache:
+GPT-J and Falcon take one, and receive the cached prefix through it);
+``SUPPORTED_MODEL_TYPES`` are
 the types verified by the architecture matrix (tests/split/test_matrix.py).
 
 Modules: ``model`` (SplitModel, SplitContext), ``architectures`` (where a

@@ -10,7 +10,8 @@ needed for the families tested (tests/split); a new Llama-like type works
 without a code change. ``Architecture.split_refusal`` says, in words a user
 can act on, why ``SplitModel`` cannot hold the context of a model fixed
 (recurrent / state-space layers, attention outside transformers' attention
-interface, no linear head, bidirectional attention); steering needs only
+interface in blocks that take no cache, no linear head, bidirectional
+attention); steering needs only
 the blocks and works on those models too.
 """
 from __future__ import annotations
@@ -31,13 +32,11 @@ SUPPORTED_MODEL_TYPES = (
     "llama", "qwen2", "gpt2", "gpt_neox", "gemma3_text", "mistral", "ministral", "qwen3", "qwen2_moe",
     "qwen3_moe", "mixtral", "olmo", "olmo2", "olmo3", "olmoe", "gemma", "gemma2", "phi", "phi3", "granite",
     "granitemoe", "cohere", "cohere2", "stablelm", "starcoder2", "deepseek_v3", "gpt_oss", "smollm3", "glm4",
-    "exaone4", "seed_oss", "hunyuan_v1_dense", "arcee", "apertus", "helium", "bitnet",
+    "exaone4", "seed_oss", "hunyuan_v1_dense", "arcee", "apertus", "helium", "bitnet", "gptj", "falcon",
 )
 # Types the matrix builds whose blocks are found (steering works) but which
 # SplitModel refuses, with the reason ``Architecture.split_refusal`` gives.
 REFUSED_MODEL_TYPES = {
-    "gptj": "attention outside transformers' attention interface",
-    "falcon": "attention outside transformers' attention interface",
     "jamba": "recurrent (state-space) layers",
     "falcon_h1": "recurrent (state-space) layers",
     "lfm2": "recurrent (short convolution) layers",
@@ -128,10 +127,11 @@ def architecture(model) -> Architecture:
     recurrent = tuple(sorted({type(m).__name__ for m in blocks.modules()
                               if isinstance(m, torch.nn.Conv1d) or _RECURRENT.search(type(m).__name__)}))
     uses_interface = _uses_attention_interface(blocks)
+    cache_kwarg = _cache_kwarg(blocks[0])
     return Architecture(model_type=model_type, base=base, blocks=blocks, norm=norm, rotary=rotary,
-                        cache_kwarg=_cache_kwarg(blocks[0]), head=head, recurrent=recurrent,
-                        attention_interface=uses_interface,
-                        split_refusal=_split_refusal(model, model_type, norm, head, recurrent, uses_interface))
+                        cache_kwarg=cache_kwarg, head=head, recurrent=recurrent, attention_interface=uses_interface,
+                        split_refusal=_split_refusal(model, model_type, norm, head, recurrent, uses_interface,
+                                                     cache_kwarg))
 
 
 def decoder_blocks(model) -> torch.nn.ModuleList:
@@ -193,15 +193,16 @@ def _uses_attention_interface(blocks) -> bool:
     return module is not None and hasattr(module, "ALL_ATTENTION_FUNCTIONS")
 
 
-def _split_refusal(model, model_type, norm, head, recurrent, uses_interface):
+def _split_refusal(model, model_type, norm, head, recurrent, uses_interface, cache_kwarg):
     name = f"{model_type!r} ({type(model).__name__})"
     if recurrent:
         return (f"{name} has layers that carry a recurrent state along the sequence ({', '.join(recurrent)}); "
                 "SplitModel holds the context fixed through attention keys and values only, and does not yet "
                 "carry a prefix state for these layers (steering works on this model)")
-    if not uses_interface:
+    if not uses_interface and cache_kwarg is None:
         return (f"{name} computes attention in its own code, not through transformers' attention interface, "
-                "which SplitModel needs to attend one position to the cached prefix (steering works on this model)")
+                "and its blocks take no cache through which SplitModel could give them the cached prefix "
+                "(steering works on this model)")
     if getattr(model.config, "use_bidirectional_attention", False):
         return f"{name} uses bidirectional attention: a position sees later ones, so the context cannot be held fixed"
     if not isinstance(head, torch.nn.Linear):

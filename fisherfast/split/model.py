@@ -72,6 +72,35 @@ def _named_arguments(block, args, kwargs) -> dict:
     return named
 
 
+class _RecordCache:
+    """A stand-in for a transformers Cache in the prefix pass of blocks outside the attention
+    interface: ``update(k, v, layer_idx)`` stores k, v (positions < t) and returns them."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key_states.detach(), value_states.detach())
+        return key_states, value_states
+
+
+class _PrefixCache:
+    """A stand-in for a transformers Cache in the upper map of blocks outside the attention
+    interface: ``update(k, v, layer_idx)`` returns [K_prefix; k], [V_prefix; v] (the prefix
+    broadcast over the candidates); the cached prefix is never modified."""
+
+    def __init__(self, kv):
+        self.kv = kv
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx not in self.kv:
+            return key_states, value_states
+        K, V = self.kv[layer_idx]
+        n = key_states.shape[0]
+        return (torch.cat([K.expand(n, -1, -1, -1), key_states], dim=2),
+                torch.cat([V.expand(n, -1, -1, -1), value_states], dim=2))
+
+
 @dataclasses.dataclass
 class SplitContext:
     """What the upper map needs for one prompt and position, computed once.
@@ -112,7 +141,9 @@ class SplitModel:
     Raises:
         ValueError naming ``model`` with ``architecture(model).split_refusal``
         for a model that cannot be split exactly (recurrent/state-space layers,
-        attention outside transformers' attention interface, no Linear head).
+        attention outside transformers' attention interface in blocks taking
+        no cache, no Linear head). Blocks whose attention is their own code
+        but which take a cache (GPT-J, Falcon) get the cached prefix through it.
 
     Mixture-of-experts blocks: the map, its Jacobian and every gradient are
     those of the network with the routing the model picks at h (the top-k
@@ -156,6 +187,8 @@ class SplitModel:
         self._norm_device = execution_device(self._norm)
         self._float64 = self.head.W.dtype == torch.float64  # float64 models: float64 throughout (precision.py)
         self._loop_tangents = False  # set when vmap cannot batch the upper map (data-dependent MoE routing)
+        # Blocks whose attention is their own code (GPT-J, Falcon) get the prefix through their cache keyword.
+        self._cache_path = not arch.attention_interface
 
     # ------------------------------------------------------------------ context
     def context(self, input_ids, attention_mask=None, position: int = -1, continuation=None) -> SplitContext:
@@ -224,10 +257,18 @@ class SplitModel:
             sequence = Continuation(ids=cont[0].clone(), x=x_all[0, t + 1:].detach().clone(),
                                     block_kwargs=[{k: _rows(v, slice(t, t + n), t + n, k) for k, v in kw.items()}
                                                   for kw in captured])
+        if self._cache_path:  # blocks outside the attention interface: their cache records the prefix
+            recorded = self._record_prefix(x_all[:, :t], captured, t)
         # Padded prefix keys are masked out, but zero them so NaN·0 cannot leak into f_ℓ.
         real = keep[:t].view(1, 1, t, 1)
         kv = {key: (torch.where(real, k[:, :, :t], 0.0), torch.where(real, v[:, :, :t], 0.0))
               for key, (k, v) in recorded.items()}
+        if self._cache_path:
+            cache = {self._arch.cache_kwarg: _PrefixCache(kv)}
+            block_kwargs = [{**kw, **cache} for kw in block_kwargs]
+            if sequence is not None:
+                sequence = dataclasses.replace(sequence, block_kwargs=[{**kw, **cache}
+                                                                       for kw in sequence.block_kwargs])
         ctx = SplitContext(h=x[0, t].detach().clone(), position=t, layer=self.layer, input_ids=ids[0].clone(),
                            kv=kv, block_kwargs=block_kwargs, owner_id=id(self), continuation=sequence)
         self._check_finite(ctx)
@@ -486,12 +527,25 @@ class SplitModel:
                 handle.remove()
         recorded = {key: kv for key, kv in attention.items() if kv is not None}
         for j, i in enumerate(self._upper):
-            if not any(id(m) in recorded for m in self._blocks[i].modules()):
+            if not self._cache_path and not any(id(m) in recorded for m in self._blocks[i].modules()):
                 raise ValueError(f"model: block {i} of {self.model_type!r} computed no attention through "
                                  "transformers' attention interface; SplitModel cannot hold its context fixed")
         if "x" not in captured:
             raise RuntimeError(f"the forward of {type(self.model).__name__} never reached layer {self.layer}")
         return captured["x"].detach(), kwargs, recorded
+
+    def _record_prefix(self, x, captured, t):
+        """Blocks ℓ..L-1 over positions 0..t-1 (x (1, t, d), the model's own block keywords cut to
+        them) with a recording cache: {layer index: (K, V)} as each block's cache receives them."""
+        cache = _RecordCache()
+        if t == 0:
+            return {}
+        with torch.no_grad(), selected(SplitState(float64=self._float64)):
+            y = x
+            for j in range(len(self._upper)):
+                kw = {k: _rows(v, slice(0, t), t, k) for k, v in captured[j].items()}
+                y = self._call_block(j, y, {**kw, self._arch.cache_kwarg: cache})
+        return cache.kv
 
     def _check_eval(self):
         if self.model.training:

@@ -54,7 +54,7 @@ def full_head_input(sp, ids, t, h, attention_mask=None):
     return out.last_hidden_state[0, t]
 
 
-ARCHS = list(TINY_ARCHS)
+ARCHS = list(TINY_ARCHS) + ["gptj", "falcon", "qwen3_moe", "gemma2"]  # + the cache path, MoE, score soft-cap
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -218,7 +218,7 @@ def test_attributes_and_unembedding():
         head = model.get_output_embeddings()
         assert (sp.model_type, sp.num_layers, sp.d, sp.V) == (arch, 3, 32, 101)
         assert torch.equal(sp.W, head.weight) and sp.W.shape == (sp.V, sp.d)
-        assert sp.b is None  # none of the supported heads has a bias
+        assert (sp.b is None) == (head.bias is None) and (sp.b is None or torch.equal(sp.b, head.bias))  # GPT-J: bias
         assert not sp.W.requires_grad
 
 
