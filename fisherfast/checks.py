@@ -21,11 +21,17 @@ import numbers
 
 import torch
 
-__all__ = ["expected", "check_int", "check_real", "check_choice", "check_vector", "check_finite"]
+__all__ = ["expected", "check_int", "check_real", "check_choice", "check_finite", "check_vector", "check_points",
+           "check_contexts"]
 
 
-def expected(name: str, what: str, got) -> str:
-    """The message "name: expected what, got got!r" (a tensor is shown by its shape and dtype)."""
+def expected(name: str, what: str, got, *, raw: bool = False) -> str:
+    """The message "name: expected what, got got!r" (a type is shown by its name, a
+    tensor by its shape and dtype; ``raw=True``: ``got`` is a description, shown as it is)."""
+    if raw:
+        return f"{name}: expected {what}, got {got}"
+    if isinstance(got, type):
+        return f"{name}: expected {what}, got {got.__name__}"
     if isinstance(got, torch.Tensor):
         got = f"a tensor of shape {tuple(got.shape)} and dtype {got.dtype}"
         return f"{name}: expected {what}, got {got}"
@@ -109,7 +115,53 @@ def check_vector(name: str, v, d: int | None = None) -> torch.Tensor:
     """
     if not isinstance(v, torch.Tensor) or not v.is_floating_point():
         raise TypeError(expected(name, "a floating tensor of shape (d,)", v if isinstance(v, torch.Tensor)
-                                 else type(v).__name__))
+                                 else type(v)))
     if v.dim() != 1 or (d is not None and v.shape[0] != d):
         raise ValueError(expected(name, f"shape ({'d' if d is None else d},)", v))
     return check_finite(name, v)
+
+
+def check_points(name: str, points, d: int | None = None, *, dtype: torch.dtype | None = None,
+                 min_n: int = 1, finite: bool = False) -> torch.Tensor:
+    """Points as an (n, d) floating tensor with n ≥ ``min_n``; a (d,) tensor becomes (1, d).
+
+    ``dtype``: the dtype the points must have (e.g. the model's); ``finite``:
+    also refuse NaN / Inf.
+
+    Raises:
+        TypeError: not a floating tensor, or not of ``dtype``.
+        ValueError: another shape, too few points, or NaN / Inf when ``finite``.
+    """
+    if not isinstance(points, torch.Tensor) or not points.is_floating_point():
+        raise TypeError(expected(name, "a floating tensor", points if isinstance(points, torch.Tensor)
+                                 else type(points)))
+    if dtype is not None and points.dtype != dtype:
+        raise TypeError(expected(name, f"the model's dtype {dtype}", points.dtype))
+    X = points[None] if points.ndim == 1 else points
+    D = "d" if d is None else d
+    if X.ndim != 2 or (d is not None and X.shape[1] != d) or X.shape[0] < min_n:
+        shape = f"({D},) or (n, {D})" if min_n <= 1 else f"(n, {D}) with n ≥ {min_n}"
+        raise ValueError(expected(name, f"shape {shape}", points))
+    return check_finite(name, X) if finite else X
+
+
+def check_contexts(split, contexts) -> list:
+    """A non-empty list of ``SplitContext``s made by ``split`` (one context is wrapped).
+
+    Raises:
+        TypeError: not a SplitContext or a non-empty list of them.
+        ValueError: a context made by another SplitModel (model or layer).
+    """
+    from fisherfast.split import SplitContext
+
+    ctx_list = [contexts] if isinstance(contexts, SplitContext) else contexts
+    if not isinstance(ctx_list, (list, tuple)) or not ctx_list:
+        raise TypeError(expected("contexts", "a SplitContext or a non-empty list of them (from split.context / "
+                                 "split.contexts)", type(contexts)))
+    for i, ctx in enumerate(ctx_list):
+        if not isinstance(ctx, SplitContext):
+            raise TypeError(expected(f"contexts[{i}]", "a SplitContext", type(ctx)))
+        if ctx.owner_id != id(split):
+            raise ValueError(f"contexts[{i}]: expected a context of this SplitModel, got one made by another "
+                             "SplitModel (a different model or layer)")
+    return list(ctx_list)

@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fisherfast.checks import check_int, check_real
 from fisherfast.geodesic.tasks import ConceptTask, TaskExample, check_examples
 from fisherfast.split import SplitModel
 
@@ -133,13 +134,10 @@ def steerable_layers(model, task: ConceptTask, tokenizer, layers: Sequence[int],
     """
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
         raise ValueError(f"layers: expected a non-empty sequence of layer indices, got {layers!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise ValueError(f"threshold: expected a float in [0, 1], got {threshold!r}")
+    check_real("threshold", threshold, minimum=0, maximum=1)
     first = SplitModel(model, layers[0])  # checks the model and the first layer
     for layer in layers:  # every layer before any work
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= first.num_layers:
-            raise ValueError(f"layers: expected ints in [0, {first.num_layers}] (L = {first.num_layers}), "
-                             f"got {layer!r}")
+        check_int("layers", layer, minimum=0, maximum=first.num_layers)
     examples, ids = _task_inputs(task, tokenizer, examples)
     missing = sorted(set(range(task.K)) - {e.answer_index for e in examples})
     if missing:

@@ -45,7 +45,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fisherfast.geodesic.concepts import ConceptSchema
+from fisherfast.checks import check_int
+from fisherfast.concepts import ConceptSchema
 from fisherfast.split import SplitModel
 
 __all__ = ["ConceptTask", "TaskExample", "WEEKDAYS", "MONTHS", "LETTERS", "AGES", "TASKS", "CARRIERS",
@@ -132,8 +133,7 @@ class ConceptTask:
             raise ValueError(f"template: the arithmetic carrier of {self.name!r} needs a template")
         if len(self.unit) != 2 or not all(isinstance(u, str) for u in self.unit):
             raise ValueError(f"unit: expected (singular, plural) strings, got {self.unit!r}")
-        if isinstance(self.step_size, bool) or not isinstance(self.step_size, int) or self.step_size < 1:
-            raise ValueError(f"step_size: expected a positive int, got {self.step_size!r}")
+        check_int("step_size", self.step_size, minimum=1)
 
     @property
     def K(self) -> int:
@@ -326,9 +326,7 @@ def check_examples(examples) -> list[TaskExample]:
 
 
 def _check_step(step, name: str = "step") -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"{name}: expected an int ≥ 0, got {step!r}")
-    return step
+    return check_int(name, step, minimum=0)
 
 
 def _check_ints(values, name: str) -> tuple[int, ...]:

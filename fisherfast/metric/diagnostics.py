@@ -16,6 +16,8 @@ import dataclasses
 
 import torch
 
+from fisherfast.checks import check_finite
+
 
 @dataclasses.dataclass(frozen=True)
 class MetricDiagnostics:
@@ -58,8 +60,7 @@ def spectrum_diagnostics(eigenvalues) -> MetricDiagnostics:
     lam = torch.as_tensor(eigenvalues).detach().to("cpu", torch.float64).flatten()
     if lam.numel() == 0:
         raise ValueError("eigenvalues must be non-empty")
-    if not bool(torch.isfinite(lam).all()):
-        raise ValueError("eigenvalues contain NaN or Inf values")
+    check_finite("eigenvalues", lam)
     lam = lam.clamp_min(0).sort(descending=True).values
     d, total = lam.numel(), float(lam.sum())
     if total <= 0:

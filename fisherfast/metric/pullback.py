@@ -26,15 +26,15 @@ import torch
 from fisherfast.metric import distributed as _dist
 from fisherfast.metric.operator import (DenseMetric, LowRankMetric, MatrixFreeMetric, MetricReport,
                                         PullbackMetric)
-from fisherfast.concepts import concept_schema
-from fisherfast.metric.schema import check_points
+from fisherfast.checks import check_choice, check_int, check_real, expected
+from fisherfast.concepts import ConceptSchema, hellinger_rows
+from fisherfast.metric.points import paired_points
 from fisherfast.ops.softmax_fisher import softmax_fisher_gram, softmax_fisher_gram_topk, softmax_fisher_matmat
 
 METRIC_MODES = ("exact", "matrix_free", "low_rank", "topk", "monte_carlo", "concept", "auto")
-MODES = METRIC_MODES   # the older name
 
 # Which keyword options each mode reads; an option given to another mode is an error.
-_MODE_OPTIONS = {
+MODE_OPTIONS = {
     "k": ("low_rank",),
     "trace_probes": ("low_rank",),
     "tail_tol": ("topk",),
@@ -49,6 +49,20 @@ DEFAULT_TAIL_TOL = 1e-3
 DEFAULT_N_SAMPLES = 256
 # mode="auto": exact up to this d, matrix-free above (see ``auto_mode``).
 AUTO_EXACT_MAX_D = 2048
+
+
+def check_mode_options(mode: str, options: dict, *, mode_name: str = "mode") -> str:
+    """``mode`` if it is one of ``METRIC_MODES`` and every option in ``options``
+    that is not None is one that mode reads (``MODE_OPTIONS``); names outside
+    ``MODE_OPTIONS`` are not judged here. ``mode_name``: the argument's name
+    in the caller (e.g. "metric_mode"). Raises ValueError naming the option."""
+    check_choice(mode_name, mode, METRIC_MODES)
+    for name, value in options.items():
+        if value is not None and name in MODE_OPTIONS and mode not in MODE_OPTIONS[name]:
+            users = " or ".join(repr(m) for m in MODE_OPTIONS[name])
+            raise ValueError(expected(name, f"None with {mode_name}={mode!r} (it is read by {mode_name}={users})",
+                                      value))
+    return mode
 
 
 def auto_mode(d: int) -> str:
@@ -131,9 +145,10 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
         tail_tol: topk tail-mass tolerance in (0, 1) (default 1e-3).
         n_samples: monte_carlo samples per point (default 256).
         seed, generator: the random source of low_rank / monte_carlo (at most one).
-        concepts: concept schema: a non-empty sequence (or a mapping name →
-            entry) whose entries are a token id or a sequence of token ids;
-            concepts must be disjoint; the "other" bin is every other token.
+        concepts: a ``fisherfast.concepts.ConceptSchema`` over ``split.V``, or
+            what its constructor takes: a non-empty sequence (or a mapping
+            name → entry) whose entries are a token id or a sequence of token
+            ids; concepts must be disjoint; the "other" bin is every other token.
         chunk: tangents / cotangents per vmapped batch.
         progress: show a tqdm bar over the points (when there are several).
         distributed: None/False (default): this process computes every point.
@@ -154,27 +169,27 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
         ValueError / TypeError: a bad mode, option, context or point (before any work).
         RuntimeError: ``distributed`` without an initialized process group.
     """
-    if mode not in METRIC_MODES:
-        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in METRIC_MODES)}, got {mode!r}")
-    given = {"k": k, "trace_probes": trace_probes, "tail_tol": tail_tol, "n_samples": n_samples,
-             "seed": seed, "generator": generator, "concepts": concepts}
-    for name, value in given.items():
-        if value is not None and mode not in _MODE_OPTIONS[name]:
-            users = " or ".join(repr(m) for m in _MODE_OPTIONS[name])
-            raise ValueError(f"{name} is only used by mode={users}, not mode={mode!r}")
+    check_mode_options(mode, {"k": k, "trace_probes": trace_probes, "tail_tol": tail_tol, "n_samples": n_samples,
+                              "seed": seed, "generator": generator, "concepts": concepts})
     from fisherfast.split import SplitModel
 
     if not isinstance(split, SplitModel):
-        raise TypeError(f"split must be a fisherfast.split.SplitModel (SplitModel(model, layer)), "
-                        f"got {type(split).__name__}")
+        raise TypeError(expected("split", "a fisherfast.split.SplitModel (SplitModel(model, layer))",
+                                 type(split)))
     if getattr(split, "logit_softcap", None) is not None:
         raise ValueError(f"split: the model soft-caps its logits (c = {split.logit_softcap}); the pullback metric "
                          "here assumes z = W a + b (docs/design.md §2), so soft-capped heads are not supported")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    chunk = check_int("chunk", chunk, minimum=1)
     if mode == "auto":
         mode = auto_mode(split.d)
-    points = check_points(split, contexts, h)
+    if mode == "concept":
+        if concepts is None:
+            raise ValueError(expected("concepts", "a ConceptSchema or token-id sets with mode='concept'", None))
+        schema = ConceptSchema.of(concepts, split.V)
+    if mode == "topk":
+        tail_tol = DEFAULT_TAIL_TOL if tail_tol is None else \
+            check_real("tail_tol", tail_tol, minimum=0, maximum=1, min_open=True, max_open=True)
+    points = paired_points(split, contexts, h)
     group, rank, world = _dist.resolve_group(distributed)
     run = _Run(split, points, chunk, progress, mode, group, rank, world)
 
@@ -182,29 +197,26 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
         return MatrixFreeMetric(_matrix_free_matmat(run), split.d, dtype=run.dtype, device=run.device,
                                 report=run.report())
     if mode == "low_rank":
-        k = DEFAULT_K if k is None else _positive_int("k", k, upper=split.d)
-        trace_probes = DEFAULT_TRACE_PROBES if trace_probes is None else _positive_int("trace_probes", trace_probes)
+        k = DEFAULT_K if k is None else check_int("k", k, minimum=1, maximum=split.d)
+        trace_probes = DEFAULT_TRACE_PROBES if trace_probes is None else \
+            check_int("trace_probes", trace_probes, minimum=1)
         return _nystrom(run, k, trace_probes, _generator(seed, generator, run.device))
     if mode == "exact":
         G, _ = run.accumulate(lambda ctx, x: (_exact(split, ctx, x, chunk, run.dtype), None))
         return DenseMetric(G, report=run.report())
     if mode == "topk":
-        tail_tol = DEFAULT_TAIL_TOL if tail_tol is None else tail_tol
-        if isinstance(tail_tol, bool) or not isinstance(tail_tol, (int, float)) or not 0 < tail_tol < 1:
-            raise ValueError(f"tail_tol must be a float in (0, 1), got {tail_tol!r}")
-        G, records = run.accumulate(lambda ctx, x: _topk(split, ctx, x, float(tail_tol), chunk, run.dtype))
-        return DenseMetric(G, report=run.report(tail_tol=float(tail_tol), tau=tuple(r[0] for r in records),
+        G, records = run.accumulate(lambda ctx, x: _topk(split, ctx, x, tail_tol, chunk, run.dtype))
+        return DenseMetric(G, report=run.report(tail_tol=tail_tol, tau=tuple(r[0] for r in records),
                                                 n_kept=tuple(r[1] for r in records)))
     if mode == "monte_carlo":
-        n_samples = DEFAULT_N_SAMPLES if n_samples is None else _positive_int("n_samples", n_samples)
+        n_samples = DEFAULT_N_SAMPLES if n_samples is None else check_int("n_samples", n_samples, minimum=1)
         gen = _generator(seed, generator, run.device)
         G, records = run.accumulate(lambda ctx, x: _monte_carlo(split, ctx, x, n_samples, gen, chunk, run.dtype))
         # E‖Ĝ − G‖_F² = (E‖g‖⁴ − ‖G‖_F²)/S per point; the point means are averaged.
         std_error = float(torch.tensor(records, dtype=torch.float64).clamp_min(0).sum().sqrt()) / len(points)
         return DenseMetric(G, report=run.report(n_samples=n_samples, std_error_fro=std_error))
-    names, token_sets = concept_schema(concepts, split.V)
-    G, records = run.accumulate(lambda ctx, x: _concept(split, ctx, x, token_sets, chunk, run.dtype))
-    return DenseMetric(G, report=run.report(concepts=tuple(names), q=tuple(records)))
+    G, records = run.accumulate(lambda ctx, x: _concept(split, ctx, x, schema, chunk, run.dtype))
+    return DenseMetric(G, report=run.report(concepts=schema.names, q=tuple(records)))
 
 
 # --------------------------------------------------------------------------- the loop over points
@@ -299,22 +311,10 @@ def _monte_carlo(split, ctx, x, n_samples, generator, chunk, dtype):
     return G, float(((g2 ** 2).mean() - (G.double() ** 2).sum()) / n_samples)
 
 
-def _concept(split, ctx, x, token_sets, chunk, dtype):
-    p = _probs(split, ctx, x)
-    W = split.W
-    mu = (p.to(dtype) @ W.to(dtype)).double()                      # μ = Wᵀp
-    rows, q = [], []
-    for tokens in token_sets:
-        p_c = p[tokens]
-        q.append(p_c.sum())
-        rows.append(p_c @ W[tokens].double() - p_c.sum() * mu)     # Σ_{t∈c} p_t (w_t − μ)
-    covered = torch.cat(token_sets)
-    q_other = p.sum() - p[covered].sum()
-    rows.append(-torch.stack(rows).sum(0))                          # q_other = 1 − Σ q_c
-    q = torch.stack(q + [q_other.clamp_min(0)])
-    J_q = _vjp(split, ctx, x, torch.stack(rows), chunk, dtype)      # (K+1, d) rows ∇_h q_j
-    inv_q = torch.where(q > 0, 1.0 / q, torch.zeros_like(q)).to(dtype)
-    return 0.25 * (J_q.T * inv_q) @ J_q, tuple(q.tolist())          # G_H = ¼ J_qᵀ diag(1/q) J_q
+def _concept(split, ctx, x, schema, chunk, dtype):
+    J_s, q = hellinger_rows(split, ctx, x, schema, chunk=chunk)     # (n_c+1, d) rows ∂√q_b/∂h
+    J_s = J_s.to(dtype)
+    return J_s.T @ J_s, tuple(q.tolist())                           # G_H = J_sᵀ J_s = ¼ J_qᵀ diag(1/q) J_q
 
 
 # --------------------------------------------------------------------------- matrix-free and Nyström
@@ -394,22 +394,13 @@ def _nystrom(run: _Run, k, trace_probes, generator):
 
 # --------------------------------------------------------------------------- option checks
 
-def _positive_int(name, value, upper=None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper is not None and value > upper):
-        bound = f" and ≤ {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be an int ≥ 1{bound}, got {value!r}")
-    return value
-
-
 def _generator(seed, generator, device):
     if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
+        raise ValueError("seed, generator: expected one of them, got both")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            raise TypeError(expected("generator", "a torch.Generator", type(generator)))
         return generator
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        return torch.Generator(device=device).manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(check_int("seed", seed, minimum=0))
     return None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fisherfast.steer.concept import ConceptScore
+from fisherfast.concepts import ConceptScore
 
 # (past, 3rd person, progressive) of verbs whose three forms differ from one another
 # and from other verbs' forms (no "read"/"put"/"cut"-type collisions).

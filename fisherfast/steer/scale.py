@@ -25,8 +25,8 @@ from typing import Callable
 
 import torch
 
+from fisherfast.checks import check_finite, check_int, check_real, check_vector, expected
 from fisherfast.concepts import check_concept, check_target_score
-from fisherfast.steer.directions import check_vector
 
 __all__ = ["scale_to_target", "TargetNotReached"]
 
@@ -37,16 +37,14 @@ def check_start(split, ctx, h) -> torch.Tensor:
     finite (errors name ctx and h)."""
     if h is None:
         if not hasattr(ctx, "h"):
-            raise TypeError(f"ctx: expected a SplitContext from split.context(), got {type(ctx).__name__}")
+            raise TypeError(expected("ctx", "a SplitContext from split.context()", type(ctx)))
         h = ctx.h
     check = getattr(split, "_check_h", None)
     if check is not None:  # a SplitModel: ctx is its context, h has its shape and dtype
         check(ctx, h, "h", batched=False)
     elif not isinstance(h, torch.Tensor) or h.ndim != 1 or not h.is_floating_point():
-        raise TypeError(f"h: expected a floating (d,) tensor, got {getattr(h, 'shape', type(h).__name__)}")
-    if not bool(torch.isfinite(h).all()):
-        raise ValueError("h contains NaN or Inf")
-    return h
+        raise TypeError(expected("h", "a floating (d,) tensor", h if isinstance(h, torch.Tensor) else type(h)))
+    return check_finite("h", h)
 
 
 class TargetNotReached(ValueError):
@@ -60,12 +58,6 @@ class TargetNotReached(ValueError):
     def __init__(self, message: str, best_alpha: float, best_score: float, target_score: float):
         super().__init__(message)
         self.best_alpha, self.best_score, self.target_score = best_alpha, best_score, target_score
-
-
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: torch.Tensor | None = None,
@@ -95,15 +87,11 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
 
     check_concept(concept, split, ctx)
     h = check_start(split, ctx, h)
-    max_scale, min_scale = _positive("max_scale", max_scale), _positive("min_scale", min_scale)
-    xtol = _positive("xtol", xtol)
-    if min_scale >= max_scale:
-        raise ValueError(f"min_scale must be below max_scale, got {min_scale} and {max_scale}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1 < ratio <= 1.25:
-        raise ValueError(f"ratio must be a number in (1, 1.25], got {ratio!r}")
-    for name, value, low in (("refine", refine, 0), ("chunk", chunk, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
+    max_scale = check_real("max_scale", max_scale, minimum=0, min_open=True)
+    min_scale = check_real("min_scale", min_scale, minimum=0, min_open=True, maximum=max_scale, max_open=True)
+    xtol = check_real("xtol", xtol, minimum=0, min_open=True)
+    ratio = check_real("ratio", ratio, minimum=1, min_open=True, maximum=1.25)
+    refine, chunk = check_int("refine", refine, minimum=0), check_int("chunk", chunk, minimum=1)
     target_score = check_target_score(concept, target_score)
     if callable(direction) and not isinstance(direction, torch.Tensor):
         displacement: Callable[[float], torch.Tensor] = direction
@@ -124,7 +112,8 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
 
     phi0 = scores([0.0])[0]
     if phi0 > target_score:
-        raise ValueError(f"the concept score already exceeds target_score at h ({phi0:.6g} > {target_score:.6g})")
+        raise ValueError(expected("target_score", f"a score above φ(h) = {phi0:.6g} (the concept score already "
+                                  "exceeds it at h)", target_score))
     if phi0 == target_score:
         return 0.0
     n = math.ceil(math.log(max_scale / min_scale) / math.log(ratio))

@@ -154,7 +154,7 @@ def test_bad_inputs(setup):
     split, contexts, schema = setup
     with pytest.raises(ValueError, match="eps"):
         ConceptHellingerMetric(split, contexts, schema, eps=-1.0)
-    with pytest.raises(ValueError, match="schema: built for V = 50"):
+    with pytest.raises(ValueError, match="schema: expected a schema over the model's V = 61, got one over V = 50"):
         ConceptHellingerMetric(split, contexts, ConceptSchema([[1], [2]], 50))
     with pytest.raises(TypeError, match="schema"):
         ConceptHellingerMetric(split, contexts, {"a": [1]})
@@ -170,11 +170,11 @@ def test_bad_inputs(setup):
         metric.factor(torch.zeros(D, dtype=torch.float32))
     with pytest.raises(TypeError, match="points"):
         metric.factor(torch.zeros(D, dtype=torch.long))
-    with pytest.raises(ValueError, match="concepts must be disjoint"):
+    with pytest.raises(ValueError, match="concepts: expected disjoint concepts"):
         ConceptSchema({"a": [1, 2], "b": [2]}, V)
     with pytest.raises(ValueError, match="vocab_size"):
         ConceptSchema({"a": [1]}, 0)
-    with pytest.raises(ValueError, match="d: expected a positive int"):
+    with pytest.raises(ValueError, match="d: expected an int ≥ 1"):
         FlatMetric(0)
     with pytest.raises(TypeError, match="encoder"):
         EncoderMetric(lambda x: x, 3)

@@ -135,7 +135,7 @@ def test_digit_splitting_tokenizers_get_an_answer_prefix():
 
 
 def test_classes_sharing_a_concept_token_are_an_error():
-    with pytest.raises(ValueError, match="in concepts 'Tuesday' and 'Thursday'; concepts must be disjoint"):
+    with pytest.raises(ValueError, match="concepts: expected disjoint concepts, got token [0-9]+ in 'Tuesday' and 'Thursday'"):
         WEEKDAYS.schema(CharTokenizer(), vocab_size=200)
     task = ConceptTask("nested", ("1", "10"), cyclic=False, header="Numbers:")
     with pytest.raises(ValueError, match="class '1' has no token after the prefix"):
@@ -256,9 +256,9 @@ def test_steerable_layers_inject_centroids_as_the_models_forward_does(tiny_lm):
     with pytest.raises(ValueError, match=r"no example answers \['Monday'\]"):
         steerable_layers(model, WEEKDAYS, tokenizer, [1], [e for e in examples if e.answer != "Monday"])
     # review: a bad later layer was found only after the earlier layers' work
-    with pytest.raises(ValueError, match=r"layers: expected ints in \[0, 3\] \(L = 3\), got 9"):
+    with pytest.raises(ValueError, match="layers: expected an int ≥ 0 and ≤ 3, got 9"):
         steerable_layers(model, WEEKDAYS, tokenizer, [1, 9], examples)
-    with pytest.raises(ValueError, match=r"layers: expected ints in \[0, 3\].*got '2'"):
+    with pytest.raises(ValueError, match="layers: expected an int ≥ 0 and ≤ 3, got '2'"):
         steerable_layers(model, WEEKDAYS, tokenizer, [1, "2"], examples)
 
 

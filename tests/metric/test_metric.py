@@ -344,22 +344,22 @@ def test_soft_capped_logits_are_refused(tiny_lm):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(mode="nope"), ValueError, "mode must be one of"),
-    (dict(mode="exact", k=4), ValueError, "k is only used by mode='low_rank'"),
-    (dict(mode="topk", n_samples=4), ValueError, "n_samples is only used"),
-    (dict(mode="low_rank", k=0), ValueError, "k must be an int"),
-    (dict(mode="low_rank", k=D + 1), ValueError, "k must be an int"),
-    (dict(mode="topk", tail_tol=1.5), ValueError, "tail_tol must be a float in"),
-    (dict(mode="monte_carlo", n_samples=0), ValueError, "n_samples must be an int"),
-    (dict(mode="monte_carlo", seed=1, generator=torch.Generator()), ValueError, "seed or generator"),
-    (dict(mode="concept"), ValueError, "needs concepts"),
-    (dict(mode="concept", concepts=[]), ValueError, "at least one concept"),
-    (dict(mode="concept", concepts=[[1, 2], [2]]), ValueError, "disjoint"),
+    (dict(mode="nope"), ValueError, "mode: expected one of"),
+    (dict(mode="exact", k=4), ValueError, "k: expected None with mode='exact' \\(it is read by mode='low_rank'\\)"),
+    (dict(mode="topk", n_samples=4), ValueError, "n_samples: expected None with mode='topk'"),
+    (dict(mode="low_rank", k=0), ValueError, "k: expected an int ≥ 1 and ≤"),
+    (dict(mode="low_rank", k=D + 1), ValueError, "k: expected an int ≥ 1 and ≤"),
+    (dict(mode="topk", tail_tol=1.5), ValueError, "tail_tol: expected a finite number > 0 and < 1"),
+    (dict(mode="monte_carlo", n_samples=0), ValueError, "n_samples: expected an int ≥ 1"),
+    (dict(mode="monte_carlo", seed=1, generator=torch.Generator()), ValueError, "seed, generator: expected one of them"),
+    (dict(mode="concept"), ValueError, "concepts: expected a ConceptSchema"),
+    (dict(mode="concept", concepts=[]), ValueError, "concepts: expected at least one concept"),
+    (dict(mode="concept", concepts=[[1, 2], [2]]), ValueError, "concepts: expected disjoint concepts"),
     (dict(mode="concept", concepts=[V]), ValueError, r"token ids must be in \[0, "),
     (dict(mode="concept", concepts=[[]]), ValueError, "must be a non-empty sequence of token ids"),
-    (dict(chunk=0), ValueError, "chunk must be a positive int"),
-    (dict(h=torch.zeros(D + 1, dtype=torch.float64)), ValueError, "h must have shape"),
-    (dict(h=torch.zeros(D)), TypeError, "h must have the model's dtype"),
+    (dict(chunk=0), ValueError, "chunk: expected an int ≥ 1"),
+    (dict(h=torch.zeros(D + 1, dtype=torch.float64)), ValueError, "h: expected shape"),
+    (dict(h=torch.zeros(D)), TypeError, "h: expected the model's dtype"),
 ])
 def test_bad_options_raise_clear_errors(llama, kwargs, error, match):
     split, contexts, _ = llama
@@ -369,14 +369,14 @@ def test_bad_options_raise_clear_errors(llama, kwargs, error, match):
 
 def test_bad_contexts_and_products_raise(llama):
     split, contexts, _ = llama
-    with pytest.raises(TypeError, match="contexts must be"):
+    with pytest.raises(TypeError, match="contexts: expected a SplitContext"):
         pullback_fisher(split, [])
-    with pytest.raises(TypeError, match=r"contexts\[1\] must be"):
+    with pytest.raises(TypeError, match=r"contexts\[1\]: expected a SplitContext"):
         pullback_fisher(split, [contexts[0], "text"])
     G = pullback_fisher(split, contexts[0])
-    with pytest.raises(ValueError, match="U must have shape"):
+    with pytest.raises(ValueError, match=r"U: expected shape"):
         G @ torch.zeros(D + 1)
-    with pytest.raises(ValueError, match="k must be an int"):
+    with pytest.raises(ValueError, match="k: expected an int ≥ 1 and ≤"):
         G.eig(0)
     with pytest.raises(ValueError, match="metric is zero"):
         spectrum_diagnostics(torch.zeros(4))

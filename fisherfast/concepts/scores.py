@@ -1,4 +1,4 @@
-"""Concepts: what steering raises, and the checks of token ids (docs/design.md §5).
+"""Concept scores: what steering raises, and the checks of token ids (docs/design.md §5).
 
 Two kinds of concept score φ at layer ℓ, position t of a ``SplitModel``, both
 with one interface — ``concept.score(split, ctx, h)`` (φ, differentiable in h),
@@ -34,11 +34,10 @@ from __future__ import annotations
 import math
 import numbers
 
-from typing import Mapping
-
 import torch
 
-__all__ = ["check_token_ids", "concept_schema", "check_logits", "check_target_score", "ConceptScore", "SequenceConcept", "check_concept", "CONCEPT_TYPES"]
+__all__ = ["check_token_ids", "check_logits", "check_target_score", "ConceptScore", "SequenceConcept", "check_concept",
+           "CONCEPT_TYPES"]
 
 
 def check_token_ids(name: str, ids, *, vocab_size: int | None = None, allow_repeats: bool = False) -> torch.Tensor:
@@ -69,45 +68,6 @@ def check_token_ids(name: str, ids, *, vocab_size: int | None = None, allow_repe
     if not allow_repeats and len(set(ids)) != len(ids):
         raise ValueError(f"{name} has repeated token ids: {ids!r}")
     return torch.tensor(ids, dtype=torch.long)
-
-
-def concept_schema(concepts, V: int):
-    """(names, [LongTensor of token ids per concept]) after validation.
-
-    Args:
-        concepts: a non-empty sequence (or mapping name → entry) whose entries
-            are a token id or a sequence (list, tuple, range, tensor) of ids;
-            unnamed concepts are named "0", "1", ….
-        V: the vocabulary size.
-
-    Raises:
-        ValueError: no concepts, an empty concept, an id outside [0, V), or a
-            token in two concepts (concepts must be disjoint).
-        TypeError: concepts is neither a sequence nor a mapping.
-    """
-    if concepts is None:
-        raise ValueError("mode='concept' needs concepts: a sequence (or mapping name → entry) of token ids "
-                         "or token-id sequences")
-    if isinstance(concepts, Mapping):
-        names, entries = [str(n) for n in concepts], list(concepts.values())
-    elif isinstance(concepts, (list, tuple)):
-        names, entries = [str(i) for i in range(len(concepts))], list(concepts)
-    else:
-        raise TypeError(f"concepts must be a sequence or mapping of token ids, got {type(concepts).__name__}")
-    if not entries:
-        raise ValueError("concepts must name at least one concept")
-    seen: dict[int, int] = {}
-    token_sets = []
-    for i, entry in enumerate(entries):
-        single = isinstance(entry, numbers.Integral) and not isinstance(entry, bool)
-        ids = check_token_ids(f"concept {names[i]!r}", [entry] if single else entry, vocab_size=V)
-        for t in ids.tolist():
-            if t in seen:
-                raise ValueError(f"token {t} is in concepts {names[seen[t]]!r} and {names[i]!r}; "
-                                 "concepts must be disjoint")
-            seen[t] = i
-        token_sets.append(ids)
-    return names, token_sets
 
 
 def check_logits(logits, top: int, what: str = "(..., V)") -> None:
