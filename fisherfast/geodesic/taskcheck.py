@@ -60,7 +60,7 @@ def _task_inputs(task, tokenizer, examples):
         raise TypeError(f"task: expected a ConceptTask, got {type(task).__name__}")
     examples = check_examples(task.examples() if examples is None else examples)
     for e in examples:
-        if e.answer_index >= task.K or task.classes[e.answer_index] != e.answer:
+        if e.answer_index >= task.n_classes or task.classes[e.answer_index] != e.answer:
             raise ValueError(f"examples: {e.answer!r} (index {e.answer_index}) is not a class of {task.name!r}")
     ids = [task.prompt_ids(tokenizer, e.prompt) for e in examples]
     return examples, ids
@@ -95,11 +95,11 @@ def check_task(split: SplitModel, task: ConceptTask, tokenizer, examples: Sequen
         mass += float(1.0 - q[-1])
     n = len(examples)
     accuracy = correct / n
-    result = TaskCheck(task.name, task.carrier, n, accuracy, top1 / n, mass / n, 1.0 / task.K,
-                       near_chance(accuracy, task.K, n))
+    result = TaskCheck(task.name, task.carrier, n, accuracy, top1 / n, mass / n, 1.0 / task.n_classes,
+                       near_chance(accuracy, task.n_classes, n))
     if warn and result.near_chance:
         warnings.warn(f"task {task.name!r} ({task.carrier} carrier): accuracy {accuracy:.2f} over {n} prompts is "
-                      f"near chance ({1 / task.K:.2f}); its carriers do not carry the concept on this model",
+                      f"near chance ({1 / task.n_classes:.2f}); its carriers do not carry the concept on this model",
                       RuntimeWarning, stacklevel=2)
     return result
 
@@ -139,7 +139,7 @@ def steerable_layers(model, task: ConceptTask, tokenizer, layers: Sequence[int],
     for layer in layers:  # every layer before any work
         check_int("layers", layer, minimum=0, maximum=first.num_layers)
     examples, ids = _task_inputs(task, tokenizer, examples)
-    missing = sorted(set(range(task.K)) - {e.answer_index for e in examples})
+    missing = sorted(set(range(task.n_classes)) - {e.answer_index for e in examples})
     if missing:
         raise ValueError(f"examples: no example answers {[task.classes[k] for k in missing]}; every class needs one")
     labels = torch.tensor([e.answer_index for e in examples])
@@ -149,10 +149,10 @@ def steerable_layers(model, task: ConceptTask, tokenizer, layers: Sequence[int],
         schema = task.schema(tokenizer, split.V)
         contexts = [split.context(i) for i in ids]
         H = torch.stack([ctx.h for ctx in contexts])
-        C = torch.stack([H[labels == k].mean(0) for k in range(task.K)])
+        C = torch.stack([H[labels == k].mean(0) for k in range(task.n_classes)])
         with torch.no_grad():
             Q = torch.stack([schema.distribution(split.logits(ctx, C)) for ctx in contexts])   # (n, K, B)
-        diagonal = Q[:, torch.arange(task.K), torch.arange(task.K)]
-        accuracy = float((Q[..., :-1].argmax(-1) == torch.arange(task.K)).double().mean())
+        diagonal = Q[:, torch.arange(task.n_classes), torch.arange(task.n_classes)]
+        accuracy = float((Q[..., :-1].argmax(-1) == torch.arange(task.n_classes)).double().mean())
         out.append(LayerControl(layer, accuracy, float(diagonal.mean()), accuracy >= threshold))
     return out

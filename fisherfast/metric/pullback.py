@@ -176,9 +176,10 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
     if not isinstance(split, SplitModel):
         raise TypeError(expected("split", "a fisherfast.split.SplitModel (SplitModel(model, layer))",
                                  type(split)))
-    if getattr(split, "logit_softcap", None) is not None:
-        raise ValueError(f"split: the model soft-caps its logits (c = {split.logit_softcap}); the pullback metric "
-                         "here assumes z = W a + b (docs/design.md §2), so soft-capped heads are not supported")
+    if getattr(split, "logit_softcap", None) is not None and mode != "concept":
+        raise ValueError(f"split: the model soft-caps its logits (c = {split.logit_softcap}); mode={mode!r} "
+                         "assumes z = W a + b (docs/design.md §2); only mode='concept' (which differentiates the "
+                         "model's own head map) supports soft-capped heads")
     chunk = check_int("chunk", chunk, minimum=1)
     if mode == "auto":
         mode = auto_mode(split.d)

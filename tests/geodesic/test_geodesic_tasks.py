@@ -91,7 +91,9 @@ def test_prompt_strings_and_answers():
     assert WEEKDAYS.answer("Saturday", 3) == "Tuesday" and MONTHS.answer("November", 14) == "January"
     assert LETTERS.answer("C", 3) == "F" and AGES.answer("20", 2) == "40"
     assert WEEKDAYS.cyclic and MONTHS.cyclic and not LETTERS.cyclic and not AGES.cyclic
-    assert (WEEKDAYS.K, MONTHS.K, LETTERS.K, AGES.K) == (7, 12, 26, 9)
+    assert (WEEKDAYS.n_classes, MONTHS.n_classes, LETTERS.n_classes, AGES.n_classes) == (7, 12, 26, 9)
+    with pytest.warns(DeprecationWarning, match="n_classes"):
+        assert WEEKDAYS.K == 7
     assert {name: task.with_carrier("arithmetic") for name, task in TASKS.items()} == {
         "weekdays": WEEKDAYS, "months": MONTHS, "letters": LETTERS, "ages": AGES}
     assert get_task("ages", "arithmetic") == AGES
@@ -118,7 +120,9 @@ def test_schema_maps_each_class_to_its_first_answer_token():
     schema = WEEKDAYS.schema(tokenizer, vocab_size=1000)
     assert schema.concepts == {day: [tokenizer.vocab[" " + day]] for day in WEEKDAYS.classes}
     assert WEEKDAYS.answer_prefix_ids(tokenizer) == []
-    assert schema.bins[-1] == "other" and schema.K == 7
+    assert schema.bins[-1] == "other" and schema.n_concepts == 7
+    with pytest.warns(DeprecationWarning, match="n_concepts"):
+        assert schema.K == 7
     # prompts keep the tokenizer's own special tokens
     assert WEEKDAYS.prompt_ids(tokenizer, "Q: x") == [999] + tokenizer.encode("Q: x", add_special_tokens=False)
 
