@@ -19,6 +19,14 @@ MIN_CHUNK = 8192
 # budget, so that usual shapes run in one or two chunks (each chunk wakes the
 # GEMM's thread team again, which costs milliseconds on a loaded machine).
 LSE_CHUNK_ELEMENTS = 1 << 22
+# Accuracy: a float32 sum over n terms carries up to ~n·ε of rounding (ε =
+# 6e-8); real heads (a shared mean direction, thousands of comparable p_v)
+# show it as 1e-4 over a whole-vocabulary chunk. So every float32 reduction
+# over V runs over blocks of at most REDUCTION_BLOCK rows (the contraction
+# GEMMs' reduction length, or a fixed block inside the C++/Triton sweeps) and
+# the blocks are added into float64 (or compensated) accumulators: the error
+# is then a few ε·log(V), whatever the chunk length.
+REDUCTION_BLOCK = 4096
 
 
 def chunk_size(V: int, per_row: int, chunk: int | None, budget: int = CHUNK_ELEMENTS) -> int:
@@ -26,6 +34,31 @@ def chunk_size(V: int, per_row: int, chunk: int | None, budget: int = CHUNK_ELEM
     if chunk:
         return min(chunk, V)
     return min(V, max(MIN_CHUNK, budget // max(per_row, 1)))
+
+
+def reduction_chunk(C: int, dtype: torch.dtype) -> int:
+    """The V-chunk of a float32 contraction over V: at most REDUCTION_BLOCK rows
+    (float64 runs whole chunks)."""
+    return C if dtype == torch.float64 else min(C, REDUCTION_BLOCK)
+
+
+def check_softcap(softcap) -> None:
+    """softcap: None, or a positive finite float c (logits become c·tanh(z/c))."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0.0 < float(softcap) < math.inf):
+        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+
+
+def cap_logits(Z: torch.Tensor, softcap: float | None):
+    """(z′, s) for logits Z: z′ = c·tanh(z/c) and s = dz′/dz = 1 − tanh²(z/c) =
+    cosh⁻²(z/c) (no cancellation near |tanh| = 1; cosh overflow gives s = 0,
+    the right limit); softcap None gives (Z, None). −inf logits stay −inf
+    (masked, s = 0)."""
+    if softcap is None:
+        return Z, None
+    x = Z / softcap
+    return torch.where(Z == -math.inf, Z, softcap * torch.tanh(x)), torch.cosh(x).pow(-2)
 
 
 def merge_splits(M: torch.Tensor, L: torch.Tensor, S: torch.Tensor | None = None):

@@ -1,7 +1,8 @@
 """cuda backend of the softmax-Fisher ops (the CUDA extension
 fisherfast._C_cuda, csrc/cuda/softmax_fisher.cu; same signatures as
 ``softmax_fisher_reference``): lm_logsumexp and matmat for a shared U from
-the head input. Per-token U and given logits run the reference; quad and gram
+the head input. Per-token U and given logits are sent to the reference by the
+dispatcher (softmax_fisher._OPS); quad and gram
 have no cuda implementation (the dispatcher then picks triton or reference).
 
 Two kernels split V over blocks: ``softmax_fisher_stats`` (per split: the
@@ -56,8 +57,6 @@ def lm_logsumexp(a, W, b, chunk):
 def matmat(a, W, U, b, logits, chunk):
     """Two passes (stats, then the centered Wᵀ accumulation) per column block
     of U; G U = A − μ tᵀ summed over the splits."""
-    if logits is not None or U.dim() == 3:
-        return reference.matmat(a, W, U, b, logits, chunk)
     ext = _backends.cuda_extension()
     B, d = a.shape
     out = []

@@ -353,7 +353,8 @@ def softmax_fisher_gram_triton(a, W, b, reduce, cfg=_Cfg):
 
 # ---------------------------------------------------------------------------
 # The backend's ops, with the signatures of ``softmax_fisher_reference``.
-# Given logits run the chunked reference (there is nothing left to fuse).
+# Given logits and soft-capping are not implemented here: the dispatcher
+# (softmax_fisher._OPS) sends those calls to the reference.
 # ---------------------------------------------------------------------------
 
 def lm_logsumexp(a, W, b, chunk):
@@ -363,28 +364,20 @@ def lm_logsumexp(a, W, b, chunk):
 
 
 def matmat(a, W, U, b, logits, chunk):
-    if logits is not None:
-        return reference.matmat(a, W, U, b, logits, chunk)
     return softmax_fisher_matmat_triton(a, W, U, b)
 
 
 def quad(a, W, U, b, logits, chunk):
-    if logits is not None:
-        return reference.quad(a, W, U, b, logits, chunk)
     return softmax_fisher_quad_triton(a, W, U, b)
 
 
 def gram(a, W, b, logits, reduce, chunk):
     """matmat with U = I_d on the Triton kernels."""
-    if logits is not None:
-        return reference.gram(a, W, b, logits, reduce, chunk)
     return softmax_fisher_gram_triton(a, W, b, reduce)
 
 
 def gram_topk(a, W, b, logits, reduce, tail_tol, chunk):
     """The Triton normalizer, then the reference's (torch) candidate selection."""
-    if logits is not None:
-        return reference.gram_topk(a, W, b, logits, reduce, tail_tol, chunk)
     norm = normalizer_triton(a, W, b)
     raise_nonfinite_normalizer(norm[0] + norm[1], False)
     return reference.gram_truncated_chunked(a, W, b, None, chunk, norm, tail_tol, reduce)
