@@ -8,9 +8,11 @@ B = ∂a/∂h (d×d) and the head metric G_head(a) = Wᵀ(diag p − p pᵀ)W (�
     G_ℓ(h) = Jᵀ F J = Bᵀ G_head B        (d×d, PSD, rank ≤ min(d, V−1)),
     KL(p(h) ‖ p(h+δ)) = ½ δᵀ G_ℓ δ + O(‖δ‖³).
 
-Every head contraction goes through the softmax-Fisher ops
-(``fisherfast.ops.softmax_fisher``); the model is reached only through
-``SplitModel``. The result is a ``PullbackMetric`` (``fisherfast.metric.operator``).
+Every head contraction goes through the model's head, ``split.head``
+(``fisherfast.split.Head``: its ``gram``, ``gram_topk`` and ``matmat`` run the
+fused softmax-Fisher ops with the head's logit scale s and soft-capping c
+folded in exactly, so G_head = (∂z/∂a)ᵀ F (∂z/∂a) for z = softcap(s(W a + b)));
+the model is reached only through ``SplitModel``. The result is a ``PullbackMetric`` (``fisherfast.metric.operator``).
 
 Precision: products with the model run in the model's dtype; everything the
 metric accumulates or factorizes (B, the sum over points, the Nyström
@@ -29,7 +31,6 @@ from fisherfast.metric.operator import (DenseMetric, LowRankMetric, MatrixFreeMe
 from fisherfast.checks import check_choice, check_int, check_real, expected
 from fisherfast.concepts import ConceptSchema, hellinger_rows
 from fisherfast.metric.points import paired_points
-from fisherfast.ops.softmax_fisher import softmax_fisher_gram, softmax_fisher_gram_topk, softmax_fisher_matmat
 
 METRIC_MODES = ("exact", "matrix_free", "low_rank", "topk", "monte_carlo", "concept", "auto")
 
@@ -105,7 +106,7 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
             "matrix_free": G v = Bᵀ G_head (B v) per point, from one recorded
                 forward (``split.linearize``: B v and Bᵀ u by reverse passes
                 over it, no forward re-run) and one fused head product
-                (``softmax_fisher_matmat`` on the cached logits). Cost per
+                (``split.head.matmat`` on the cached logits). Cost per
                 product and point: two reverse passes of one token through the
                 upper blocks and about one read of W, measured at 3.3× one
                 forward of the upper blocks on SmolLM2 (layer 15, one thread;
@@ -127,7 +128,9 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
                 r < d it is written Q Λ Qᵀ and G = Σ_j λ_j (Bᵀq_j)(Bᵀq_j)ᵀ from r
                 VJPs instead of d.
             "monte_carlo": the Fisher–Stein estimator: y_s ∼ p,
-                g_s = Jᵀ(e_{y_s} − p) = Bᵀ(w_{y_s} − μ) with μ = Wᵀp,
+                g_s = Jᵀ(e_{y_s} − p) = Bᵀ s (c′_{y_s} w_{y_s} − μ) with
+                μ = Wᵀ(c′ ⊙ p) (s the head's logit scale, c′ = 1 − tanh²(z_lin/c)
+                its soft-cap derivative; s = c′ = 1 for z = W a + b),
                 G ≈ (1/S) Σ_s g_s g_sᵀ, S = ``n_samples`` VJPs per point. The
                 report's ``std_error_fro`` estimates E‖Ĝ − G‖_F from the samples.
             "concept": the pullback Hellinger metric of the concept
@@ -176,10 +179,6 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
     if not isinstance(split, SplitModel):
         raise TypeError(expected("split", "a fisherfast.split.SplitModel (SplitModel(model, layer))",
                                  type(split)))
-    if getattr(split, "logit_softcap", None) is not None and mode != "concept":
-        raise ValueError(f"split: the model soft-caps its logits (c = {split.logit_softcap}); mode={mode!r} "
-                         "assumes z = W a + b (docs/design.md §2); only mode='concept' (which differentiates the "
-                         "model's own head map) supports soft-capped heads")
     chunk = check_int("chunk", chunk, minimum=1)
     if mode == "auto":
         mode = auto_mode(split.d)
@@ -271,9 +270,6 @@ def _vjp(split, ctx, x, C, chunk, dtype):
     return split.vjp(ctx, x, C.to(split.W.dtype).contiguous(), chunk=chunk).to(dtype)
 
 
-def _probs(split, ctx, x):
-    """p = softmax(W a + b) at a = N(r_L(h)), in float64."""
-    return torch.softmax(split.logits_from_head_input(split.head_input(ctx, x)).double(), -1)
 
 
 # --------------------------------------------------------------------------- per-point modes
@@ -281,13 +277,13 @@ def _probs(split, ctx, x):
 def _exact(split, ctx, x, chunk, dtype):
     B = split.jacobian(ctx, x, chunk=chunk).to(dtype)
     a = split.head_input(ctx, x)
-    G_head = softmax_fisher_gram(a[None], split.W, split.b)[0].to(dtype)   # centered form (§3)
+    G_head = split.head.gram(a[None])[0].to(dtype)                   # centered form (§3)
     return B.T @ G_head @ B
 
 
 def _topk(split, ctx, x, tail_tol, chunk, dtype):
     a = split.head_input(ctx, x)
-    truncated = softmax_fisher_gram_topk(a[None], split.W, split.b, tail_tol=tail_tol)
+    truncated = split.head.gram_topk(a[None], tail_tol=tail_tol)
     G_top = truncated.G[0].to(dtype)
     n_kept = int(torch.as_tensor(truncated.n_kept).flatten()[0])
     record = (float(torch.as_tensor(truncated.tau).flatten()[0]), n_kept)
@@ -301,12 +297,24 @@ def _topk(split, ctx, x, tail_tol, chunk, dtype):
     return R.T @ R, record
 
 
+def _head_rows(head, a, dtype):
+    """(p, c′, μ) for the head's score rows: with z = softcap(s(W a + b)),
+    (∂z/∂a)ᵀ(e_y − p) = s (c′_y w_y − μ), μ = Wᵀ(c′ ⊙ p), c′ = 1 − tanh²(z_lin/c)
+    (1 without soft-capping); p float64, c′ and μ in ``dtype``."""
+    z_lin = head.linear_logits(a)
+    z = z_lin if head.softcap is None else torch.tanh(z_lin / head.softcap) * head.softcap
+    p = torch.softmax(z.double(), -1)
+    cap = None if head.softcap is None else (1 - torch.tanh(z_lin.double() / head.softcap) ** 2).to(dtype)
+    weights = p.to(dtype) if cap is None else p.to(dtype) * cap
+    return p, cap, weights @ head.W.to(dtype)
+
+
 def _monte_carlo(split, ctx, x, n_samples, generator, chunk, dtype):
-    p = _probs(split, ctx, x)
+    head = split.head
+    p, cap, mu = _head_rows(head, split.head_input(ctx, x), dtype)
     y = torch.multinomial(p, n_samples, replacement=True, generator=generator)
-    W = split.W.to(dtype)
-    mu = p.to(dtype) @ W                                            # μ = Wᵀp
-    g = _vjp(split, ctx, x, W[y] - mu, chunk, dtype)                # rows g_s = Bᵀ(w_{y_s} − μ)
+    W_y = head.W[y].to(dtype) if cap is None else head.W[y].to(dtype) * cap[y, None]
+    g = _vjp(split, ctx, x, head.scale * (W_y - mu), chunk, dtype)   # rows g_s = Bᵀ(∂z/∂a)ᵀ(e_{y_s} − p)
     G = g.T @ g / n_samples
     g2 = (g.double() ** 2).sum(1)
     return G, float(((g2 ** 2).mean() - (G.double() ** 2).sum()) / n_samples)
@@ -332,7 +340,7 @@ def _matrix_free_matmat(run: _Run):
             for i in run.mine:
                 ctx, x = run.points[i]
                 lin = split.linearize(ctx, x)
-                cache.append((lin, split.logits_from_head_input(lin.a.detach())))
+                cache.append((lin, split.head.linear_logits(lin.a.detach())))
         return cache
 
     def matmat(U):
@@ -340,7 +348,7 @@ def _matrix_free_matmat(run: _Run):
         Ut = U.T.to(split.W.dtype).contiguous()
         for lin, z in linearizations():
             BU = lin.jvp(Ut, chunk=chunk)                                                     # (k, d) rows B u_j
-            HBU = softmax_fisher_matmat(None, split.W, BU.T.contiguous(), logits=z[None])[0]  # (d, k) G_head B U
+            HBU = split.head.matmat(None, BU.T.contiguous(), logits=z[None])[0]  # (d, k) G_head B U
             out += lin.vjp(HBU.T.contiguous(), chunk=chunk).T.to(U.dtype)                    # Bᵀ G_head B U
         return run.all_sum(out) / len(run.points)
 
