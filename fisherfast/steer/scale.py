@@ -21,6 +21,7 @@ When nothing reaches φ*, ``TargetNotReached`` (a ValueError) reports the best
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -62,7 +63,7 @@ class TargetNotReached(ValueError):
 
 def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: torch.Tensor | None = None,
                     max_scale: float = 1e3, min_scale: float = 1e-3, ratio: float = 1.2, refine: int = 3,
-                    xtol: float = 1e-10, chunk: int = 32) -> float:
+                    xtol: float = 1e-10, batch_size: int = 32, chunk: int | None = None) -> float:
     """α ≥ 0 with φ(h + δ(α)) = ``target_score`` (module docstring for the search).
 
     Args:
@@ -75,7 +76,8 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
         h: the starting state (default ``ctx.h``).
         max_scale, min_scale, ratio: the scan grid (ratio in (1, 1.25]).
         refine: local maxima of the scan refined when no grid point reaches φ*.
-        xtol: Brent's tolerance on α; chunk: candidates per batched forward.
+        xtol: Brent's tolerance on α; batch_size: candidates per batched forward
+            (``chunk``: its deprecated name).
     Returns:
         α (float). φ is continuous, so |φ(h + δ(α)) − φ*| is at rounding level.
     Raises:
@@ -91,7 +93,10 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
     min_scale = check_real("min_scale", min_scale, minimum=0, min_open=True, maximum=max_scale, max_open=True)
     xtol = check_real("xtol", xtol, minimum=0, min_open=True)
     ratio = check_real("ratio", ratio, minimum=1, min_open=True, maximum=1.25)
-    refine, chunk = check_int("refine", refine, minimum=0), check_int("chunk", chunk, minimum=1)
+    if chunk is not None:
+        warnings.warn("scale_to_target(chunk=) is deprecated; use batch_size=", DeprecationWarning, stacklevel=2)
+        batch_size = chunk
+    refine, batch_size = check_int("refine", refine, minimum=0), check_int("batch_size", batch_size, minimum=1)
     target_score = check_target_score(concept, target_score)
     if callable(direction) and not isinstance(direction, torch.Tensor):
         displacement: Callable[[float], torch.Tensor] = direction
@@ -119,8 +124,8 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
     n = math.ceil(math.log(max_scale / min_scale) / math.log(ratio))
     grid = [0.0] + [min_scale * ratio ** k for k in range(n)] + [max_scale]
     scanned = [phi0]
-    for start in range(1, len(grid), chunk):
-        scanned += scores(grid[start:start + chunk])
+    for start in range(1, len(grid), batch_size):
+        scanned += scores(grid[start:start + batch_size])
         hit = next((k for k in range(start, len(scanned)) if scanned[k] >= target_score), None)
         if hit is not None:
             return brentq(gap, grid[hit - 1], grid[hit], xtol=xtol)

@@ -246,6 +246,10 @@ def test_scale_to_target_matches_the_score(llama):
     with pytest.raises(TargetNotReached, match="max_scale") as err:
         scale_to_target(split, ctx, concept, -v, phi0 + 0.5, max_scale=8.0)
     assert err.value.best_score < phi0 + 0.5
+    # batch_size only groups the scan's forwards: the same bracket, the same α (to Brent's xtol)
+    assert scale_to_target(split, ctx, concept, v, phi0 + 0.5, batch_size=1) == pytest.approx(alpha, abs=1e-9)
+    with pytest.warns(DeprecationWarning, match="batch_size"):
+        assert scale_to_target(split, ctx, concept, v, phi0 + 0.5, chunk=5) == pytest.approx(alpha, abs=1e-9)
 
 
 class _Ray:
