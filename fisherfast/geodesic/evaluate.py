@@ -52,9 +52,9 @@ def check_distributions(q, name: str, min_ndim: int = 1) -> torch.Tensor:
                          f"got shape {tuple(q.shape)}")
     q = q.double()
     if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
-        raise ValueError(f"{name}: entries must be finite and ≥ 0")
+        raise ValueError(f"{name}: expected finite entries ≥ 0, got NaN, Inf or negative ones")
     if bool(((q.sum(-1) - 1).abs() > _SUM_TOL).any()):
-        raise ValueError(f"{name}: each distribution (last axis) must sum to 1 within {_SUM_TOL}")
+        raise ValueError(f"{name}: expected distributions (last axis) summing to 1 within {_SUM_TOL}, got other sums")
     return q
 
 

@@ -130,7 +130,7 @@ class INNSteer(torch.nn.Module):
         self.max_log_scale = check_real("max_log_scale", max_log_scale, minimum=0, min_open=True)
         self.seed = check_int("seed", seed)
         if dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+            raise ValueError(expected("dtype", "torch.float32 or torch.float64", dtype))
         generator = torch.Generator().manual_seed(seed)
         couplings = []
         for k in range(self.n_layers):

@@ -197,7 +197,7 @@ def test_bad_inputs():
         ConceptTask("one", ("a",), cyclic=True, header="h")
     with pytest.raises(ValueError, match="template"):
         ConceptTask("bad", ("a", "b"), cyclic=True, template="{x}", carrier="arithmetic")
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+    with pytest.raises(ValueError, match=r"expected token ids in \[0, "):
         WEEKDAYS.schema(WordTokenizer(), vocab_size=3)
 
 

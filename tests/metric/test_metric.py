@@ -369,8 +369,8 @@ def test_scaled_and_soft_capped_heads_match_jacrev_of_the_models_logits(tiny_lm,
     (dict(mode="concept"), ValueError, "concepts: expected a ConceptSchema"),
     (dict(mode="concept", concepts=[]), ValueError, "concepts: expected at least one concept"),
     (dict(mode="concept", concepts=[[1, 2], [2]]), ValueError, "concepts: expected disjoint concepts"),
-    (dict(mode="concept", concepts=[V]), ValueError, r"token ids must be in \[0, "),
-    (dict(mode="concept", concepts=[[]]), ValueError, "must be a non-empty sequence of token ids"),
+    (dict(mode="concept", concepts=[V]), ValueError, r"concept '0': expected token ids in \[0, "),
+    (dict(mode="concept", concepts=[[]]), ValueError, "concept '0': expected a non-empty sequence of token ids"),
     (dict(chunk=0), ValueError, "chunk: expected an int ≥ 1"),
     (dict(h=torch.zeros(D + 1, dtype=torch.float64)), ValueError, "h: expected shape"),
     (dict(h=torch.zeros(D)), TypeError, "h: expected the model's dtype"),
@@ -392,7 +392,7 @@ def test_bad_contexts_and_products_raise(llama):
         G @ torch.zeros(D + 1)
     with pytest.raises(ValueError, match="k: expected an int ≥ 1 and ≤"):
         G.eig(0)
-    with pytest.raises(ValueError, match="metric is zero"):
+    with pytest.raises(ValueError, match="eigenvalues: expected a nonzero metric"):
         spectrum_diagnostics(torch.zeros(4))
 
 

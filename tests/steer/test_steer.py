@@ -549,7 +549,7 @@ def test_bad_inputs(llama):
     model, split, ctx = llama
     with pytest.raises(ValueError, match="non-empty"):
         ConceptScore([])
-    with pytest.raises(ValueError, match="disjoint"):
+    with pytest.raises(ValueError, match="source: expected token ids disjoint from target"):
         ConceptScore([1, 2], source=[2])
     with pytest.raises(ValueError, match="repeated"):
         ConceptScore([1, 1])
@@ -576,7 +576,7 @@ def test_bad_inputs(llama):
         steer_to_target(split, ctx, ConceptScore(TARGET), 0.0, solve="lstsq")
     with pytest.raises(ValueError, match="rcond"):
         fishback_direction(G, q, solve="pinv", rcond=0.0)
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    with pytest.raises(ValueError, match=r"concept: expected token ids in \[0, 61\) \(the model's vocabulary\)"):
         concept_gradient(split, ctx, ctx.h, ConceptScore([V]))
     with pytest.raises(TypeError, match="ConceptScore or SequenceConcept"):
         concept_gradient(split, ctx, ctx.h, [5])
@@ -659,9 +659,9 @@ def test_an_impossible_or_malformed_target_is_refused_before_any_work(llama):
     seq_ctx = split.context(PROMPT, continuation=TARGET)
     try:
         for concept, c in ((ConceptScore(TARGET), ctx), (SequenceConcept(TARGET), seq_ctx)):
-            with pytest.raises(ValueError, match="target_score must be ≤ 0"):
+            with pytest.raises(ValueError, match="target_score: expected a number ≤ 0"):
                 scale_to_target(split, c, concept, torch.ones(D, dtype=torch.float64), 0.5)
-            with pytest.raises(ValueError, match="target_score must be ≤ 0"):
+            with pytest.raises(ValueError, match="target_score: expected a number ≤ 0"):
                 steer_to_target(split, c, concept, 0.1)
         assert calls == []
     finally:
