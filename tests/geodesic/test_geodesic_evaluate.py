@@ -118,7 +118,7 @@ def test_evaluate_path_matches_explicit_formulas(setup, forward, target):
 
 def test_bad_inputs(setup):
     split, contexts, schema = setup
-    with pytest.raises(ValueError, match="q: expected distributions \(last axis\) summing to 1"):
+    with pytest.raises(ValueError, match=r"q: expected distributions \(last axis\) summing to 1"):
         hellinger_distance(t([0.5, 0.6]), t([0.5, 0.5]))
     with pytest.raises(ValueError, match="q: expected finite entries ≥ 0"):
         hellinger_distance(t([-0.5, 1.5]), t([0.5, 0.5]))
