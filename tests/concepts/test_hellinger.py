@@ -104,3 +104,11 @@ def test_old_names_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         from fisherfast.steer import concept_gradient  # noqa: F401  (the new home re-exported: no warning)
+    import importlib
+    import sys
+
+    for old, new in (("fisherfast.steer.concept", "concept_gradient"), ("fisherfast.geodesic.concepts", "ConceptSchema")):
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match="fisherfast.concepts"):
+            module = importlib.import_module(old)
+        assert getattr(module, new) is getattr(importlib.import_module("fisherfast.concepts"), new)
