@@ -135,9 +135,12 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
                 report's ``std_error_fro`` estimates E‖Ĝ − G‖_F from the samples.
             "concept": the pullback Hellinger metric of the concept
                 distribution q = (Σ_{t∈c} p_t)_{c∈C} ∪ {q_other = 1 − Σ_c q_c}:
-                G_H = J_sᵀ J_s = ¼ J_qᵀ diag(1/q) J_q with s = √q, rank ≤ K,
-                from K+1 VJPs (∇_h q_c = Bᵀ Σ_{t∈c} p_t (w_t − μ)). Bins with
-                q = 0 contribute 0 (their gradient vanishes with them).
+                G_H = J_sᵀ J_s = ¼ J_qᵀ diag(1/q) J_q with s = √q, rank ≤ n_c,
+                from the Hellinger rows J_s of ``fisherfast.concepts.hellinger_rows``
+                (n_c+1 reverse products through the head, n_c+1 VJPs; the
+                geodesic concept metric uses the same rows). Bins with q = 0
+                contribute 0 (their gradient vanishes with them). The report's
+                ``q`` per point is q in float64.
             "auto": "exact" or "matrix_free" by d (``auto_mode``); the report
                 names the mode chosen.
         h: the points; default each context's own state ``ctx.h``. A (d,)
