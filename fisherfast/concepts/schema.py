@@ -113,15 +113,15 @@ class ConceptSchema:
         """{name: token ids}, a form the constructor takes back."""
         return {name: ids.tolist() for name, ids in zip(self.names, self.token_sets)}
 
-    def index(self, concept) -> int:
-        """The bin index of a concept given by name or by index in [0, n_c)."""
-        if isinstance(concept, str):
-            if concept not in self.names:
-                raise ValueError(expected("concept", f"one of {list(self.names)}", concept))
+    def index(self, concept, name: str = "concept") -> int:
+        """The bin index of a concept given by name or by index in [0, n_c);
+        ValueError naming ``name`` otherwise."""
+        if isinstance(concept, str) and concept in self.names:
             return self.names.index(concept)
-        if isinstance(concept, bool) or not isinstance(concept, int) or not 0 <= concept < self.n_concepts:
-            raise ValueError(expected("concept", f"a name or an int in [0, {self.n_concepts})", concept))
-        return concept
+        if isinstance(concept, numbers.Integral) and not isinstance(concept, bool) and \
+                0 <= concept < self.n_concepts:
+            return int(concept)
+        raise ValueError(expected(name, f"one of {list(self.names)} or an int in [0, {self.n_concepts})", concept))
 
     def check(self, split) -> "ConceptSchema":
         """``self`` if built for the model's vocabulary; ValueError otherwise."""

@@ -144,10 +144,7 @@ def evaluate_path(split, contexts, schema: ConceptSchema, path: torch.Tensor, re
     if path.ndim != 2:
         raise ValueError(f"path: expected shape (T, {split.d}), got {tuple(path.shape)}")
     reference = check_points("reference", reference, split.d, dtype=split.W.dtype, finite=True)
-    try:
-        k = schema.index(target)
-    except ValueError as err:
-        raise ValueError(f"target: {str(err).removeprefix('concept: ')}") from None
+    k = schema.index(target, "target")
     Q = concept_distributions(split, contexts, schema, X)                    # (T, C, B)
     R = concept_distributions(split, contexts, schema, reference)
     tokens = schema.token_sets[k]

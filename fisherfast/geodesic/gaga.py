@@ -38,7 +38,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from fisherfast.checks import check_int, check_points, check_real
+from fisherfast.checks import check_int, check_points, check_real, expected
 from fisherfast.geodesic.density import knn_sq_distance
 from fisherfast.geodesic.evaluate import check_distributions, hellinger_distance
 from fisherfast.geodesic.metrics import EncoderMetric, check_eps
@@ -154,9 +154,9 @@ def _train(points, targets, pointwise, kind, latent_dim, *, width, depth, steps,
     check_int("seed", seed, minimum=0)
     w = dict(DEFAULT_WEIGHTS[kind])
     for key, value in (weights or {}).items():
-        if key not in w or isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"weights: expected {{term: float ≥ 0}} over {sorted(w)}, got {weights!r}")
-        w[key] = float(value)
+        if key not in w:
+            raise ValueError(expected("weights", f"terms among {sorted(w)}", key))
+        w[key] = check_real(f"weights[{key!r}]", value, minimum=0)
     eps = check_eps(eps)
     mean = X.mean(0)
     scale = float((X - mean).pow(2).sum(1).mean().sqrt()) / math.sqrt(d)
