@@ -271,7 +271,7 @@ def lbfgs_path(metric: GeodesicMetric, h0: torch.Tensor, h1: torch.Tensor, T: in
             raise ValueError(f"init: expected a ({T}, {h0.shape[0]}) tensor of dtype {h0.dtype}, got "
                              f"{tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__}")
         if not (torch.equal(init[0], h0) and torch.equal(init[-1], h1)):
-            raise ValueError("init: its first and last waypoints must equal h0 and h1")
+            raise ValueError("init: expected first and last waypoints equal to h0 and h1, got others")
         check_finite("init", init)
         path = init.detach().to(h0.device).clone()
     h0, h1 = h0.detach(), h1.detach()

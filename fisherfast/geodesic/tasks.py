@@ -360,5 +360,5 @@ def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
         ids = ids.flatten().tolist()
     ids = list(ids)
     if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
-        raise TypeError(f"tokenizer: encode({text!r}) must return token ids (ints), got {ids!r}")
+        raise TypeError(f"tokenizer: expected encode({text!r}) to return token ids (ints), got {ids!r}")
     return [int(i) for i in ids]

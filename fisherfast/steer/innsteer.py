@@ -240,8 +240,8 @@ class INNSteer(torch.nn.Module):
 
         h_pos, h_neg = self._check_batch("h_pos", h_pos), self._check_batch("h_neg", h_neg)
         if h_pos.shape[0] < 1 or h_neg.shape[0] < 1:
-            raise ValueError(f"fit needs at least one sample of each behaviour, got {h_pos.shape[0]} and "
-                             f"{h_neg.shape[0]}")
+            raise ValueError(f"h_pos, h_neg: expected at least one sample of each behaviour, got {h_pos.shape[0]} "
+                             f"and {h_neg.shape[0]}")
         steps = check_int("steps", steps, minimum=1)
         lr = check_real("lr", lr, minimum=0, min_open=True)
         separation = check_real("separation", separation, minimum=0)

@@ -277,7 +277,7 @@ def test_bad_inputs():
         lbfgs_path(object(), h0, h1, 5)
     with pytest.raises(ValueError, match="metric's d"):
         lbfgs_path(FlatMetric(4), h0, h1, 5)
-    with pytest.raises(ValueError, match="init: its first and last waypoints"):
+    with pytest.raises(ValueError, match="init: expected first and last waypoints equal to h0 and h1"):
         lbfgs_path(FlatMetric(3), h0, h1, 5, init=torch.zeros(5, 3, dtype=DT))
     with pytest.raises(ValueError, match="init: expected a"):
         lbfgs_path(FlatMetric(3), h0, h1, 5, init=torch.zeros(4, 3, dtype=DT))
