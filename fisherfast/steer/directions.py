@@ -63,7 +63,7 @@ import math
 import numpy as np
 import torch
 
-from fisherfast.checks import check_choice, check_points, check_real, check_vector, expected
+from fisherfast.checks import check_choice, check_finite, check_points, check_real, check_vector, expected
 from fisherfast.metric import DenseMetric, LowRankMetric, PullbackMetric
 
 DEFAULT_DAMPING = 1e-3
@@ -81,9 +81,7 @@ def as_metric(G) -> PullbackMetric:
     if not isinstance(G, torch.Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1] or not G.is_floating_point():
         raise ValueError(expected("G", "a PullbackMetric or a square floating (d, d) tensor",
                                   G if isinstance(G, torch.Tensor) else type(G)))
-    if not bool(torch.isfinite(G).all()):
-        raise ValueError("G: expected finite values, got NaN or Inf")
-    return DenseMetric(G)
+    return DenseMetric(check_finite("G", G))
 
 
 def check_rho(rho) -> float:
@@ -140,9 +138,7 @@ def check_solve(solve: str, rcond: float) -> None:
 
 
 def _dense64(A: PullbackMetric, device) -> torch.Tensor:
-    dense = A.dense().to(device, torch.float64)
-    if not bool(torch.isfinite(dense).all()):
-        raise ValueError("G: expected finite values, got NaN or Inf")
+    dense = check_finite("G", A.dense().to(device, torch.float64))
     return 0.5 * (dense + dense.T)
 
 
