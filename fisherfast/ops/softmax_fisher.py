@@ -70,14 +70,13 @@ class TruncatedGram:
 # Capabilities a call may need beyond the plain (a, shared U) case.
 LOGITS, PER_TOKEN_U, SOFTCAP = "logits", "per_token_U", "softcap"
 _ALL = frozenset((LOGITS, PER_TOKEN_U, SOFTCAP))
-_CPU = frozenset((LOGITS, PER_TOKEN_U))
 _NONE = frozenset()
 _OPS = {
-    "lm_logsumexp": {"reference": _ALL, "cpu": _CPU, "triton": _NONE, "cuda": _NONE},
-    "matmat": {"reference": _ALL, "cpu": _CPU, "triton": frozenset((PER_TOKEN_U,)), "cuda": _NONE},
-    "quad": {"reference": _ALL, "cpu": _CPU, "triton": frozenset((PER_TOKEN_U,))},
-    "gram": {"reference": _ALL, "cpu": _CPU, "triton": _NONE},
-    "gram_topk": {"reference": _ALL, "cpu": _CPU, "triton": _NONE},
+    "lm_logsumexp": {"reference": _ALL, "cpu": _ALL, "triton": _NONE, "cuda": _NONE},
+    "matmat": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U,)), "cuda": _NONE},
+    "quad": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U,))},
+    "gram": {"reference": _ALL, "cpu": _ALL, "triton": _NONE},
+    "gram_topk": {"reference": _ALL, "cpu": _ALL, "triton": _NONE},
 }
 # Backends that read a half-precision W as it is (the Triton kernels convert
 # each tile they load; the reference casts one V-chunk at a time). The others

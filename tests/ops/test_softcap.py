@@ -17,6 +17,7 @@ import torch
 
 from fisherfast.ops import (lm_logsumexp, softmax_fisher_gram, softmax_fisher_gram_topk, softmax_fisher_matmat,
                             softmax_fisher_quad)
+from fisherfast.ops import _backends
 from fisherfast.ops.softmax_fisher import capabilities
 
 FP32_TOL = 1e-5
@@ -134,11 +135,16 @@ def test_bad_softcap_is_named(bad):
             call()
 
 
-def test_forced_backend_without_softcap_warns_and_runs_the_reference():
-    a, W, b, U = make()
-    lacking = [name for name, caps in capabilities("matmat").items() if "softcap" not in caps and name == "cpu"]
-    if not lacking:
-        pytest.skip("every CPU backend implements softcap")
-    with pytest.warns(RuntimeWarning, match="softcap"):
-        out = softmax_fisher_matmat(a, W, U, b, softcap=CAP, backend="cpu")
-    assert rel(out, softmax_fisher_matmat(a, W, U, b, softcap=CAP, backend="reference")) <= 1e-6
+def test_dispatcher_falls_back_for_a_missing_capability():
+    """A backend that lacks what a call needs is skipped by the automatic choice
+    and, when forced, replaced by the reference with a warning naming the gap."""
+    impls = {"reference": lambda: "reference", "cpu": lambda: "cpu"}
+    lacks = {"reference": [], "cpu": ["softcap"]}.get
+    cpu = torch.device("cpu")
+    assert _backends.select("op", impls, cpu, None, lacks=lacks)() == "reference"
+    with pytest.warns(RuntimeWarning, match="'cpu' does not implement softcap; running the reference"):
+        assert _backends.select("op", impls, cpu, "cpu", lacks=lacks)() == "reference"
+    assert _backends.select("op", impls, cpu, "cpu", lacks=lambda name: [])() == "cpu"
+    # The table says what each backend of each op implements; the reference has everything.
+    for op in ("lm_logsumexp", "matmat", "quad", "gram", "gram_topk"):
+        assert capabilities(op)["reference"] == {"logits", "per_token_U", "softcap"}
