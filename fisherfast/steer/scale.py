@@ -40,9 +40,10 @@ def check_start(split, ctx, h) -> torch.Tensor:
         if not hasattr(ctx, "h"):
             raise TypeError(expected("ctx", "a SplitContext from split.context()", type(ctx)))
         h = ctx.h
-    check = getattr(split, "_check_h", None)
-    if check is not None:  # a SplitModel: ctx is its context, h has its shape and dtype
-        check(ctx, h, "h", batched=False)
+    from fisherfast.split import SplitModel
+
+    if isinstance(split, SplitModel):  # ctx is its context, h has its shape and dtype
+        split.check_point(ctx, h, "h")
     elif not isinstance(h, torch.Tensor) or h.ndim != 1 or not h.is_floating_point():
         raise TypeError(expected("h", "a floating (d,) tensor", h if isinstance(h, torch.Tensor) else type(h)))
     return check_finite("h", h)
