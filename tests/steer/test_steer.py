@@ -448,13 +448,14 @@ def test_sequence_concept_value_and_gradient_match_the_hooked_model(tiny_model, 
     ctx = split.context(PROMPT, continuation=tokens)
     zero = torch.zeros(D, dtype=torch.float64)
     q, phi = concept_gradient(split, ctx, ctx.h, concept)
-    # Error model: both routes (the split's cached prefix + continuation, the hooked full forward)
-    # compute the float64 attention scores up to float64 round-off in different orders, then take
-    # the softmax in float32 as transformers' eager attention does (RMSNorm too). Float32 rounding
-    # is discontinuous, so an ε64 difference can flip a rounding: the routes agree to float32
-    # accuracy, not float64 (measured up to 6.6e-9 on |φ| ≈ 15–20 under load, once in a CI run; 1e-12
-    # flaked). SEQ_RTOL = 1e-6 ≈ 16 u32; a wrong φ (edit not reaching later positions, an
-    # off-by-one teacher-forcing row) is off by ≥ 0.1.
+    # Error model: the split computes a float64 model in float64, while the hooked oracle is
+    # transformers' own forward, whose eager attention (Llama, Gemma; not GPT-2) takes the softmax
+    # in float32 and casts back: its attention weights carry float32 rounding (u32 = 6e-8 relative
+    # each). Measured: φ off by 4e-9 (llama) / 2e-8 (gemma3) relative, 0 for gpt2; q by ≤ 2e-7
+    # relative. (Before the split went float64, both took float32 softmaxes and agreed to 1e-12
+    # except when an ε64 difference flipped a float32 rounding: 6.6e-9, a CI flake.)
+    # SEQ_RTOL = 1e-6 ≈ 16 u32; a wrong φ (the edit not reaching later positions, an off-by-one
+    # teacher-forcing row) is off by ≥ 0.1.
     SEQ_RTOL = 1e-6
     assert phi == pytest.approx(float(_teacher_forced_log_prob(model, 1, tokens, zero)), rel=SEQ_RTOL)
     # the same route twice: equal to float64 round-off
