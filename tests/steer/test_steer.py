@@ -69,10 +69,10 @@ def test_concept_gradient_matches_jacrev_and_finite_differences(llama):
     for concept in (ConceptScore(TARGET), ConceptScore(TARGET, source=[1, 2])):
         q, phi = concept_gradient(split, ctx, ctx.h, concept)
         want = torch.func.jacrev(lambda x: concept(split.logits(ctx, x)))(ctx.h)
-        torch.testing.assert_close(q, want, rtol=1e-6, atol=1e-9)
-        # transformers runs RMSNorm and the attention softmax in float32 even in a float64
-        # model, so φ carries ~1e-7 relative rounding: central differences at ε = 1e-3 have
-        # rounding error ~1e-7/ε = 1e-4 and truncation error ~ε² = 1e-6.
+        # the same float64 route differentiated two ways (the split is float64 end to end): measured 0
+        torch.testing.assert_close(q, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+        # central differences at ε = 1e-3: rounding ~1e-16/ε is negligible, the truncation
+        # ε²·|φ‴|/6 dominates (measured 3e-5 – 5e-5 of max|q|); 1e-3 leaves a factor 20.
         eps, eye = 1e-3, torch.eye(D, dtype=torch.float64)
         fd = torch.stack([(concept(split.logits(ctx, ctx.h + eps * e)) - concept(split.logits(ctx, ctx.h - eps * e)))
                           / (2 * eps) for e in eye])
@@ -116,8 +116,9 @@ def test_matrix_free_conjugate_gradients_match_the_dense_solve(llama):
     dense = pullback_fisher(split, ctx, mode="exact", progress=False)
     free = pullback_fisher(split, ctx, mode="matrix_free", progress=False)
     assert free.is_matrix_free
-    # The two routes to G v agree to ~1e-7 (transformers' float32 norm/softmax inside a
-    # float64 model); the solve amplifies that by κ(G_λ) ≈ 1e2 at damping 1e-2.
+    # CG stops at relative residual 1e-12, so its error is ≤ κ(G_λ)·1e-12 ≈ 1e-10 (κ ≈ 1e2 at
+    # damping 1e-2); the two routes to G v agree to float64 round-off (the split is float64 end
+    # to end). Measured 4e-14; 1e-8 leaves a factor 100 over the bound.
     want = fishback_direction(dense, q, 1.0, damping=1e-2)
     iterations = {"plain": 0, "nystrom": 0}
 
@@ -125,12 +126,12 @@ def test_matrix_free_conjugate_gradients_match_the_dense_solve(llama):
         return lambda x: iterations.__setitem__(name, iterations[name] + 1)
 
     got = fishback_direction(free, q, 1.0, damping=1e-2, rtol=1e-12, callback=counter("plain"))
-    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert float((got - want).norm() / want.norm()) < 1e-8
     # Nyström-preconditioned CG: the same solution in fewer products
     low_rank = pullback_fisher(split, ctx, mode="low_rank", k=16, seed=0, progress=False)
     pcg = fishback_direction(free, q, 1.0, damping=1e-2, rtol=1e-12, preconditioner=low_rank,
                              callback=counter("nystrom"))
-    assert float((pcg - want).norm() / want.norm()) < 1e-5
+    assert float((pcg - want).norm() / want.norm()) < 1e-8
     assert iterations["nystrom"] < 0.7 * iterations["plain"], iterations  # 33 vs 56 (SmolLM2, k=64: 53 vs 228)
     with pytest.raises(TypeError, match="preconditioner: expected a LowRankMetric"):
         fishback_direction(free, q, preconditioner=dense)
@@ -490,8 +491,8 @@ def test_solvers_accept_a_sequence_concept(llama):
     G = pullback_fisher(split, ctx, mode="exact", progress=False).dense()
     v = fishback_direction(G, q)
     alpha = scale_to_target(split, ctx, concept, v, target)
-    # φ carries ~1e-7 relative rounding (transformers' float32 norm/softmax inside the float64
-    # model): the root is exact up to the size of those steps (|φ| ≈ 9 here)
+    # Brent's root on α to xtol 1e-10: |φ − φ*| ≤ |dφ/dα|·1e-10 plus float64 rounding of φ
+    # (|φ| ≈ 9); 1e-6 is far above both (a wrong α misses by ≥ 1e-2)
     assert float(concept.score(split, ctx, ctx.h + alpha * v)) == pytest.approx(target, abs=1e-6)
     assert cost_ratio(G, q, v) == pytest.approx(1.0, abs=1e-9)
 
