@@ -1,7 +1,7 @@
 """Bench: the FishBack comparison — verb-morphology concepts × layers × steering
 methods at matched concept probability (DESIGN.md §5).
 
-For each concept (``fisherfast.steer.benchmarks.MORPHOLOGY_CONCEPTS``: past,
+For each concept (``bench/steer_data.py``'s ``MORPHOLOGY_CONCEPTS``: past,
 3rd person, progressive), layer and carrier prompt, the target probability
 p(T) = Σ_{v∈T} p_v is raised from p₀ to two targets:
 
@@ -55,13 +55,13 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/ and the checkout's fisherfast first
 from _harness import default_results_path, machine_meta, markdown_table, tiny_llama  # noqa: E402
+from steer_data import MORPHOLOGY_CONCEPTS, concept_scores  # noqa: E402
 
 from fisherfast.metric import pullback_fisher  # noqa: E402
 from fisherfast.split import SplitModel  # noqa: E402
 from fisherfast.steer import (INNSteer, ConceptScore, actadd_direction, caa_direction,  # noqa: E402
                               concept_gradient, cost_ratio, fishback_direction, probe_direction, scale_to_target,
                               steer_to_target)
-from fisherfast.steer.benchmarks import MORPHOLOGY_CONCEPTS, concept_scores  # noqa: E402
 
 METHODS = ("fishback", "fishback_frozen", "euclidean", "caa", "actadd", "probe", "innsteer")
 REFERENCE = "fishback"

@@ -66,8 +66,8 @@ def run_setting(model, tokenizer, task, layer, args, log):
     examples = task.examples(lengths=tuple(range(1, 7)))
     H = torch.stack([split.context(task.prompt_ids(tokenizer, e.prompt)).h for e in examples])
     labels = torch.tensor([e.answer_index for e in examples])
-    C = torch.stack([H[labels == k].mean(0) for k in range(task.K)])          # as class_centroids
-    carrier_examples = [task.list_example(task.classes[0], 3), task.list_example(task.classes[task.K // 2], 4)]
+    C = torch.stack([H[labels == k].mean(0) for k in range(task.n_classes)])          # as class_centroids
+    carrier_examples = [task.list_example(task.classes[0], 3), task.list_example(task.classes[task.n_classes // 2], 4)]
     carriers = split.contexts([task.prompt_ids(tokenizer, e.prompt) for e in carrier_examples])
     metric = ConceptHellingerMetric(split, carriers, schema)
     density = DensityMetric.from_centroids(C.double(), periodic=task.cyclic,          # float64: its log-density
@@ -85,7 +85,7 @@ def run_setting(model, tokenizer, task, layer, args, log):
         except ImportError as error:
             log(f"  gaga_phate skipped: {error}")
     rows, figure_paths = [], {}
-    for pair_index, (a, b) in enumerate(pairs_for(task.K, task.cyclic, args.pairs)):
+    for pair_index, (a, b) in enumerate(pairs_for(task.n_classes, task.cyclic, args.pairs)):
         h0, h1 = C[a], C[b]
         for solver in args.solvers:
             t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 success on held-out prompts and the fluency of steered generations — against
 CAA, an ITI-style probe and FishBack, on SmolLM2-135M (DESIGN.md §5).
 
-Behaviours (``fisherfast.steer.benchmarks.BEHAVIOURS``): sentiment of the next
+Behaviours (``bench/steer_data.py``'s ``BEHAVIOURS``): sentiment of the next
 word (" good"/" great"… against " bad"/" awful"…), a compliance-style answer
 choice (" Yes"/" Sure"… against " No"/" Sorry"…) and register (" Dear"/" Sir"…
 against " Hey"/" Yo"…). The behaviour probability at a prompt's last position is
@@ -46,12 +46,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/ and the checkout's fisherfast first
 from _harness import default_results_path, machine_meta, markdown_table, tiny_llama  # noqa: E402
+from steer_data import BEHAVIOURS, concept_scores  # noqa: E402
 
 from fisherfast.metric import pullback_fisher  # noqa: E402
 from fisherfast.split import SplitModel  # noqa: E402
 from fisherfast.steer import (INNSteer, ConceptScore, caa_direction, concept_gradient,  # noqa: E402
                               fishback_direction, probe_direction, steering)
-from fisherfast.steer.benchmarks import BEHAVIOURS, concept_scores  # noqa: E402
 
 METHODS = ("none", "caa", "probe", "innsteer", "fishback")
 COLUMNS = ["behaviour", "method", "alpha", "calibrated", "train_median_b", "heldout_mean_b", "heldout_success",

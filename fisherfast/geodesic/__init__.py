@@ -7,7 +7,7 @@ energy, GAGA latent waypoints), evaluated in behaviour space (Bhattacharyya
 energy, Hellinger arc length, legibility, target probability), on built-in
 ordinal tasks (weekdays, months, letters, ages) whose carriers are checked
 on the model (``check_task``, ``steerable_layers``)."""
-from fisherfast.geodesic.concepts import ConceptSchema, concept_distributions
+from fisherfast.concepts import ConceptSchema, concept_distributions
 from fisherfast.geodesic.density import DensityMetric, kde_log_density, knn_sq_distance
 from fisherfast.geodesic.evaluate import (PathEvaluation, bhattacharyya_distance, bhattacharyya_energy,
                                           evaluate_path, hellinger_arc_length, hellinger_distance, legibility)

@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from fisherfast.checks import check_finite, check_int, check_real
 from fisherfast.geodesic.metrics import GeodesicMetric, check_eps
 from fisherfast.geodesic.solvers import centroid_spline
 
@@ -51,8 +52,7 @@ def knn_sq_distance(points: torch.Tensor, cloud: torch.Tensor, k: int = 5) -> to
     """(n,): mean over the k nearest cloud points of ‖x − c‖² for each x in ``points`` (n, d);
     ``cloud`` (N, d) with N ≥ k. Differentiable in ``points``. Cost O(n·N·d)."""
     _check_cloud(points, cloud)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cloud.shape[0]:
-        raise ValueError(f"k: expected an int in [1, {cloud.shape[0]}] (the cloud's size), got {k!r}")
+    check_int("k", k, minimum=1, maximum=cloud.shape[0])
     sq = ((points[:, None, :] - cloud[None].to(points.dtype)) ** 2).sum(-1)
     return sq.topk(k, dim=1, largest=False).values.mean(1)
 
@@ -61,8 +61,7 @@ def kde_log_density(points: torch.Tensor, centers: torch.Tensor, sigma: float) -
     """(n,): log (1/N) Σ_j exp(−‖x − c_j‖² / (2σ²)) for x in ``points`` (n, d), centers (N, d).
     Differentiable in ``points``."""
     _check_cloud(points, centers, "centers")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
-        raise ValueError(f"sigma: expected a finite float > 0, got {sigma!r}")
+    check_real("sigma", sigma, minimum=0, min_open=True)
     sq = ((points[:, None, :] - centers[None].to(points.dtype)) ** 2).sum(-1)
     return torch.logsumexp(-sq / (2.0 * sigma ** 2), dim=1) - math.log(centers.shape[0])
 
@@ -85,10 +84,8 @@ class DensityMetric(GeodesicMetric):
         if not isinstance(centers, torch.Tensor) or not centers.is_floating_point() or centers.ndim != 2 or \
                 centers.shape[0] == 0:
             raise TypeError("centers: expected a floating tensor (N, d) with N ≥ 1")
-        if not bool(torch.isfinite(centers).all()):
-            raise ValueError("centers: contain NaN or Inf")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength < math.inf:
-            raise ValueError(f"strength: expected a finite float > 0, got {strength!r}")
+        check_finite("centers", centers)
+        check_real("strength", strength, minimum=0, min_open=True)
         if check_eps(eps) is None:
             raise ValueError("eps: expected a float ≥ 0 (the density metric has no relative ε)")
         self.centers = centers.detach()
@@ -102,8 +99,7 @@ class DensityMetric(GeodesicMetric):
         (``centroid_spline``: periodic for cyclic concepts), sampled at ``samples``
         equally spaced parameters. Default σ: ¼ of the mean distance between
         consecutive centroids."""
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-            raise ValueError(f"samples: expected an int ≥ 2, got {samples!r}")
+        check_int("samples", samples, minimum=2)
         spline, u = centroid_spline(knots, periodic=periodic)
         grid = torch.linspace(float(u[0]), float(u[-1]), samples + (1 if periodic else 0), dtype=torch.float64)
         if periodic:

@@ -3,7 +3,7 @@
 Each waypoint x_t (t = 0..T−1) is injected at the layer's position of every
 carrier context (``split.logits(ctx, x_t)``: the state of the context's last
 position is replaced), giving next-token probabilities p_{t,c} and concept
-distributions q_{t,c} over B = K + 1 bins (``fisherfast.geodesic.concepts``).
+distributions q_{t,c} over B = K + 1 bins (``fisherfast.concepts.ConceptSchema``).
 With the package's Hellinger convention
 
     d_H(q, r)² = ½ Σ_b (√q_b − √r_b)² ∈ [0, 1],
@@ -34,8 +34,8 @@ import dataclasses
 
 import torch
 
-from fisherfast.geodesic.concepts import ConceptSchema, check_contexts, check_points, check_schema, \
-    concept_distributions
+from fisherfast.checks import check_contexts, check_points
+from fisherfast.concepts import ConceptSchema, check_schema, concept_distributions
 
 __all__ = ["hellinger_distance", "bhattacharyya_distance", "hellinger_arc_length", "bhattacharyya_energy",
            "legibility", "PathEvaluation", "evaluate_path"]
@@ -52,9 +52,9 @@ def check_distributions(q, name: str, min_ndim: int = 1) -> torch.Tensor:
                          f"got shape {tuple(q.shape)}")
     q = q.double()
     if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
-        raise ValueError(f"{name}: entries must be finite and ≥ 0")
+        raise ValueError(f"{name}: expected finite entries ≥ 0, got NaN, Inf or negative ones")
     if bool(((q.sum(-1) - 1).abs() > _SUM_TOL).any()):
-        raise ValueError(f"{name}: each distribution (last axis) must sum to 1 within {_SUM_TOL}")
+        raise ValueError(f"{name}: expected distributions (last axis) summing to 1 within {_SUM_TOL}, got other sums")
     return q
 
 
@@ -140,18 +140,13 @@ def evaluate_path(split, contexts, schema: ConceptSchema, path: torch.Tensor, re
     """
     contexts = check_contexts(split, contexts)
     check_schema(split, schema)
-    X = check_points(split, path, "path")
-    for name, points in (("path", X), ("reference", reference)):
-        if isinstance(points, torch.Tensor) and not bool(torch.isfinite(points).all()):
-            raise ValueError(f"{name}: contains NaN or Inf")
+    X = check_points("path", path, split.d, dtype=split.W.dtype, finite=True)
     if path.ndim != 2:
         raise ValueError(f"path: expected shape (T, {split.d}), got {tuple(path.shape)}")
-    try:
-        k = schema.index(target)
-    except ValueError as err:
-        raise ValueError(f"target: {str(err).removeprefix('concept: ')}") from None
+    reference = check_points("reference", reference, split.d, dtype=split.W.dtype, finite=True)
+    k = schema.index(target, "target")
     Q = concept_distributions(split, contexts, schema, X)                    # (T, C, B)
-    R = concept_distributions(split, contexts, schema, check_points(split, reference, "reference"))
+    R = concept_distributions(split, contexts, schema, reference)
     tokens = schema.token_sets[k]
     with torch.no_grad():
         top1 = torch.tensor([float(int(split.logits(ctx, X[-1]).argmax()) in set(tokens.tolist()))

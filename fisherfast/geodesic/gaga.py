@@ -38,6 +38,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from fisherfast.checks import check_int, check_points, check_real, expected
 from fisherfast.geodesic.density import knn_sq_distance
 from fisherfast.geodesic.evaluate import check_distributions, hellinger_distance
 from fisherfast.geodesic.metrics import EncoderMetric, check_eps
@@ -127,9 +128,8 @@ def phate_distances(points: torch.Tensor, *, knn: int = 5, t="auto", seed: int =
         import phate
     except ImportError as error:          # pragma: no cover - depends on the environment
         raise ImportError("gaga_phate needs the phate package: pip install 'fisherfast[geodesic]'") from error
-    X = _check_points(points)
-    if isinstance(knn, bool) or not isinstance(knn, int) or not 1 <= knn < X.shape[0]:
-        raise ValueError(f"knn: expected an int in [1, {X.shape[0] - 1}], got {knn!r}")
+    X = check_points("points", points, min_n=3, finite=True)
+    check_int("knn", knn, minimum=1, maximum=X.shape[0] - 1)
     n, d = X.shape
     # PCA to at most n − 1 components first (lossless for n ≤ d; PHATE's default is 100)
     n_pca = min(100, n - 1) if d > min(100, n - 1) else None
@@ -139,38 +139,24 @@ def phate_distances(points: torch.Tensor, *, knn: int = 5, t="auto", seed: int =
     return torch.cdist(potential, potential)
 
 
-def _check_points(points) -> torch.Tensor:
-    if not isinstance(points, torch.Tensor) or not points.is_floating_point() or points.ndim != 2 or \
-            points.shape[0] < 3:
-        raise TypeError(f"points: expected a floating tensor (n, d) with n ≥ 3, got "
-                        f"{tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__}")
-    if not bool(torch.isfinite(points).all()):
-        raise ValueError("points: contain NaN or Inf")
-    return points
-
-
 DEFAULT_WEIGHTS = {"out": {"distance": 1.0, "pointwise": 1.0, "recon": 1.0, "cycle": 0.0},
                    "phate": {"distance": 1.0, "pointwise": 0.0, "recon": 1.0, "cycle": 1.0}}
 
 
 def _train(points, targets, pointwise, kind, latent_dim, *, width, depth, steps, batch, lr, seed, weights, eps,
            progress) -> GagaFit:
-    X = _check_points(points).detach()
+    X = check_points("points", points, min_n=3, finite=True).detach()
     n, d = X.shape
     for name, value in (("width", width), ("depth", depth), ("steps", steps), ("latent_dim", latent_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 2):
-        raise ValueError(f"batch: expected an int ≥ 2 or None (full batch), got {batch!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr: expected a float > 0, got {lr!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        check_int(name, value, minimum=1)
+    check_int("batch", batch, minimum=2, optional=True)
+    check_real("lr", lr, minimum=0, min_open=True)
+    check_int("seed", seed, minimum=0)
     w = dict(DEFAULT_WEIGHTS[kind])
     for key, value in (weights or {}).items():
-        if key not in w or isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"weights: expected {{term: float ≥ 0}} over {sorted(w)}, got {weights!r}")
-        w[key] = float(value)
+        if key not in w:
+            raise ValueError(expected("weights", f"terms among {sorted(w)}", key))
+        w[key] = check_real(f"weights[{key!r}]", value, minimum=0)
     eps = check_eps(eps)
     mean = X.mean(0)
     scale = float((X - mean).pow(2).sum(1).mean().sqrt()) / math.sqrt(d)
@@ -243,7 +229,7 @@ def gaga_out(points: torch.Tensor, q: torch.Tensor, *, width: int = 128, depth: 
     Cost: steps × (a forward/backward of both MLPs on a batch + O(batch²·K) pairs).
     """
     q = check_distributions(q, "q", min_ndim=2)
-    if q.ndim not in (2, 3) or q.shape[0] != _check_points(points).shape[0]:
+    if q.ndim not in (2, 3) or q.shape[0] != check_points("points", points, min_n=3, finite=True).shape[0]:
         raise ValueError(f"q: expected shape ({points.shape[0]}, B) or ({points.shape[0]}, C, B), got "
                          f"{tuple(q.shape)}")
     q_mean = q if q.ndim == 2 else q.mean(1)
@@ -297,18 +283,15 @@ def latent_path(autoencoder: GagaAutoencoder, h0: torch.Tensor, h1: torch.Tensor
     for name, h in (("h0", h0), ("h1", h1)):
         if not isinstance(h, torch.Tensor) or h.shape != (autoencoder.d,):
             raise ValueError(f"{name}: expected a tensor of shape ({autoencoder.d},)")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 3:
-        raise ValueError(f"T: expected an int ≥ 3, got {T!r}")
-    if isinstance(density_weight, bool) or not isinstance(density_weight, (int, float)) or density_weight < 0:
-        raise ValueError(f"density_weight: expected a float ≥ 0, got {density_weight!r}")
+    check_int("T", T, minimum=3)
+    check_real("density_weight", density_weight, minimum=0)
     with torch.no_grad():
         z0, z1 = autoencoder.encode(torch.stack([h0, h1]))
         w = torch.linspace(0.0, 1.0, T, dtype=z0.dtype, device=z0.device)[:, None]
         Z = torch.lerp(z0[None], z1[None], w)
     penalty = None
     if cloud is not None:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < cloud.shape[0]:
-            raise ValueError(f"k: expected an int in [1, {cloud.shape[0] - 1}], got {k!r}")
+        check_int("k", k, minimum=1, maximum=cloud.shape[0] - 1)
         with torch.no_grad():
             rho0 = float(knn_sq_distance(cloud, cloud, k + 1).mean()) * (k + 1) / k   # self-distance 0 excluded
             L0 = float(((Z[1:] - Z[:-1]) ** 2).sum()) or 1.0

@@ -14,18 +14,21 @@ differentiable, for the solver's embedded energy Σ‖s(x_{i+1}) − s(x_i)‖²
 
 - ``FlatMetric``: J = I, ε = 0, so M = I.
 - ``ConceptHellingerMetric``: the pullback of the Hellinger distance between
-  concept distributions q (``fisherfast.geodesic.concepts``) through the upper
+  concept distributions q (``fisherfast.concepts.ConceptSchema``) through the upper
   map at layer ℓ. Convention (fixed here, used throughout the package):
 
       d_H(q, q′)² = ½ Σ_b (√q_b − √q′_b)²  ∈ [0, 1],
       J(x) = ∂s/∂x with s(x) = √(q(x) / 2),
 
   so ‖J(x)(x′ − x)‖² = d_H(q(x), q(x′))² + O(‖x′ − x‖³), and
-  JᵀJ = ½ G_H with G_H = J_√qᵀ J_√q = ¼ J_qᵀ diag(1/q) J_q the "concept" mode of
-  ``fisherfast.metric.pullback_fisher`` (equivalently JᵀJ = ⅛ · the Fisher
-  information of q). With C carrier contexts the metric is their mean,
-  JᵀJ = (1/C) Σ_c J_cᵀ J_c: J stacks the C factors J_c / √C (m = C·(K+1)).
-  ε keeps M positive definite off the ≤ C·K-dimensional span where q moves.
+  J = J_s / √2 with J_s = ∂√q/∂x the Hellinger rows of
+  ``fisherfast.concepts.hellinger_rows`` — the same rows the "concept" mode
+  of ``fisherfast.metric.pullback_fisher`` uses for G_H = J_sᵀ J_s — so
+  JᵀJ = ½ G_H (= ⅛ · the Fisher information of q): the ½ is the d_H²
+  convention, nothing else. With C carrier contexts the metric is their mean,
+  JᵀJ = (1/C) Σ_c J_cᵀ J_c: J stacks the C factors J_c / √C
+  (m = C·(n_c+1)). ε keeps M positive definite off the ≤ C·n_c-dimensional
+  span where q moves.
 - ``EncoderMetric``: the pullback of the Euclidean metric through a learned
   encoder E: R^d → R^k (GAGA, ``fisherfast.geodesic.gaga``),
   J = ∂E/∂x, plus ε I.
@@ -53,7 +56,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from fisherfast.geodesic.concepts import ConceptSchema, check_contexts, check_schema
+from fisherfast.checks import check_contexts, check_int, check_points, check_real
+from fisherfast.concepts import ConceptSchema, check_schema, hellinger_rows
 
 __all__ = ["GeodesicMetric", "FlatMetric", "ConceptHellingerMetric", "EncoderMetric", "DEFAULT_EPS_FRACTION"]
 
@@ -62,17 +66,11 @@ DEFAULT_EPS_FRACTION = 0.01
 
 def check_eps(eps) -> float | None:
     """A finite float ≥ 0, or None (relative to the chord)."""
-    if eps is None:
-        return None
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps: expected a finite float ≥ 0 or None (relative to the chord), got {eps!r}")
-    return float(eps)
+    return check_real("eps", eps, minimum=0, optional=True)
 
 
 def check_eps_fraction(fraction) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < math.inf:
-        raise ValueError(f"eps_fraction: expected a finite float > 0, got {fraction!r}")
-    return float(fraction)
+    return check_real("eps_fraction", fraction, minimum=0, min_open=True)
 
 
 class GeodesicMetric:
@@ -96,8 +94,7 @@ class GeodesicMetric:
     def chord_eps(self, h0: torch.Tensor, h1: torch.Tensor, T: int) -> float:
         """ε = eps_fraction · segment_energy(chord) / Σ‖Δ_i‖² on the T-point chord from h0 to h1
         (0 when the metric part does not move along it). Cost: ``features`` at T points."""
-        if isinstance(T, bool) or not isinstance(T, int) or T < 2:
-            raise ValueError(f"T: expected an int ≥ 2, got {T!r}")
+        T = check_int("T", T, minimum=2)
         w = torch.linspace(0.0, 1.0, T, dtype=h0.dtype, device=h0.device)[:, None]
         chord = torch.lerp(h0[None], h1[None], w)
         with torch.no_grad():
@@ -151,24 +148,14 @@ class GeodesicMetric:
         raise NotImplementedError
 
     def _check_points(self, points) -> torch.Tensor:
-        if not isinstance(points, torch.Tensor) or not points.is_floating_point():
-            raise TypeError(f"points: expected a floating tensor of shape (d,) or (n, d), got "
-                            f"{type(points).__name__}" + (f" of dtype {points.dtype}"
-                                                           if isinstance(points, torch.Tensor) else ""))
-        X = points[None] if points.ndim == 1 else points
-        if X.ndim != 2 or X.shape[1] != self.d or X.shape[0] == 0:
-            raise ValueError(f"points: expected shape ({self.d},) or (n, {self.d}) with n ≥ 1, "
-                             f"got {tuple(points.shape)}")
-        return X
+        return check_points("points", points, self.d)
 
 
 class FlatMetric(GeodesicMetric):
     """M = I: J = I (d×d) at every point, ε = 0."""
 
     def __init__(self, d: int):
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ValueError(f"d: expected a positive int, got {d!r}")
-        self.d, self.eps = d, 0.0
+        self.d, self.eps = check_int("d", d, minimum=1), 0.0
 
     def __repr__(self) -> str:
         return f"FlatMetric(d={self.d})"
@@ -186,7 +173,8 @@ class ConceptHellingerMetric(GeodesicMetric):
     J(x) stacks, over the C contexts, J_c(x)/√C with J_c = ∂s_c/∂x,
     s_c(x) = √(q_c(x)/2) and q_c(x) the concept distribution of
     softmax(split.logits(ctx_c, x)) (module docstring for the convention:
-    ‖J(x)(x′−x)‖² ≈ d_H², JᵀJ = ½ · pullback_fisher(mode="concept")).
+    ‖J(x)(x′−x)‖² ≈ d_H², J_c = ``hellinger_rows`` / √2, JᵀJ = ½ ·
+    pullback_fisher(mode="concept")).
 
     Args:
         split: a ``SplitModel``.
@@ -196,12 +184,12 @@ class ConceptHellingerMetric(GeodesicMetric):
         eps: ε ≥ 0, or None (default): ``eps_fraction`` of each chord's
             Hellinger energy (module docstring).
         eps_fraction: f for ``eps=None`` (default 0.01).
-        chunk: cotangents per vmapped VJP batch (None: all K+1 at once).
+        chunk: cotangents per vmapped VJP batch (None: all n_c+1 at once).
         progress: a tqdm bar over the points of each ``factor`` call.
 
     Cost per point and context: one upper-map forward, the head Jacobian
-    ∂s/∂a (K+1 reverse products through the V×d head, batched) and K+1 VJPs
-    through the upper blocks (batched): J_c = (∂s/∂a) B.
+    ∂s/∂a (n_c+1 reverse products through the V×d head, batched) and n_c+1
+    VJPs through the upper blocks (batched): ``hellinger_rows``.
     """
 
     def __init__(self, split, contexts, schema: ConceptSchema, *, eps: float | None = None,
@@ -210,35 +198,24 @@ class ConceptHellingerMetric(GeodesicMetric):
         self.schema = check_schema(split, schema)
         self.split, self.d, self.eps = split, split.d, check_eps(eps)
         self.eps_fraction = check_eps_fraction(eps_fraction)
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
-        self.chunk, self.progress = chunk, progress
+        self.chunk, self.progress = check_int("chunk", chunk, minimum=1, optional=True), progress
 
     def __repr__(self) -> str:
         return (f"ConceptHellingerMetric(d={self.d}, layer={self.split.layer}, contexts={len(self.contexts)}, "
                 f"bins={list(self.schema.bins)}, eps={self.eps})")
 
-    def _s_of_head_input(self, a):
-        """s = √(q/2) (K+1,) as a function of the head input a."""
-        log_q = self.schema.log_distribution(self.split.logits_from_head_input(a))
-        return torch.exp(0.5 * log_q) / math.sqrt(2.0)
-
     def _factor(self, X):
         if X.dtype != self.split.W.dtype:
             raise TypeError(f"points: expected the model's dtype {self.split.W.dtype}, got {X.dtype}")
-        scale = 1.0 / math.sqrt(len(self.contexts))
+        scale = 1.0 / math.sqrt(2.0 * len(self.contexts))     # J_c = J_s / √2, stacked over C contexts / √C
         out = []
         for x in tqdm(X, desc="concept Hellinger factor", disable=not self.progress or len(X) < 2, leave=False):
-            blocks = []
-            for ctx in self.contexts:
-                a = self.split.head_input(ctx, x)
-                S_a = torch.func.jacrev(self._s_of_head_input)(a)          # (K+1, d) ∂s/∂a
-                blocks.append(self.split.vjp(ctx, x, S_a.to(x.dtype), chunk=self.chunk))   # rows (∂s_b/∂a) B
+            blocks = [hellinger_rows(self.split, ctx, x, self.schema, chunk=self.chunk)[0] for ctx in self.contexts]
             out.append(torch.cat(blocks) * scale)
         return torch.stack(out)
 
     def _features(self, X):
-        """s(x) = [√(q_c(x)/2) / √C]_c (n, C·(K+1)): one batched upper-map forward per context."""
+        """s(x) = [√(q_c(x)/2) / √C]_c (n, C·(n_c+1)): one batched upper-map forward per context."""
         if X.dtype != self.split.W.dtype:
             raise TypeError(f"points: expected the model's dtype {self.split.W.dtype}, got {X.dtype}")
         scale = 1.0 / math.sqrt(2.0 * len(self.contexts))
@@ -265,9 +242,7 @@ class EncoderMetric(GeodesicMetric):
                  eps_fraction: float = DEFAULT_EPS_FRACTION):
         if not isinstance(encoder, torch.nn.Module):
             raise TypeError(f"encoder: expected a torch.nn.Module, got {type(encoder).__name__}")
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ValueError(f"d: expected a positive int, got {d!r}")
-        self.encoder, self.d, self.eps = encoder, d, check_eps(eps)
+        self.encoder, self.d, self.eps = encoder, check_int("d", d, minimum=1), check_eps(eps)
         self.eps_fraction = check_eps_fraction(eps_fraction)
 
     def __repr__(self) -> str:

@@ -49,13 +49,13 @@ and ``converged`` only when its stated criterion held.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 from tqdm.auto import tqdm
 
+from fisherfast.checks import check_finite, check_int, check_real
 from fisherfast.geodesic.metrics import GeodesicMetric
 
 __all__ = ["chord_path", "centroid_spline", "spline_path", "path_energy", "embedded_energy", "lbfgs_path",
@@ -63,9 +63,7 @@ __all__ = ["chord_path", "centroid_spline", "spline_path", "path_energy", "embed
 
 
 def _check_T(T, minimum: int) -> int:
-    if isinstance(T, bool) or not isinstance(T, int) or T < minimum:
-        raise ValueError(f"T: expected an int ≥ {minimum} (the number of waypoints), got {T!r}")
-    return T
+    return check_int("T", T, minimum=minimum)
 
 
 def _check_endpoints(h0, h1) -> None:
@@ -77,8 +75,7 @@ def _check_endpoints(h0, h1) -> None:
         raise ValueError(f"h0, h1: expected the same shape, dtype and device, got {tuple(h0.shape)} {h0.dtype} "
                          f"{h0.device} and {tuple(h1.shape)} {h1.dtype} {h1.device}")
     for name, h in (("h0", h0), ("h1", h1)):
-        if not bool(torch.isfinite(h).all()):
-            raise ValueError(f"{name}: contains NaN or Inf")
+        check_finite(name, h)
 
 
 def chord_path(h0: torch.Tensor, h1: torch.Tensor, T: int) -> torch.Tensor:
@@ -108,8 +105,7 @@ def centroid_spline(knots: torch.Tensor, *, periodic: bool) -> tuple[CubicSpline
     if not isinstance(periodic, bool):
         raise TypeError(f"periodic: expected a bool, got {type(periodic).__name__}")
     minimum = 3 if periodic else 2
-    if not bool(torch.isfinite(knots).all()):
-        raise ValueError("knots: contain NaN or Inf")
+    check_finite("knots", knots)
     if knots.shape[0] < minimum:
         raise ValueError(f"knots: expected at least {minimum} centroids for a "
                          f"{'periodic' if periodic else 'natural'} spline, got {knots.shape[0]}")
@@ -140,8 +136,7 @@ def spline_path(knots: torch.Tensor, start: int, stop: int, T: int, *, periodic:
     T = _check_T(T, 2)
     K = knots.shape[0]
     for name, value in (("start", start), ("stop", stop)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < K:
-            raise ValueError(f"{name}: expected a centroid index in [0, {K}), got {value!r}")
+        check_int(name, value, minimum=0, maximum=K - 1)
     if start == stop:
         raise ValueError(f"start, stop: expected two different centroids, got {start} twice")
     u_start, u_stop = u[start], u[stop]
@@ -264,11 +259,9 @@ def lbfgs_path(metric: GeodesicMetric, h0: torch.Tensor, h1: torch.Tensor, T: in
         raise ValueError(f"h0, h1: expected length {metric.d} (the metric's d), got {h0.shape[0]}")
     T = _check_T(T, 3)
     for name, value in (("outer_steps", outer_steps), ("inner_steps", inner_steps), ("history_size", history_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        check_int(name, value, minimum=1)
     for name, value in (("rtol", rtol), ("gtol", gtol), ("xtol", xtol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise ValueError(f"{name}: expected a finite float ≥ 0, got {value!r}")
+        check_real(name, value, minimum=0)
     if energy not in ENERGIES:
         raise ValueError(f"energy: expected one of {ENERGIES}, got {energy!r}")
     if init is None:
@@ -278,9 +271,8 @@ def lbfgs_path(metric: GeodesicMetric, h0: torch.Tensor, h1: torch.Tensor, T: in
             raise ValueError(f"init: expected a ({T}, {h0.shape[0]}) tensor of dtype {h0.dtype}, got "
                              f"{tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__}")
         if not (torch.equal(init[0], h0) and torch.equal(init[-1], h1)):
-            raise ValueError("init: its first and last waypoints must equal h0 and h1")
-        if not bool(torch.isfinite(init).all()):
-            raise ValueError("init: contains NaN or Inf")
+            raise ValueError("init: expected first and last waypoints equal to h0 and h1, got others")
+        check_finite("init", init)
         path = init.detach().to(h0.device).clone()
     h0, h1 = h0.detach(), h1.detach()
     metric = metric.resolved(h0, h1, T)

@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fisherfast.checks import check_int, check_real
 from fisherfast.geodesic.tasks import ConceptTask, TaskExample, check_examples
 from fisherfast.split import SplitModel
 
@@ -59,7 +60,7 @@ def _task_inputs(task, tokenizer, examples):
         raise TypeError(f"task: expected a ConceptTask, got {type(task).__name__}")
     examples = check_examples(task.examples() if examples is None else examples)
     for e in examples:
-        if e.answer_index >= task.K or task.classes[e.answer_index] != e.answer:
+        if e.answer_index >= task.n_classes or task.classes[e.answer_index] != e.answer:
             raise ValueError(f"examples: {e.answer!r} (index {e.answer_index}) is not a class of {task.name!r}")
     ids = [task.prompt_ids(tokenizer, e.prompt) for e in examples]
     return examples, ids
@@ -94,11 +95,11 @@ def check_task(split: SplitModel, task: ConceptTask, tokenizer, examples: Sequen
         mass += float(1.0 - q[-1])
     n = len(examples)
     accuracy = correct / n
-    result = TaskCheck(task.name, task.carrier, n, accuracy, top1 / n, mass / n, 1.0 / task.K,
-                       near_chance(accuracy, task.K, n))
+    result = TaskCheck(task.name, task.carrier, n, accuracy, top1 / n, mass / n, 1.0 / task.n_classes,
+                       near_chance(accuracy, task.n_classes, n))
     if warn and result.near_chance:
         warnings.warn(f"task {task.name!r} ({task.carrier} carrier): accuracy {accuracy:.2f} over {n} prompts is "
-                      f"near chance ({1 / task.K:.2f}); its carriers do not carry the concept on this model",
+                      f"near chance ({1 / task.n_classes:.2f}); its carriers do not carry the concept on this model",
                       RuntimeWarning, stacklevel=2)
     return result
 
@@ -133,15 +134,12 @@ def steerable_layers(model, task: ConceptTask, tokenizer, layers: Sequence[int],
     """
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
         raise ValueError(f"layers: expected a non-empty sequence of layer indices, got {layers!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise ValueError(f"threshold: expected a float in [0, 1], got {threshold!r}")
+    check_real("threshold", threshold, minimum=0, maximum=1)
     first = SplitModel(model, layers[0])  # checks the model and the first layer
     for layer in layers:  # every layer before any work
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= first.num_layers:
-            raise ValueError(f"layers: expected ints in [0, {first.num_layers}] (L = {first.num_layers}), "
-                             f"got {layer!r}")
+        check_int("layers", layer, minimum=0, maximum=first.num_layers)
     examples, ids = _task_inputs(task, tokenizer, examples)
-    missing = sorted(set(range(task.K)) - {e.answer_index for e in examples})
+    missing = sorted(set(range(task.n_classes)) - {e.answer_index for e in examples})
     if missing:
         raise ValueError(f"examples: no example answers {[task.classes[k] for k in missing]}; every class needs one")
     labels = torch.tensor([e.answer_index for e in examples])
@@ -151,10 +149,10 @@ def steerable_layers(model, task: ConceptTask, tokenizer, layers: Sequence[int],
         schema = task.schema(tokenizer, split.V)
         contexts = [split.context(i) for i in ids]
         H = torch.stack([ctx.h for ctx in contexts])
-        C = torch.stack([H[labels == k].mean(0) for k in range(task.K)])
+        C = torch.stack([H[labels == k].mean(0) for k in range(task.n_classes)])
         with torch.no_grad():
             Q = torch.stack([schema.distribution(split.logits(ctx, C)) for ctx in contexts])   # (n, K, B)
-        diagonal = Q[:, torch.arange(task.K), torch.arange(task.K)]
-        accuracy = float((Q[..., :-1].argmax(-1) == torch.arange(task.K)).double().mean())
+        diagonal = Q[:, torch.arange(task.n_classes), torch.arange(task.n_classes)]
+        accuracy = float((Q[..., :-1].argmax(-1) == torch.arange(task.n_classes)).double().mean())
         out.append(LayerControl(layer, accuracy, float(diagonal.mean()), accuracy >= threshold))
     return out

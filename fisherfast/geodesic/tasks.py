@@ -45,7 +45,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fisherfast.geodesic.concepts import ConceptSchema
+from fisherfast.checks import check_int
+from fisherfast.concepts import ConceptSchema
 from fisherfast.split import SplitModel
 
 __all__ = ["ConceptTask", "TaskExample", "WEEKDAYS", "MONTHS", "LETTERS", "AGES", "TASKS", "CARRIERS",
@@ -132,12 +133,20 @@ class ConceptTask:
             raise ValueError(f"template: the arithmetic carrier of {self.name!r} needs a template")
         if len(self.unit) != 2 or not all(isinstance(u, str) for u in self.unit):
             raise ValueError(f"unit: expected (singular, plural) strings, got {self.unit!r}")
-        if isinstance(self.step_size, bool) or not isinstance(self.step_size, int) or self.step_size < 1:
-            raise ValueError(f"step_size: expected a positive int, got {self.step_size!r}")
+        check_int("step_size", self.step_size, minimum=1)
+
+    @property
+    def n_classes(self) -> int:
+        """The number of classes (the concepts of ``schema``)."""
+        return len(self.classes)
 
     @property
     def K(self) -> int:
-        return len(self.classes)
+        """Deprecated name of ``n_classes`` (K is the vocabulary size in ``SketchSpec``)."""
+        import warnings
+
+        warnings.warn("ConceptTask.K is deprecated; use ConceptTask.n_classes", DeprecationWarning, stacklevel=2)
+        return self.n_classes
 
     def with_carrier(self, carrier: str) -> "ConceptTask":
         """The same task generating ``carrier`` prompts ("list" or "arithmetic")."""
@@ -157,8 +166,8 @@ class ConceptTask:
         """The class ``step`` places after ``start`` (ValueError past the end of a non-cyclic task)."""
         k = self._index(start) + _check_step(step)
         if self.cyclic:
-            return self.classes[k % self.K]
-        if k >= self.K:
+            return self.classes[k % self.n_classes]
+        if k >= self.n_classes:
             raise ValueError(f"step: {start!r} + {step} is past the last class {self.classes[-1]!r} of "
                              f"{self.name!r}")
         return self.classes[k]
@@ -184,7 +193,7 @@ class ConceptTask:
         length = _check_step(length, "length")
         if not self.cyclic:
             length = min(length, k)
-        items = [self.classes[(k - length + i) % self.K] for i in range(length)]
+        items = [self.classes[(k - length + i) % self.n_classes] for i in range(length)]
         return TaskExample(self.list_prompt(items), items[-1] if items else None, 1, answer, k)
 
     # ------------------------------------------------------------------ both
@@ -218,7 +227,7 @@ class ConceptTask:
         out = []
         for k, start in enumerate(self.classes):
             for step in steps:
-                if not self.cyclic and k + step >= self.K:
+                if not self.cyclic and k + step >= self.n_classes:
                     continue
                 answer = self.answer(start, step)
                 out.append(TaskExample(self.prompt(start, step), start, step, answer, self.classes.index(answer)))
@@ -309,8 +318,8 @@ def class_centroids(split, task: ConceptTask, tokenizer, examples: Sequence[Task
     if missing:
         raise ValueError(f"examples: no example answers {missing}; every class needs one (non-cyclic tasks: "
                          "include step 0)")
-    sums = torch.zeros(task.K, split.d, dtype=split.W.dtype, device=split.W.device)
-    counts = torch.zeros(task.K, dtype=split.W.dtype, device=split.W.device)
+    sums = torch.zeros(task.n_classes, split.d, dtype=split.W.dtype, device=split.W.device)
+    counts = torch.zeros(task.n_classes, dtype=split.W.dtype, device=split.W.device)
     for example in tqdm(examples, desc=f"{task.name} centroids", disable=not progress, leave=False):
         ctx = split.context(task.prompt_ids(tokenizer, example.prompt))
         sums[example.answer_index] += ctx.h
@@ -326,9 +335,7 @@ def check_examples(examples) -> list[TaskExample]:
 
 
 def _check_step(step, name: str = "step") -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"{name}: expected an int ≥ 0, got {step!r}")
-    return step
+    return check_int(name, step, minimum=0)
 
 
 def _check_ints(values, name: str) -> tuple[int, ...]:
@@ -353,5 +360,5 @@ def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
         ids = ids.flatten().tolist()
     ids = list(ids)
     if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
-        raise TypeError(f"tokenizer: encode({text!r}) must return token ids (ints), got {ids!r}")
+        raise TypeError(f"tokenizer: expected encode({text!r}) to return token ids (ints), got {ids!r}")
     return [int(i) for i in ids]

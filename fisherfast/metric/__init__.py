@@ -4,7 +4,8 @@
 
 - ``pullback_fisher`` (``pullback.py``): the metric in one of its modes
   (exact, matrix_free, low_rank, topk, monte_carlo, concept, auto), averaged
-  over points, optionally sharded across torch.distributed ranks.
+  over points (``points.py``), optionally sharded across torch.distributed
+  ranks; ``check_mode_options`` is its check of which options a mode reads.
 - ``PullbackMetric`` (``operator.py``): the base type of the result, a
   symmetric PSD linear operator (``@``, ``.T``, ``damped(λ)``, ``to_scipy()``,
   ``dense()``, ``eig(k)``, ``trace()``, ``diagnostics()``), implemented by
@@ -18,12 +19,26 @@ from fisherfast.metric.diagnostics import MetricDiagnostics, spectrum_diagnostic
 from fisherfast.metric.operator import (DampedMetric, DenseMetric, LowRankMetric, MatrixFreeMetric, MetricReport,
                                         PullbackMetric)
 from fisherfast.metric.pullback import (AUTO_EXACT_MAX_D, DEFAULT_K, DEFAULT_N_SAMPLES, DEFAULT_TAIL_TOL,
-                                        DEFAULT_TRACE_PROBES, METRIC_MODES, MODES, auto_mode, pullback_fisher,
-                                        work_dtype)
-from fisherfast.concepts import concept_schema
+                                        DEFAULT_TRACE_PROBES, METRIC_MODES, MODE_OPTIONS, auto_mode,
+                                        check_mode_options, pullback_fisher, work_dtype)
 from fisherfast.metric.survey import SpectrumSurvey, plot_spectra, spectrum_survey, survey_table
 
 __all__ = ["pullback_fisher", "PullbackMetric", "DenseMetric", "LowRankMetric", "MatrixFreeMetric", "DampedMetric",
            "MetricReport", "MetricDiagnostics", "spectrum_diagnostics", "SpectrumSurvey", "spectrum_survey",
-           "survey_table", "plot_spectra", "concept_schema", "auto_mode", "work_dtype", "METRIC_MODES", "MODES",
-           "AUTO_EXACT_MAX_D", "DEFAULT_K", "DEFAULT_TRACE_PROBES", "DEFAULT_TAIL_TOL", "DEFAULT_N_SAMPLES"]
+           "survey_table", "plot_spectra", "auto_mode", "check_mode_options", "work_dtype", "METRIC_MODES",
+           "MODE_OPTIONS", "AUTO_EXACT_MAX_D", "DEFAULT_K", "DEFAULT_TRACE_PROBES", "DEFAULT_TAIL_TOL",
+           "DEFAULT_N_SAMPLES"]
+
+
+def __getattr__(name):
+    """Old names, kept for one version with a DeprecationWarning."""
+    import warnings
+
+    if name == "MODES":
+        warnings.warn("fisherfast.metric.MODES is deprecated; use METRIC_MODES", DeprecationWarning, stacklevel=2)
+        return METRIC_MODES
+    if name == "concept_schema":
+        from fisherfast.concepts.schema import concept_schema
+
+        return concept_schema   # warns when called
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,8 @@ import dataclasses
 
 import torch
 
+from fisherfast.checks import check_finite
+
 
 @dataclasses.dataclass(frozen=True)
 class MetricDiagnostics:
@@ -57,13 +59,12 @@ def spectrum_diagnostics(eigenvalues) -> MetricDiagnostics:
     """
     lam = torch.as_tensor(eigenvalues).detach().to("cpu", torch.float64).flatten()
     if lam.numel() == 0:
-        raise ValueError("eigenvalues must be non-empty")
-    if not bool(torch.isfinite(lam).all()):
-        raise ValueError("eigenvalues contain NaN or Inf values")
+        raise ValueError("eigenvalues: expected at least one, got none")
+    check_finite("eigenvalues", lam)
     lam = lam.clamp_min(0).sort(descending=True).values
     d, total = lam.numel(), float(lam.sum())
     if total <= 0:
-        raise ValueError("the metric is zero: its diagnostics are undefined")
+        raise ValueError("eigenvalues: expected a nonzero metric, got all zero (the metric is zero: its diagnostics are undefined)")
     pr = total ** 2 / float((lam ** 2).sum())
     cumulative = torch.cumsum(lam, 0) / total
 

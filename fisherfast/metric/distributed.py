@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from fisherfast.checks import expected
+
 
 def resolve_group(distributed) -> tuple[Any, int, int]:
     """(group, rank, world size) for ``distributed`` = None/False (no sharding:
@@ -42,8 +44,8 @@ def resolve_group(distributed) -> tuple[Any, int, int]:
     elif isinstance(distributed, dist.ProcessGroup):
         group = distributed
     else:
-        raise TypeError(f"distributed must be None, a bool or a torch.distributed ProcessGroup, "
-                        f"got {type(distributed).__name__}")
+        raise TypeError(expected("distributed", "None, a bool or a torch.distributed ProcessGroup",
+                                 type(distributed)))
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 

@@ -36,12 +36,12 @@ points gives a Nyström preconditioner through ``eig``), else Cholesky of
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable
 
 import numpy as np
 import torch
 
+from fisherfast.checks import check_int, check_real, expected
 from fisherfast.metric.diagnostics import MetricDiagnostics, spectrum_diagnostics
 
 __all__ = ["MetricReport", "PullbackMetric", "DenseMetric", "LowRankMetric", "MatrixFreeMetric", "DampedMetric"]
@@ -114,10 +114,9 @@ class PullbackMetric:
     is_matrix_free = False
 
     def __init__(self, d: int, *, dtype: torch.dtype, device, report: MetricReport):
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ValueError(f"d must be a positive int, got {d!r}")
+        d = check_int("d", d, minimum=1)
         if not isinstance(report, MetricReport):
-            raise TypeError(f"report must be a MetricReport, got {type(report).__name__}")
+            raise TypeError(expected("report", "a MetricReport", type(report)))
         self.d, self.dtype, self.device = d, dtype, torch.device(device)
         self.report = report
         self._dense_cache: torch.Tensor | None = None
@@ -160,11 +159,11 @@ class PullbackMetric:
             ValueError: U has the wrong shape.
         """
         if not isinstance(U, torch.Tensor):
-            raise TypeError(f"U must be a torch.Tensor, got {type(U).__name__}")
+            raise TypeError(expected("U", "a torch.Tensor", type(U)))
         if U.dim() not in (1, 2) or U.shape[0] != self.d:
-            raise ValueError(f"U must have shape ({self.d},) or ({self.d}, k), got {tuple(U.shape)}")
+            raise ValueError(expected("U", f"shape ({self.d},) or ({self.d}, k)", U))
         if not U.is_floating_point():
-            raise TypeError(f"U must be a floating tensor, got {U.dtype}")
+            raise TypeError(expected("U", "a floating tensor", U.dtype))
         vector = U.dim() == 1
         out = self._matmat(U.to(self.device, self.dtype).reshape(self.d, -1))
         return out[:, 0] if vector else out
@@ -172,7 +171,8 @@ class PullbackMetric:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """G v for v of shape (d,)."""
         if not isinstance(v, torch.Tensor) or v.dim() != 1:
-            raise ValueError(f"v must be a 1-D tensor of length {self.d}")
+            raise ValueError(expected("v", f"a tensor of shape ({self.d},)", v if isinstance(v, torch.Tensor)
+                                      else type(v)))
         return self.matmat(v)
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
@@ -231,8 +231,7 @@ class PullbackMetric:
         return spectrum_diagnostics(self.eigenvalues())
 
     def _check_k(self, k) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.d:
-            raise ValueError(f"k must be an int in [1, {self.d}], got {k!r}")
+        check_int("k", k, minimum=1, maximum=self.d)
 
 
 class DenseMetric(PullbackMetric):
@@ -245,7 +244,8 @@ class DenseMetric(PullbackMetric):
 
     def __init__(self, G: torch.Tensor, *, report: MetricReport | None = None):
         if not isinstance(G, torch.Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1] or not G.is_floating_point():
-            raise ValueError(f"G must be a square floating (d, d) tensor, got {getattr(G, 'shape', type(G))}")
+            raise ValueError(expected("G", "a square floating (d, d) tensor", G if isinstance(G, torch.Tensor)
+                                      else type(G)))
         super().__init__(G.shape[0], dtype=G.dtype, device=G.device,
                          report=report or MetricReport(mode="dense", n_points=1))
         self._dense_cache = 0.5 * (G + G.T)
@@ -260,7 +260,7 @@ class LowRankMetric(PullbackMetric):
 
     def __init__(self, U: torch.Tensor, lam: torch.Tensor, *, report: MetricReport):
         if U.dim() != 2 or lam.shape != (U.shape[1],):
-            raise ValueError(f"U must be (d, r) and lam (r,), got {tuple(U.shape)} and {tuple(lam.shape)}")
+            raise ValueError(expected("U, lam", "shapes (d, r) and (r,)", (tuple(U.shape), tuple(lam.shape))))
         super().__init__(U.shape[0], dtype=U.dtype, device=U.device, report=report)
         self.factor = (U, lam)
 
@@ -308,7 +308,7 @@ class MatrixFreeMetric(PullbackMetric):
     def __init__(self, matmat: Callable[[torch.Tensor], torch.Tensor], d: int, *, dtype, device,
                  report: MetricReport):
         if not callable(matmat):
-            raise TypeError(f"matmat must be callable, got {type(matmat).__name__}")
+            raise TypeError(expected("matmat", "a callable", type(matmat)))
         super().__init__(d, dtype=dtype, device=device, report=report)
         self._product = matmat
 
@@ -338,7 +338,7 @@ class DampedMetric(PullbackMetric):
 
     def __init__(self, base: PullbackMetric, damping: float):
         if not isinstance(base, PullbackMetric):
-            raise TypeError(f"base must be a PullbackMetric, got {type(base).__name__}")
+            raise TypeError(expected("base", "a PullbackMetric", type(base)))
         super().__init__(base.d, dtype=base.dtype, device=base.device, report=base.report)
         self.base, self.damping = base, _check_damping(damping)
         self.is_matrix_free = base.is_matrix_free
@@ -371,7 +371,4 @@ class DampedMetric(PullbackMetric):
 
 
 def _check_damping(damping) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
-            or damping < 0:
-        raise ValueError(f"damping must be a finite number ≥ 0, got {damping!r}")
-    return float(damping)
+    return check_real("damping", damping, minimum=0)

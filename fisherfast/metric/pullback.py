@@ -8,9 +8,11 @@ B = ∂a/∂h (d×d) and the head metric G_head(a) = Wᵀ(diag p − p pᵀ)W (�
     G_ℓ(h) = Jᵀ F J = Bᵀ G_head B        (d×d, PSD, rank ≤ min(d, V−1)),
     KL(p(h) ‖ p(h+δ)) = ½ δᵀ G_ℓ δ + O(‖δ‖³).
 
-Every head contraction goes through the softmax-Fisher ops
-(``fisherfast.ops.softmax_fisher``); the model is reached only through
-``SplitModel``. The result is a ``PullbackMetric`` (``fisherfast.metric.operator``).
+Every head contraction goes through the model's head, ``split.head``
+(``fisherfast.split.Head``: its ``gram``, ``gram_topk`` and ``matmat`` run the
+fused softmax-Fisher ops with the head's logit scale s and soft-capping c
+folded in exactly, so G_head = (∂z/∂a)ᵀ F (∂z/∂a) for z = softcap(s(W a + b)));
+the model is reached only through ``SplitModel``. The result is a ``PullbackMetric`` (``fisherfast.metric.operator``).
 
 Precision: products with the model run in the model's dtype; everything the
 metric accumulates or factorizes (B, the sum over points, the Nyström
@@ -26,15 +28,14 @@ import torch
 from fisherfast.metric import distributed as _dist
 from fisherfast.metric.operator import (DenseMetric, LowRankMetric, MatrixFreeMetric, MetricReport,
                                         PullbackMetric)
-from fisherfast.concepts import concept_schema
-from fisherfast.metric.schema import check_points
-from fisherfast.ops.softmax_fisher import softmax_fisher_gram, softmax_fisher_gram_topk, softmax_fisher_matmat
+from fisherfast.checks import check_choice, check_int, check_real, expected
+from fisherfast.concepts import ConceptSchema, hellinger_rows
+from fisherfast.metric.points import paired_points
 
 METRIC_MODES = ("exact", "matrix_free", "low_rank", "topk", "monte_carlo", "concept", "auto")
-MODES = METRIC_MODES   # the older name
 
 # Which keyword options each mode reads; an option given to another mode is an error.
-_MODE_OPTIONS = {
+MODE_OPTIONS = {
     "k": ("low_rank",),
     "trace_probes": ("low_rank",),
     "tail_tol": ("topk",),
@@ -49,6 +50,20 @@ DEFAULT_TAIL_TOL = 1e-3
 DEFAULT_N_SAMPLES = 256
 # mode="auto": exact up to this d, matrix-free above (see ``auto_mode``).
 AUTO_EXACT_MAX_D = 2048
+
+
+def check_mode_options(mode: str, options: dict, *, mode_name: str = "mode") -> str:
+    """``mode`` if it is one of ``METRIC_MODES`` and every option in ``options``
+    that is not None is one that mode reads (``MODE_OPTIONS``); names outside
+    ``MODE_OPTIONS`` are not judged here. ``mode_name``: the argument's name
+    in the caller (e.g. "metric_mode"). Raises ValueError naming the option."""
+    check_choice(mode_name, mode, METRIC_MODES)
+    for name, value in options.items():
+        if value is not None and name in MODE_OPTIONS and mode not in MODE_OPTIONS[name]:
+            users = " or ".join(repr(m) for m in MODE_OPTIONS[name])
+            raise ValueError(expected(name, f"None with {mode_name}={mode!r} (it is read by {mode_name}={users})",
+                                      value))
+    return mode
 
 
 def auto_mode(d: int) -> str:
@@ -91,7 +106,7 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
             "matrix_free": G v = Bᵀ G_head (B v) per point, from one recorded
                 forward (``split.linearize``: B v and Bᵀ u by reverse passes
                 over it, no forward re-run) and one fused head product
-                (``softmax_fisher_matmat`` on the cached logits). Cost per
+                (``split.head.matmat`` on the cached logits). Cost per
                 product and point: two reverse passes of one token through the
                 upper blocks and about one read of W, measured at 3.3× one
                 forward of the upper blocks on SmolLM2 (layer 15, one thread;
@@ -113,14 +128,19 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
                 r < d it is written Q Λ Qᵀ and G = Σ_j λ_j (Bᵀq_j)(Bᵀq_j)ᵀ from r
                 VJPs instead of d.
             "monte_carlo": the Fisher–Stein estimator: y_s ∼ p,
-                g_s = Jᵀ(e_{y_s} − p) = Bᵀ(w_{y_s} − μ) with μ = Wᵀp,
+                g_s = Jᵀ(e_{y_s} − p) = Bᵀ s (c′_{y_s} w_{y_s} − μ) with
+                μ = Wᵀ(c′ ⊙ p) (s the head's logit scale, c′ = 1 − tanh²(z_lin/c)
+                its soft-cap derivative; s = c′ = 1 for z = W a + b),
                 G ≈ (1/S) Σ_s g_s g_sᵀ, S = ``n_samples`` VJPs per point. The
                 report's ``std_error_fro`` estimates E‖Ĝ − G‖_F from the samples.
             "concept": the pullback Hellinger metric of the concept
                 distribution q = (Σ_{t∈c} p_t)_{c∈C} ∪ {q_other = 1 − Σ_c q_c}:
-                G_H = J_sᵀ J_s = ¼ J_qᵀ diag(1/q) J_q with s = √q, rank ≤ K,
-                from K+1 VJPs (∇_h q_c = Bᵀ Σ_{t∈c} p_t (w_t − μ)). Bins with
-                q = 0 contribute 0 (their gradient vanishes with them).
+                G_H = J_sᵀ J_s = ¼ J_qᵀ diag(1/q) J_q with s = √q, rank ≤ n_c,
+                from the Hellinger rows J_s of ``fisherfast.concepts.hellinger_rows``
+                (n_c+1 reverse products through the head, n_c+1 VJPs; the
+                geodesic concept metric uses the same rows). Bins with q = 0
+                contribute 0 (their gradient vanishes with them). The report's
+                ``q`` per point is q in float64.
             "auto": "exact" or "matrix_free" by d (``auto_mode``); the report
                 names the mode chosen.
         h: the points; default each context's own state ``ctx.h``. A (d,)
@@ -131,9 +151,10 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
         tail_tol: topk tail-mass tolerance in (0, 1) (default 1e-3).
         n_samples: monte_carlo samples per point (default 256).
         seed, generator: the random source of low_rank / monte_carlo (at most one).
-        concepts: concept schema: a non-empty sequence (or a mapping name →
-            entry) whose entries are a token id or a sequence of token ids;
-            concepts must be disjoint; the "other" bin is every other token.
+        concepts: a ``fisherfast.concepts.ConceptSchema`` over ``split.V``, or
+            what its constructor takes: a non-empty sequence (or a mapping
+            name → entry) whose entries are a token id or a sequence of token
+            ids; concepts must be disjoint; the "other" bin is every other token.
         chunk: tangents / cotangents per vmapped batch.
         progress: show a tqdm bar over the points (when there are several).
         distributed: None/False (default): this process computes every point.
@@ -154,27 +175,24 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
         ValueError / TypeError: a bad mode, option, context or point (before any work).
         RuntimeError: ``distributed`` without an initialized process group.
     """
-    if mode not in METRIC_MODES:
-        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in METRIC_MODES)}, got {mode!r}")
-    given = {"k": k, "trace_probes": trace_probes, "tail_tol": tail_tol, "n_samples": n_samples,
-             "seed": seed, "generator": generator, "concepts": concepts}
-    for name, value in given.items():
-        if value is not None and mode not in _MODE_OPTIONS[name]:
-            users = " or ".join(repr(m) for m in _MODE_OPTIONS[name])
-            raise ValueError(f"{name} is only used by mode={users}, not mode={mode!r}")
+    check_mode_options(mode, {"k": k, "trace_probes": trace_probes, "tail_tol": tail_tol, "n_samples": n_samples,
+                              "seed": seed, "generator": generator, "concepts": concepts})
     from fisherfast.split import SplitModel
 
     if not isinstance(split, SplitModel):
-        raise TypeError(f"split must be a fisherfast.split.SplitModel (SplitModel(model, layer)), "
-                        f"got {type(split).__name__}")
-    if getattr(split, "logit_softcap", None) is not None:
-        raise ValueError(f"split: the model soft-caps its logits (c = {split.logit_softcap}); the pullback metric "
-                         "here assumes z = W a + b (docs/design.md §2), so soft-capped heads are not supported")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+        raise TypeError(expected("split", "a fisherfast.split.SplitModel (SplitModel(model, layer))",
+                                 type(split)))
+    chunk = check_int("chunk", chunk, minimum=1)
     if mode == "auto":
         mode = auto_mode(split.d)
-    points = check_points(split, contexts, h)
+    if mode == "concept":
+        if concepts is None:
+            raise ValueError(expected("concepts", "a ConceptSchema or token-id sets with mode='concept'", None))
+        schema = ConceptSchema.of(concepts, split.V)
+    if mode == "topk":
+        tail_tol = DEFAULT_TAIL_TOL if tail_tol is None else \
+            check_real("tail_tol", tail_tol, minimum=0, maximum=1, min_open=True, max_open=True)
+    points = paired_points(split, contexts, h)
     group, rank, world = _dist.resolve_group(distributed)
     run = _Run(split, points, chunk, progress, mode, group, rank, world)
 
@@ -182,29 +200,26 @@ def pullback_fisher(split, contexts, *, mode: str = "exact", h: torch.Tensor | N
         return MatrixFreeMetric(_matrix_free_matmat(run), split.d, dtype=run.dtype, device=run.device,
                                 report=run.report())
     if mode == "low_rank":
-        k = DEFAULT_K if k is None else _positive_int("k", k, upper=split.d)
-        trace_probes = DEFAULT_TRACE_PROBES if trace_probes is None else _positive_int("trace_probes", trace_probes)
+        k = DEFAULT_K if k is None else check_int("k", k, minimum=1, maximum=split.d)
+        trace_probes = DEFAULT_TRACE_PROBES if trace_probes is None else \
+            check_int("trace_probes", trace_probes, minimum=1)
         return _nystrom(run, k, trace_probes, _generator(seed, generator, run.device))
     if mode == "exact":
         G, _ = run.accumulate(lambda ctx, x: (_exact(split, ctx, x, chunk, run.dtype), None))
         return DenseMetric(G, report=run.report())
     if mode == "topk":
-        tail_tol = DEFAULT_TAIL_TOL if tail_tol is None else tail_tol
-        if isinstance(tail_tol, bool) or not isinstance(tail_tol, (int, float)) or not 0 < tail_tol < 1:
-            raise ValueError(f"tail_tol must be a float in (0, 1), got {tail_tol!r}")
-        G, records = run.accumulate(lambda ctx, x: _topk(split, ctx, x, float(tail_tol), chunk, run.dtype))
-        return DenseMetric(G, report=run.report(tail_tol=float(tail_tol), tau=tuple(r[0] for r in records),
+        G, records = run.accumulate(lambda ctx, x: _topk(split, ctx, x, tail_tol, chunk, run.dtype))
+        return DenseMetric(G, report=run.report(tail_tol=tail_tol, tau=tuple(r[0] for r in records),
                                                 n_kept=tuple(r[1] for r in records)))
     if mode == "monte_carlo":
-        n_samples = DEFAULT_N_SAMPLES if n_samples is None else _positive_int("n_samples", n_samples)
+        n_samples = DEFAULT_N_SAMPLES if n_samples is None else check_int("n_samples", n_samples, minimum=1)
         gen = _generator(seed, generator, run.device)
         G, records = run.accumulate(lambda ctx, x: _monte_carlo(split, ctx, x, n_samples, gen, chunk, run.dtype))
         # E‖Ĝ − G‖_F² = (E‖g‖⁴ − ‖G‖_F²)/S per point; the point means are averaged.
         std_error = float(torch.tensor(records, dtype=torch.float64).clamp_min(0).sum().sqrt()) / len(points)
         return DenseMetric(G, report=run.report(n_samples=n_samples, std_error_fro=std_error))
-    names, token_sets = concept_schema(concepts, split.V)
-    G, records = run.accumulate(lambda ctx, x: _concept(split, ctx, x, token_sets, chunk, run.dtype))
-    return DenseMetric(G, report=run.report(concepts=tuple(names), q=tuple(records)))
+    G, records = run.accumulate(lambda ctx, x: _concept(split, ctx, x, schema, chunk, run.dtype))
+    return DenseMetric(G, report=run.report(concepts=schema.names, q=tuple(records)))
 
 
 # --------------------------------------------------------------------------- the loop over points
@@ -258,9 +273,6 @@ def _vjp(split, ctx, x, C, chunk, dtype):
     return split.vjp(ctx, x, C.to(split.W.dtype).contiguous(), chunk=chunk).to(dtype)
 
 
-def _probs(split, ctx, x):
-    """p = softmax(W a + b) at a = N(r_L(h)), in float64."""
-    return torch.softmax(split.logits_from_head_input(split.head_input(ctx, x)).double(), -1)
 
 
 # --------------------------------------------------------------------------- per-point modes
@@ -268,13 +280,13 @@ def _probs(split, ctx, x):
 def _exact(split, ctx, x, chunk, dtype):
     B = split.jacobian(ctx, x, chunk=chunk).to(dtype)
     a = split.head_input(ctx, x)
-    G_head = softmax_fisher_gram(a[None], split.W, split.b)[0].to(dtype)   # centered form (§3)
+    G_head = split.head.gram(a[None])[0].to(dtype)                   # centered form (§3)
     return B.T @ G_head @ B
 
 
 def _topk(split, ctx, x, tail_tol, chunk, dtype):
     a = split.head_input(ctx, x)
-    truncated = softmax_fisher_gram_topk(a[None], split.W, split.b, tail_tol=tail_tol)
+    truncated = split.head.gram_topk(a[None], tail_tol=tail_tol)
     G_top = truncated.G[0].to(dtype)
     n_kept = int(torch.as_tensor(truncated.n_kept).flatten()[0])
     record = (float(torch.as_tensor(truncated.tau).flatten()[0]), n_kept)
@@ -288,33 +300,33 @@ def _topk(split, ctx, x, tail_tol, chunk, dtype):
     return R.T @ R, record
 
 
+def _head_rows(head, a, dtype):
+    """(p, c′, μ) for the head's score rows: with z = softcap(s(W a + b)),
+    (∂z/∂a)ᵀ(e_y − p) = s (c′_y w_y − μ), μ = Wᵀ(c′ ⊙ p), c′ = 1 − tanh²(z_lin/c)
+    (1 without soft-capping); p float64, c′ and μ in ``dtype``."""
+    z_lin = head.linear_logits(a)
+    z = z_lin if head.softcap is None else torch.tanh(z_lin / head.softcap) * head.softcap
+    p = torch.softmax(z.double(), -1)
+    cap = None if head.softcap is None else (1 - torch.tanh(z_lin.double() / head.softcap) ** 2).to(dtype)
+    weights = p.to(dtype) if cap is None else p.to(dtype) * cap
+    return p, cap, weights @ head.W.to(dtype)
+
+
 def _monte_carlo(split, ctx, x, n_samples, generator, chunk, dtype):
-    p = _probs(split, ctx, x)
+    head = split.head
+    p, cap, mu = _head_rows(head, split.head_input(ctx, x), dtype)
     y = torch.multinomial(p, n_samples, replacement=True, generator=generator)
-    W = split.W.to(dtype)
-    mu = p.to(dtype) @ W                                            # μ = Wᵀp
-    g = _vjp(split, ctx, x, W[y] - mu, chunk, dtype)                # rows g_s = Bᵀ(w_{y_s} − μ)
+    W_y = head.W[y].to(dtype) if cap is None else head.W[y].to(dtype) * cap[y, None]
+    g = _vjp(split, ctx, x, head.scale * (W_y - mu), chunk, dtype)   # rows g_s = Bᵀ(∂z/∂a)ᵀ(e_{y_s} − p)
     G = g.T @ g / n_samples
     g2 = (g.double() ** 2).sum(1)
     return G, float(((g2 ** 2).mean() - (G.double() ** 2).sum()) / n_samples)
 
 
-def _concept(split, ctx, x, token_sets, chunk, dtype):
-    p = _probs(split, ctx, x)
-    W = split.W
-    mu = (p.to(dtype) @ W.to(dtype)).double()                      # μ = Wᵀp
-    rows, q = [], []
-    for tokens in token_sets:
-        p_c = p[tokens]
-        q.append(p_c.sum())
-        rows.append(p_c @ W[tokens].double() - p_c.sum() * mu)     # Σ_{t∈c} p_t (w_t − μ)
-    covered = torch.cat(token_sets)
-    q_other = p.sum() - p[covered].sum()
-    rows.append(-torch.stack(rows).sum(0))                          # q_other = 1 − Σ q_c
-    q = torch.stack(q + [q_other.clamp_min(0)])
-    J_q = _vjp(split, ctx, x, torch.stack(rows), chunk, dtype)      # (K+1, d) rows ∇_h q_j
-    inv_q = torch.where(q > 0, 1.0 / q, torch.zeros_like(q)).to(dtype)
-    return 0.25 * (J_q.T * inv_q) @ J_q, tuple(q.tolist())          # G_H = ¼ J_qᵀ diag(1/q) J_q
+def _concept(split, ctx, x, schema, chunk, dtype):
+    J_s, q = hellinger_rows(split, ctx, x, schema, chunk=chunk)     # (n_c+1, d) rows ∂√q_b/∂h
+    J_s = J_s.to(dtype)
+    return J_s.T @ J_s, tuple(q.tolist())                           # G_H = J_sᵀ J_s = ¼ J_qᵀ diag(1/q) J_q
 
 
 # --------------------------------------------------------------------------- matrix-free and Nyström
@@ -331,7 +343,7 @@ def _matrix_free_matmat(run: _Run):
             for i in run.mine:
                 ctx, x = run.points[i]
                 lin = split.linearize(ctx, x)
-                cache.append((lin, split.logits_from_head_input(lin.a.detach())))
+                cache.append((lin, split.head.linear_logits(lin.a.detach())))
         return cache
 
     def matmat(U):
@@ -339,7 +351,7 @@ def _matrix_free_matmat(run: _Run):
         Ut = U.T.to(split.W.dtype).contiguous()
         for lin, z in linearizations():
             BU = lin.jvp(Ut, chunk=chunk)                                                     # (k, d) rows B u_j
-            HBU = softmax_fisher_matmat(None, split.W, BU.T.contiguous(), logits=z[None])[0]  # (d, k) G_head B U
+            HBU = split.head.matmat(None, BU.T.contiguous(), logits=z[None])[0]  # (d, k) G_head B U
             out += lin.vjp(HBU.T.contiguous(), chunk=chunk).T.to(U.dtype)                    # Bᵀ G_head B U
         return run.all_sum(out) / len(run.points)
 
@@ -394,22 +406,13 @@ def _nystrom(run: _Run, k, trace_probes, generator):
 
 # --------------------------------------------------------------------------- option checks
 
-def _positive_int(name, value, upper=None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper is not None and value > upper):
-        bound = f" and ≤ {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be an int ≥ 1{bound}, got {value!r}")
-    return value
-
-
 def _generator(seed, generator, device):
     if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
+        raise ValueError("seed, generator: expected one of them, got both")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            raise TypeError(expected("generator", "a torch.Generator", type(generator)))
         return generator
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        return torch.Generator(device=device).manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(check_int("seed", seed, minimum=0))
     return None

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fisherfast.checks import check_contexts
 from fisherfast.metric.diagnostics import spectrum_diagnostics
 from fisherfast.metric.operator import DenseMetric, MetricReport, PullbackMetric
 from fisherfast.metric.pullback import pullback_fisher
@@ -45,9 +46,7 @@ def spectrum_survey(split, contexts, *, mode: str = "exact", progress: bool = Tr
     """G_ℓ at each context (``pullback_fisher(split, ctx, mode=mode, **options)``),
     its diagnostics, and the mean metric over the contexts. Cost: one
     ``pullback_fisher`` per context plus a d×d eigendecomposition each."""
-    ctx_list = [contexts] if hasattr(contexts, "h") else contexts
-    if not isinstance(ctx_list, (list, tuple)) or not ctx_list:
-        raise TypeError(f"contexts must be a SplitContext or a non-empty list of them, got {type(contexts).__name__}")
+    ctx_list = check_contexts(split, contexts)
     from tqdm.auto import tqdm
 
     per_point, spectra, total = [], [], None

@@ -4,7 +4,7 @@ directions with their cost ratio, iterated steering to a target score,
 matched-probability scaling of fixed directions, off-target distortion,
 hooks that apply vectors inside a model's forward pass or generation, and
 steering vectors as files (safetensors, llama.cpp GGUF)."""
-from fisherfast.steer.concept import ConceptScore, SequenceConcept, concept_gradient
+from fisherfast.concepts import ConceptScore, SequenceConcept, concept_gradient
 from fisherfast.steer.directions import (actadd_direction, caa_direction, cost_ratio, euclidean_direction,
                                          fishback_direction, probe_direction, scale_to_first_order, solve_metric)
 from fisherfast.steer.hooks import steering

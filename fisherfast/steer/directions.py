@@ -36,9 +36,12 @@ p = 0.27; layer 24: 0.0053 vs 0.0040 at p = 0.5). The damped solve is the
 default because it is never worse and often far better; 1e-4 is the best
 pseudo-inverse cutoff found.
 
-The damped solve: dense G by Cholesky in float64; a matrix-free ``PullbackMetric`` by conjugate
-gradients (scipy), one metric product per iteration, optionally
-preconditioned by a randomized Nyström approximation (on SmolLM2 layer 24:
+Every solver takes a ``PullbackMetric`` (``fisherfast.metric``; a (d, d)
+tensor is wrapped once as a ``DenseMetric`` by ``as_metric``) and uses its
+surface: ``G.damped(λ)``, then Cholesky of its ``dense()`` in float64, or,
+when it ``is_matrix_free``, conjugate gradients (scipy) on its
+``to_scipy()``, one metric product per iteration, optionally preconditioned
+by a randomized Nyström approximation (a ``LowRankMetric``) (on SmolLM2 layer 24:
 228 CG iterations plain, 53 with a rank-64 Nyström preconditioner built in
 0.14 s, 33 with rank 128).
 
@@ -56,10 +59,12 @@ with equality exactly for d ∝ G_λ⁻¹q, the FishBack direction (with
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
+
+from fisherfast.checks import check_choice, check_finite, check_points, check_real, check_vector, expected
+from fisherfast.metric import DenseMetric, LowRankMetric, PullbackMetric
 
 DEFAULT_DAMPING = 1e-3
 DEFAULT_RCOND = 1e-4
@@ -67,68 +72,53 @@ SOLVES = ("damped", "pinv")
 DEFAULT_SOLVE = "damped"
 
 
-def check_vector(name: str, v, d: int | None = None) -> torch.Tensor:
-    if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
-        raise ValueError(f"{name} must be a 1-D floating tensor, got {getattr(v, 'shape', type(v).__name__)}")
-    if d is not None and v.shape[0] != d:
-        raise ValueError(f"{name} must have length {d} (the metric's dimension), got {v.shape[0]}")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return v
-
-
-def _metric_size(G) -> int:
-    shape = getattr(G, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
-        raise ValueError(f"G must be a square (d, d) tensor or a PullbackMetric, got shape {shape}")
-    if isinstance(G, torch.Tensor):
-        if not G.is_floating_point():
-            raise ValueError(f"G must be a floating tensor, got {G.dtype}")
-        if not bool(torch.isfinite(G).all()):
-            raise ValueError("G contains NaN or Inf")
-    return int(shape[0])
+def as_metric(G) -> PullbackMetric:
+    """G as a ``PullbackMetric``: a metric as it is, a (d, d) floating tensor wrapped
+    once as a ``DenseMetric`` (after checking it is finite). The one boundary
+    where the steering solvers accept a plain tensor."""
+    if isinstance(G, PullbackMetric):
+        return G
+    if not isinstance(G, torch.Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1] or not G.is_floating_point():
+        raise ValueError(expected("G", "a PullbackMetric or a square floating (d, d) tensor",
+                                  G if isinstance(G, torch.Tensor) else type(G)))
+    return DenseMetric(check_finite("G", G))
 
 
 def check_rho(rho) -> float:
     """ρ as a float: a finite real number (bools and strings rejected)."""
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho):
-        raise ValueError(f"rho must be a finite real number, got {rho!r}")
-    return float(rho)
+    return check_real("rho", rho)
 
 
-def _matvec(G, v: torch.Tensor) -> torch.Tensor:
-    """G v in float64 (G a tensor or a PullbackMetric in its own dtype)."""
-    if isinstance(G, torch.Tensor):
-        return G.to(torch.float64) @ v.to(G.device, torch.float64)
-    dtype = getattr(G, "dtype", torch.float64)
-    return (G @ v.to(G.device, dtype)).to(torch.float64)
-
-
-def _is_matrix_free(G) -> bool:
-    return not isinstance(G, torch.Tensor) and bool(getattr(G, "is_matrix_free", False))
+def _matvec(G: PullbackMetric, v: torch.Tensor) -> torch.Tensor:
+    """G v in float64 on v's device."""
+    return (G @ v.to(G.device, G.dtype)).to(v.device, torch.float64)
 
 
 def damping_value(G, q: torch.Tensor, damping: float = DEFAULT_DAMPING) -> float:
     """λ = damping · qᵀGq / qᵀq."""
-    if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and math.isfinite(damping)
-            and damping >= 0):
-        raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
+    G = as_metric(G)
+    damping = check_real("damping", damping, minimum=0)
     q64 = q.to(torch.float64)
-    return float(damping) * float(q64 @ _matvec(G, q64).to(q64.device)) / float(q64 @ q64)
+    curvature = float(q64 @ _matvec(G, q64))
+    if not math.isfinite(curvature):
+        raise ValueError(f"G: expected finite values, got NaN or Inf (qᵀGq = {curvature})")
+    return damping * curvature / float(q64 @ q64)
 
 
 def _nystrom_preconditioner(preconditioner, lam: float, d: int):
     """P⁻¹ for G_λ from a low-rank Ĝ = U diag(λ̂) Uᵀ ≈ G (randomized Nyström PCG,
     Frangella, Tropp & Udell 2023): P⁻¹ = (λ̂_min + λ) U diag(1/(λ̂ + λ)) Uᵀ + (I − UUᵀ),
-    which maps the captured eigenvalues of G_λ to about λ̂_min + λ and leaves the rest."""
-    info = getattr(preconditioner, "info", None) or {}
-    if getattr(preconditioner, "mode", None) != "low_rank" or "k" not in info:
-        raise TypeError("preconditioner must be a low-rank PullbackMetric (pullback_fisher(mode='low_rank')) of "
-                        f"the same points, got {type(preconditioner).__name__}")
+    which maps the captured eigenvalues of G_λ to about λ̂_min + λ and leaves the rest.
+    A scipy LinearOperator, or None when Ĝ has no positive eigenvalue."""
+    from scipy.sparse.linalg import LinearOperator
+
+    if not isinstance(preconditioner, LowRankMetric):
+        raise TypeError(expected("preconditioner", "a LowRankMetric (pullback_fisher(mode='low_rank')) of the "
+                                 "same points", type(preconditioner)))
     if preconditioner.d != d:
-        raise ValueError(f"preconditioner has d = {preconditioner.d}, the metric has d = {d}")
-    values, U = preconditioner.eig(min(info["k"], d))
-    values, U = values.to(torch.float64), U.to("cpu", torch.float64)
+        raise ValueError(expected("preconditioner", f"d = {d} (the metric's)", f"d = {preconditioner.d}", raw=True))
+    U, values = preconditioner.factor
+    values, U = values.to("cpu", torch.float64), U.to("cpu", torch.float64)
     keep = values > 0
     values, U = values[keep], U[:, keep]
     if values.numel() == 0:
@@ -139,26 +129,25 @@ def _nystrom_preconditioner(preconditioner, lam: float, d: int):
         v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
         return (v + U @ (weights * (U.T @ v))).numpy()
 
-    return apply
+    return LinearOperator((d, d), matvec=apply, dtype=np.float64)
 
 
 def check_solve(solve: str, rcond: float) -> None:
-    if solve not in SOLVES:
-        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
-    if isinstance(rcond, bool) or not isinstance(rcond, (int, float)) or not 0 < rcond < 1:
-        raise ValueError(f"rcond must be a number in (0, 1), got {rcond!r}")
+    check_choice("solve", solve, SOLVES)
+    check_real("rcond", rcond, minimum=0, maximum=1, min_open=True, max_open=True)
 
 
-def _pinv_solve(G, q64: torch.Tensor, rcond: float) -> torch.Tensor:
+def _dense64(A: PullbackMetric, device) -> torch.Tensor:
+    dense = check_finite("G", A.dense().to(device, torch.float64))
+    return 0.5 * (dense + dense.T)
+
+
+def _pinv_solve(G: PullbackMetric, q64: torch.Tensor, rcond: float) -> torch.Tensor:
     """G⁺q with G⁺ = Σ_{λ_i > rcond·λ_max} u_i u_iᵀ / λ_i (eigh of the symmetrized dense G, float64)."""
-    dense = G if isinstance(G, torch.Tensor) else G.dense()
-    A = dense.to(q64.device, torch.float64)
-    if not bool(torch.isfinite(A).all()):
-        raise ValueError("G contains NaN or Inf")
-    values, U = torch.linalg.eigh(0.5 * (A + A.T))
+    values, U = torch.linalg.eigh(_dense64(G, q64.device))
     top = float(values[-1])
     if not top > 0:
-        raise ValueError("G has no positive eigenvalue: the pseudo-inverse is zero")
+        raise ValueError("G: expected a positive eigenvalue, got none (the pseudo-inverse is zero)")
     keep = values > rcond * top
     U, values = U[:, keep], values[keep]
     return U @ ((U.T @ q64) / values)
@@ -169,53 +158,47 @@ def solve_metric(G, q: torch.Tensor, *, solve: str = DEFAULT_SOLVE, damping: flo
                  preconditioner=None, callback=None) -> torch.Tensor:
     """x = G_λ⁻¹ q (``solve="damped"``) or x = G⁺q (``solve="pinv"``), float64 on q's device.
 
-    damped: G_λ = G + λI, λ = damping · qᵀGq/qᵀq. Dense G (a tensor, or a
-    PullbackMetric that is not matrix-free): Cholesky. Matrix-free: conjugate
-    gradients to relative residual ``rtol`` (at most ``maxiter`` products,
-    default 10·d); raises RuntimeError if it stalls. ``preconditioner``: a
-    low-rank PullbackMetric of the same points (``pullback_fisher(...,
-    mode="low_rank", k=64)``, one batched product of k probes) for
-    Nyström-preconditioned CG: the metric's fast-decaying spectrum (PR/d of a
-    few %) is what makes plain CG slow. ``callback(x)`` is called after every
-    CG iteration (scipy's convention).
+    G: a ``PullbackMetric`` (a (d, d) tensor is wrapped as a ``DenseMetric``).
+    damped: A = ``G.damped(λ)``, λ = damping · qᵀGq/qᵀq. If A is not
+    matrix-free: Cholesky of ``A.dense()`` in float64. Matrix-free: conjugate
+    gradients on ``A.to_scipy()`` to relative residual ``rtol`` (at most
+    ``maxiter`` products, default 10·d); raises RuntimeError if it stalls.
+    ``preconditioner``: a ``LowRankMetric`` of the same points
+    (``pullback_fisher(..., mode="low_rank", k=64)``, one batched product of
+    k probes) for Nyström-preconditioned CG: the metric's fast-decaying
+    spectrum (PR/d of a few %) is what makes plain CG slow. ``callback(x)`` is
+    called after every CG iteration (scipy's convention).
 
     pinv: the paper's G⁺q from the eigendecomposition of the dense G
-    (``G.dense()`` for a PullbackMetric: d products if matrix-free), keeping
-    the eigenvalues above ``rcond``·λ_max. ``damping`` and the CG options do
-    not apply."""
-    d = _metric_size(G)
-    q = check_vector("q", q, d)
+    (``G.dense()``: d products if matrix-free), keeping the eigenvalues above
+    ``rcond``·λ_max. ``damping`` and the CG options do not apply."""
+    G = as_metric(G)
+    q = check_vector("q", q, G.d)
     check_solve(solve, rcond)
     if not bool((q != 0).any()):
-        raise ValueError("q is zero: the concept score is flat at this point, there is no direction to steer")
+        raise ValueError("q: expected a nonzero gradient, got zero (the concept score is flat at this point, "
+                         "there is no direction to steer)")
     q64 = q.to(torch.float64)
     if solve == "pinv":
         if preconditioner is not None or callback is not None:
-            raise ValueError("preconditioner and callback apply to solve='damped' (conjugate gradients) only")
+            raise ValueError("preconditioner, callback: expected None with solve='pinv' (they apply to "
+                             "conjugate gradients)")
         return _pinv_solve(G, q64, rcond)
-    lam = damping_value(G, q, damping)
-    if not _is_matrix_free(G):
-        dense = G if isinstance(G, torch.Tensor) else G.dense()
-        A = dense.to(q.device, torch.float64)
-        if not bool(torch.isfinite(A).all()):
-            raise ValueError("G contains NaN or Inf")
-        A = 0.5 * (A + A.T) + lam * torch.eye(d, dtype=torch.float64, device=q.device)
-        L, info = torch.linalg.cholesky_ex(A)
+    A = G.damped(damping_value(G, q, damping))
+    if not A.is_matrix_free:
+        A64 = _dense64(A, q.device)
+        L, info = torch.linalg.cholesky_ex(A64)
         if int(info) == 0:
             return torch.cholesky_solve(q64[:, None], L)[:, 0]
-        return torch.linalg.lstsq(A, q64[:, None]).solution[:, 0]  # singular G_λ (damping 0): least squares
-    from scipy.sparse.linalg import LinearOperator, cg
+        return torch.linalg.lstsq(A64, q64[:, None]).solution[:, 0]  # singular G_λ (damping 0): least squares
+    from scipy.sparse.linalg import cg
 
-    def apply(x):
-        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
-        return (_matvec(G, v).cpu() + lam * v).numpy()
-
-    op = LinearOperator((d, d), matvec=apply, dtype=np.float64)
-    P_inv = None if preconditioner is None else _nystrom_preconditioner(preconditioner, lam, d)
-    M = None if P_inv is None else LinearOperator((d, d), matvec=P_inv, dtype=np.float64)
-    x, info = cg(op, q64.cpu().numpy(), rtol=rtol, atol=0.0, maxiter=maxiter or 10 * d, M=M, callback=callback)
+    d = G.d
+    M = None if preconditioner is None else _nystrom_preconditioner(preconditioner, A.damping, d)
+    maxiter = maxiter or 10 * d
+    x, info = cg(A.to_scipy(), q64.cpu().numpy(), rtol=rtol, atol=0.0, maxiter=maxiter, M=M, callback=callback)
     if info != 0:
-        raise RuntimeError(f"conjugate gradients did not reach rtol={rtol} in {maxiter or 10 * d} products "
+        raise RuntimeError(f"conjugate gradients did not reach rtol={rtol} in {maxiter} products "
                            f"(raise damping or maxiter)")
     return torch.from_numpy(x).to(q.device)
 
@@ -238,10 +221,11 @@ def fishback_direction(G, q: torch.Tensor, rho: float = 1.0, *, solve: str = DEF
         ValueError when qᵀx = 0 (pinv: q orthogonal to every kept eigenvector).
     """
     rho = check_rho(rho)
+    G = as_metric(G)
     x = solve_metric(G, q, solve=solve, damping=damping, rcond=rcond, **solver)
     qx = float(q.to(torch.float64) @ x)
     if not qx > 0:
-        raise ValueError("qᵀG⁺q = 0: q lies in the discarded eigenspace of G (lower rcond)")
+        raise ValueError("q: expected a component in the kept eigenspace of G, got qᵀG⁺q = 0 (lower rcond)")
     return (rho * x / qx).to(q.dtype)
 
 
@@ -250,7 +234,7 @@ def euclidean_direction(q: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
     q, rho = check_vector("q", q), check_rho(rho)
     norm2 = float(q.to(torch.float64) @ q.to(torch.float64))
     if norm2 == 0:
-        raise ValueError("q is zero: the concept score is flat at this point")
+        raise ValueError("q: expected a nonzero gradient, got zero (the concept score is flat at this point)")
     return (float(rho) / norm2) * q
 
 
@@ -260,7 +244,7 @@ def scale_to_first_order(direction: torch.Tensor, q: torch.Tensor, rho: float = 
     rho = check_rho(rho)
     dq = float(q.to(torch.float64) @ direction.to(torch.float64))
     if dq == 0:
-        raise ValueError("direction is orthogonal to q: it does not change the concept to first order")
+        raise ValueError("direction: expected a component along q, got one orthogonal to q (no first-order change)")
     return (float(rho) / dq) * direction
 
 
@@ -270,29 +254,28 @@ def cost_ratio(G, q: torch.Tensor, direction: torch.Tensor, *, solve: str = DEFA
     FishBack's direction; with ``solve="pinv"``, R(d) = (dᵀGd)(qᵀG⁺q) / (qᵀd)²,
     which is ≥ 1 when q lies in the kept eigenspace of G (with the rank cutoff
     it can fall below 1 for d with a component along discarded eigenvectors)."""
-    d = _metric_size(G)
-    direction = check_vector("direction", direction, d)
-    q = check_vector("q", q, d)
+    G = as_metric(G)
+    direction = check_vector("direction", direction, G.d)
+    q = check_vector("q", q, G.d)
     check_solve(solve, rcond)
     lam = damping_value(G, q, damping) if solve == "damped" else 0.0
     d64, q64 = direction.to(torch.float64), q.to(torch.float64)
     dq = float(q64 @ d64)
     if dq == 0:
-        raise ValueError("direction is orthogonal to q: its cost ratio is infinite")
-    quad = float(d64 @ _matvec(G, d64).to(d64.device)) + lam * float(d64 @ d64)
+        raise ValueError("direction: expected a component along q, got one orthogonal to q (infinite cost ratio)")
+    quad = float(d64 @ _matvec(G, d64)) + lam * float(d64 @ d64)
     qGq = float(q64 @ solve_metric(G, q, solve=solve, damping=damping, rcond=rcond, **solver))
     return quad * qGq / dq ** 2
 
 
 def _paired(h_pos, h_neg) -> tuple[torch.Tensor, torch.Tensor]:
     for name, h in (("h_pos", h_pos), ("h_neg", h_neg)):
-        if not isinstance(h, torch.Tensor) or h.dim() != 2 or not h.is_floating_point() or h.shape[0] < 1:
-            raise ValueError(f"{name} must be a floating (n, d) tensor with n ≥ 1, got "
-                             f"{getattr(h, 'shape', type(h).__name__)}")
-        if not bool(torch.isfinite(h).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
+        if not isinstance(h, torch.Tensor) or h.dim() != 2:
+            raise ValueError(expected(name, "a floating (n, d) tensor", h if isinstance(h, torch.Tensor)
+                                      else type(h)))
+        check_points(name, h, finite=True)
     if h_pos.shape[1] != h_neg.shape[1]:
-        raise ValueError(f"h_pos and h_neg must share d, got {h_pos.shape[1]} and {h_neg.shape[1]}")
+        raise ValueError(expected("h_neg", f"d = {h_pos.shape[1]} (that of h_pos)", f"d = {h_neg.shape[1]}", raw=True))
     return h_pos, h_neg
 
 
@@ -300,8 +283,7 @@ def caa_direction(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
     """CAA: mean over contrastive pairs of h⁺ − h⁻ (h_pos[i] pairs with h_neg[i])."""
     h_pos, h_neg = _paired(h_pos, h_neg)
     if h_pos.shape != h_neg.shape:
-        raise ValueError(f"h_pos and h_neg must be paired (same shape), got {tuple(h_pos.shape)} and "
-                         f"{tuple(h_neg.shape)}")
+        raise ValueError(expected("h_neg", f"shape {tuple(h_pos.shape)} (paired with h_pos)", h_neg))
     return (h_pos - h_neg).mean(dim=0)
 
 
@@ -320,8 +302,7 @@ def probe_direction(h_pos: torch.Tensor, h_neg: torch.Tensor, *, l2: float = 1e-
     from scipy.optimize import minimize
 
     h_pos, h_neg = _paired(h_pos, h_neg)
-    if not (isinstance(l2, (int, float)) and l2 > 0):
-        raise ValueError(f"l2 must be a positive number, got {l2!r}")
+    l2 = check_real("l2", l2, minimum=0, min_open=True)
     X = torch.cat([h_pos, h_neg]).to(torch.float64).cpu().numpy()
     y = np.concatenate([np.ones(len(h_pos)), np.zeros(len(h_neg))])
     X = X - X.mean(axis=0)
@@ -339,5 +320,6 @@ def probe_direction(h_pos: torch.Tensor, h_neg: torch.Tensor, *, l2: float = 1e-
     w = torch.from_numpy(result.x[:-1])
     norm = float(w.norm())
     if norm == 0:
-        raise ValueError("the probe found no separating direction (the two classes coincide)")
+        raise ValueError("h_pos, h_neg: expected two separable classes, got coinciding ones (the probe found no "
+                         "separating direction)")
     return (w / norm).to(h_pos.dtype).to(h_pos.device)

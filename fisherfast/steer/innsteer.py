@@ -53,35 +53,12 @@ import os
 import torch
 
 from fisherfast._persist import atomic_write, read_versioned
+from fisherfast.checks import check_finite, check_int, check_real, expected
 
 FORMAT = "fisherfast.innsteer"
 VERSION = 1
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_MARGIN = 2.0
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int ≥ {minimum}, got {value!r}")
-    return value
-
-
-def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _positive(name: str, value) -> float:
-    if _finite(name, value) <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return float(value)
-
-
-def _non_negative(name: str, value) -> float:
-    if _finite(name, value) < 0:
-        raise ValueError(f"{name} must be non-negative, got {value!r}")
-    return float(value)
 
 
 class _AffineCoupling(torch.nn.Module):
@@ -147,15 +124,13 @@ class INNSteer(torch.nn.Module):
     def __init__(self, d: int, n_layers: int = 6, hidden: int = 128, *, max_log_scale: float = 2.0, seed: int = 0,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.d = _positive_int("d", d, 2)
-        self.n_layers = _positive_int("n_layers", n_layers)
-        self.hidden = _positive_int("hidden", hidden)
-        self.max_log_scale = _positive("max_log_scale", max_log_scale)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.d = check_int("d", d, minimum=2)
+        self.n_layers = check_int("n_layers", n_layers, minimum=1)
+        self.hidden = check_int("hidden", hidden, minimum=1)
+        self.max_log_scale = check_real("max_log_scale", max_log_scale, minimum=0, min_open=True)
+        self.seed = check_int("seed", seed)
         if dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+            raise ValueError(expected("dtype", "torch.float32 or torch.float64", dtype))
         generator = torch.Generator().manual_seed(seed)
         couplings = []
         for k in range(self.n_layers):
@@ -190,17 +165,15 @@ class INNSteer(torch.nn.Module):
     def _check_batch(self, name: str, h, *, allow_vector: bool = False) -> torch.Tensor:
         dims = (1, 2) if allow_vector else (2,)
         if not isinstance(h, torch.Tensor) or h.dim() not in dims or h.shape[-1] != self.d:
-            expected = f"({self.d},) or (n, {self.d})" if allow_vector else f"(n, {self.d})"
-            raise ValueError(f"{name} must be a tensor of shape {expected}, got "
-                             f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
+            shape = f"({self.d},) or (n, {self.d})" if allow_vector else f"(n, {self.d})"
+            raise ValueError(expected(name, f"a tensor of shape {shape}", h if isinstance(h, torch.Tensor)
+                                      else type(h)))
         if h.dtype != self.dtype:
-            raise TypeError(f"{name} has dtype {h.dtype} but the network is {self.dtype}; convert it with "
-                            f".to({self.dtype}) or build INNSteer(dtype={h.dtype})")
+            raise TypeError(expected(name, f"the network's dtype {self.dtype} (convert it with .to({self.dtype}) "
+                                     f"or build INNSteer(dtype={h.dtype}))", h.dtype))
         if h.device != self.mean.device:
-            raise ValueError(f"{name} is on {h.device} but the network is on {self.mean.device}")
-        if not bool(torch.isfinite(h).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
-        return h
+            raise ValueError(expected(name, f"the network's device {self.mean.device}", h.device))
+        return check_finite(name, h)
 
     def _check_fitted(self) -> None:
         if not self.fitted:
@@ -267,13 +240,13 @@ class INNSteer(torch.nn.Module):
 
         h_pos, h_neg = self._check_batch("h_pos", h_pos), self._check_batch("h_neg", h_neg)
         if h_pos.shape[0] < 1 or h_neg.shape[0] < 1:
-            raise ValueError(f"fit needs at least one sample of each behaviour, got {h_pos.shape[0]} and "
-                             f"{h_neg.shape[0]}")
-        steps = _positive_int("steps", steps)
-        lr = _positive("lr", lr)
-        separation = _non_negative("separation", separation)
-        margin = _positive("margin", margin)
-        logdet_weight = _non_negative("logdet_weight", logdet_weight)
+            raise ValueError(f"h_pos, h_neg: expected at least one sample of each behaviour, got {h_pos.shape[0]} "
+                             f"and {h_neg.shape[0]}")
+        steps = check_int("steps", steps, minimum=1)
+        lr = check_real("lr", lr, minimum=0, min_open=True)
+        separation = check_real("separation", separation, minimum=0)
+        margin = check_real("margin", margin, minimum=0, min_open=True)
+        logdet_weight = check_real("logdet_weight", logdet_weight, minimum=0)
 
         h = torch.cat([h_pos, h_neg])
         n_pos = h_pos.shape[0]
@@ -314,7 +287,7 @@ class INNSteer(torch.nn.Module):
         α = 0 returns a copy of h exactly (not the rounding of φ⁻¹(φ(h)))."""
         self._check_fitted()
         h = self._check_batch("h", h, allow_vector=True)
-        alpha = _finite("alpha", alpha)
+        alpha = check_real("alpha", alpha)
         if alpha == 0:
             return h.detach().clone()
         with torch.no_grad():
@@ -354,13 +327,13 @@ class INNSteer(torch.nn.Module):
             raise ValueError(f"{path} has a corrupted INNSteer config: {err!r}") from None
         if not isinstance(fitted, bool):
             raise ValueError(f"{path} has a corrupted INNSteer config: fitted={fitted!r}")
-        expected = inn.state_dict()
-        if set(tensors) != set(expected):
-            raise ValueError(f"{path} is corrupted: tensors {sorted(tensors)}, expected {sorted(expected)}")
+        state = inn.state_dict()
+        if set(tensors) != set(state):
+            raise ValueError(f"{path} is corrupted: tensors {sorted(tensors)}, expected {sorted(state)}")
         for name, t in tensors.items():
-            if t.dtype != dtype or t.shape != expected[name].shape or not bool(torch.isfinite(t).all()):
+            if t.dtype != dtype or t.shape != state[name].shape or not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{path} is corrupted: {name} must be finite {dtype} of shape "
-                                 f"{tuple(expected[name].shape)}, got {t.dtype} {tuple(t.shape)}")
+                                 f"{tuple(state[name].shape)}, got {t.dtype} {tuple(t.shape)}")
         if not bool((tensors["scale"] > 0).all()):
             raise ValueError(f"{path} is corrupted: scale must be positive")
         inn.load_state_dict(tensors)

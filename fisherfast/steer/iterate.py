@@ -32,8 +32,8 @@ import math
 
 import torch
 
-from fisherfast.concepts import check_concept, check_logits, check_target_score
-from fisherfast.steer.concept import concept_gradient
+from fisherfast.checks import check_choice, check_finite, check_int, check_real, expected
+from fisherfast.concepts import check_concept, check_logits, check_target_score, concept_gradient
 from fisherfast.steer.directions import (DEFAULT_DAMPING, DEFAULT_RCOND, DEFAULT_SOLVE, check_solve,
                                          euclidean_direction, solve_metric)
 from fisherfast.steer.scale import TargetNotReached, check_start, scale_to_target
@@ -104,27 +104,15 @@ def _kl(z_p: torch.Tensor, z_q: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
-def _check_positive(name: str, value, *, finite: bool = False) -> None:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0) or \
-            (finite and not math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive{' finite' if finite else ''} number, got {value!r}")
-
-
 def _check_metric_options(metric_options: dict, metric_mode: str) -> None:
     """Names ``pullback_fisher`` accepts besides those steer_to_target sets itself,
-    and that ``metric_mode`` uses (checked before any work)."""
+    and that ``metric_mode`` uses (the metric's own ``check_mode_options``;
+    checked before any work)."""
     import inspect
 
-    from fisherfast.metric import METRIC_MODES, pullback_fisher
-    from fisherfast.metric.pullback import _MODE_OPTIONS
+    from fisherfast.metric import check_mode_options, pullback_fisher
 
-    if metric_mode not in METRIC_MODES:
-        raise ValueError(f"metric_mode must be one of {METRIC_MODES}, got {metric_mode!r}")
-    for name, value in metric_options.items():
-        if value is not None and name in _MODE_OPTIONS and metric_mode not in _MODE_OPTIONS[name]:
-            raise ValueError(f"{name} is only used by metric_mode={' or '.join(map(repr, _MODE_OPTIONS[name]))}, "
-                             f"not metric_mode={metric_mode!r}")
-
+    check_mode_options(metric_mode, metric_options, mode_name="metric_mode")
     own = {"split", "contexts", "mode", "h", "progress"}
     known = set(inspect.signature(pullback_fisher).parameters) - own
     unknown = sorted(set(metric_options) - known)
@@ -158,13 +146,11 @@ def steer_to_target(split, ctx, concept, target_score: float, *, method: str = "
 
     from fisherfast.metric import pullback_fisher
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_positive("max_step_kl", max_step_kl)
-    _check_positive("tol", tol, finite=True)
+    check_choice("method", method, METHODS)
+    check_real("max_step_kl", max_step_kl, minimum=0, min_open=True, finite=False)
+    check_real("tol", tol, minimum=0, min_open=True)
     _check_metric_options(metric_options, metric_mode)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    check_int("max_steps", max_steps, minimum=1)
     check_solve(solve, rcond)
     check_concept(concept, split, ctx)
     target_score = check_target_score(concept, target_score)
@@ -229,8 +215,8 @@ def off_target_kl(concept, base_logits: torch.Tensor, steered_logits: torch.Tens
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
     if base_logits.shape != steered_logits.shape:
-        raise ValueError(f"base_logits and steered_logits must have one shape, got {tuple(base_logits.shape)} "
-                         f"and {tuple(steered_logits.shape)}")
+        raise ValueError(expected("steered_logits", f"the shape of base_logits {tuple(base_logits.shape)}",
+                                  steered_logits))
     keep = torch.ones(base_logits.shape[-1], dtype=torch.bool, device=base_logits.device)
     keep[removed.to(keep.device)] = False
     lp = torch.log_softmax(base_logits[..., keep].to(torch.float64), -1)
@@ -246,10 +232,9 @@ def evaluate_delta(split, ctx, concept, delta: torch.Tensor, *, method: str, rea
     check_concept(concept, split, ctx)
     h = check_start(split, ctx, h)
     if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != tuple(h.shape) or not delta.is_floating_point():
-        raise ValueError(f"delta must be a floating tensor of shape {tuple(h.shape)}, got "
-                         f"{tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__}")
-    if not bool(torch.isfinite(delta).all()):
-        raise ValueError("delta contains NaN or Inf")
+        raise ValueError(expected("delta", f"a floating tensor of shape {tuple(h.shape)}",
+                                  delta if isinstance(delta, torch.Tensor) else type(delta)))
+    check_finite("delta", delta)
     delta = delta.to(h.dtype)
     with torch.no_grad():
         z0, z = split.logits(ctx, h), split.logits(ctx, h + delta)
@@ -267,7 +252,7 @@ def compare_methods(split, ctx, concept, target_score: float, *, methods: tuple[
     frozen ``MethodResult`` per method, in order: all compared within ``tol``
     of the same score, with one KL convention (module docstring)."""
     if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
-        raise ValueError(f"methods must be a non-empty tuple of {METHODS}, got {methods!r}")
+        raise ValueError(expected("methods", f"a non-empty tuple of {METHODS}", methods))
     results = []
     for method in methods:
         run = steer_to_target(split, ctx, concept, target_score, method=method, **options)

@@ -21,12 +21,13 @@ When nothing reaches φ*, ``TargetNotReached`` (a ValueError) reports the best
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
 
+from fisherfast.checks import check_finite, check_int, check_real, check_vector, expected
 from fisherfast.concepts import check_concept, check_target_score
-from fisherfast.steer.directions import check_vector
 
 __all__ = ["scale_to_target", "TargetNotReached"]
 
@@ -37,16 +38,15 @@ def check_start(split, ctx, h) -> torch.Tensor:
     finite (errors name ctx and h)."""
     if h is None:
         if not hasattr(ctx, "h"):
-            raise TypeError(f"ctx: expected a SplitContext from split.context(), got {type(ctx).__name__}")
+            raise TypeError(expected("ctx", "a SplitContext from split.context()", type(ctx)))
         h = ctx.h
-    check = getattr(split, "_check_h", None)
-    if check is not None:  # a SplitModel: ctx is its context, h has its shape and dtype
-        check(ctx, h, "h", batched=False)
+    from fisherfast.split import SplitModel
+
+    if isinstance(split, SplitModel):  # ctx is its context, h has its shape and dtype
+        split.check_point(ctx, h, "h")
     elif not isinstance(h, torch.Tensor) or h.ndim != 1 or not h.is_floating_point():
-        raise TypeError(f"h: expected a floating (d,) tensor, got {getattr(h, 'shape', type(h).__name__)}")
-    if not bool(torch.isfinite(h).all()):
-        raise ValueError("h contains NaN or Inf")
-    return h
+        raise TypeError(expected("h", "a floating (d,) tensor", h if isinstance(h, torch.Tensor) else type(h)))
+    return check_finite("h", h)
 
 
 class TargetNotReached(ValueError):
@@ -62,15 +62,9 @@ class TargetNotReached(ValueError):
         self.best_alpha, self.best_score, self.target_score = best_alpha, best_score, target_score
 
 
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: torch.Tensor | None = None,
                     max_scale: float = 1e3, min_scale: float = 1e-3, ratio: float = 1.2, refine: int = 3,
-                    xtol: float = 1e-10, chunk: int = 32) -> float:
+                    xtol: float = 1e-10, batch_size: int = 32, chunk: int | None = None) -> float:
     """α ≥ 0 with φ(h + δ(α)) = ``target_score`` (module docstring for the search).
 
     Args:
@@ -83,7 +77,8 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
         h: the starting state (default ``ctx.h``).
         max_scale, min_scale, ratio: the scan grid (ratio in (1, 1.25]).
         refine: local maxima of the scan refined when no grid point reaches φ*.
-        xtol: Brent's tolerance on α; chunk: candidates per batched forward.
+        xtol: Brent's tolerance on α; batch_size: candidates per batched forward
+            (``chunk``: its deprecated name).
     Returns:
         α (float). φ is continuous, so |φ(h + δ(α)) − φ*| is at rounding level.
     Raises:
@@ -95,15 +90,14 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
 
     check_concept(concept, split, ctx)
     h = check_start(split, ctx, h)
-    max_scale, min_scale = _positive("max_scale", max_scale), _positive("min_scale", min_scale)
-    xtol = _positive("xtol", xtol)
-    if min_scale >= max_scale:
-        raise ValueError(f"min_scale must be below max_scale, got {min_scale} and {max_scale}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1 < ratio <= 1.25:
-        raise ValueError(f"ratio must be a number in (1, 1.25], got {ratio!r}")
-    for name, value, low in (("refine", refine, 0), ("chunk", chunk, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
+    max_scale = check_real("max_scale", max_scale, minimum=0, min_open=True)
+    min_scale = check_real("min_scale", min_scale, minimum=0, min_open=True, maximum=max_scale, max_open=True)
+    xtol = check_real("xtol", xtol, minimum=0, min_open=True)
+    ratio = check_real("ratio", ratio, minimum=1, min_open=True, maximum=1.25)
+    if chunk is not None:
+        warnings.warn("scale_to_target(chunk=) is deprecated; use batch_size=", DeprecationWarning, stacklevel=2)
+        batch_size = chunk
+    refine, batch_size = check_int("refine", refine, minimum=0), check_int("batch_size", batch_size, minimum=1)
     target_score = check_target_score(concept, target_score)
     if callable(direction) and not isinstance(direction, torch.Tensor):
         displacement: Callable[[float], torch.Tensor] = direction
@@ -124,14 +118,15 @@ def scale_to_target(split, ctx, concept, direction, target_score: float, *, h: t
 
     phi0 = scores([0.0])[0]
     if phi0 > target_score:
-        raise ValueError(f"the concept score already exceeds target_score at h ({phi0:.6g} > {target_score:.6g})")
+        raise ValueError(expected("target_score", f"a score above φ(h) = {phi0:.6g} (the concept score already "
+                                  "exceeds it at h)", target_score))
     if phi0 == target_score:
         return 0.0
     n = math.ceil(math.log(max_scale / min_scale) / math.log(ratio))
     grid = [0.0] + [min_scale * ratio ** k for k in range(n)] + [max_scale]
     scanned = [phi0]
-    for start in range(1, len(grid), chunk):
-        scanned += scores(grid[start:start + chunk])
+    for start in range(1, len(grid), batch_size):
+        scanned += scores(grid[start:start + batch_size])
         hit = next((k for k in range(start, len(scanned)) if scanned[k] >= target_score), None)
         if hit is not None:
             return brentq(gap, grid[hit - 1], grid[hit], xtol=xtol)

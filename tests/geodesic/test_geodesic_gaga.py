@@ -127,7 +127,7 @@ def test_latent_path_decodes_with_exact_endpoints_and_the_density_penalty_keeps_
 
 def test_bad_inputs():
     q = class_probabilities()
-    with pytest.raises(TypeError, match="points: expected a floating tensor"):
+    with pytest.raises(ValueError, match=r"points: expected shape \(n, d\) with n ≥ 3"):
         gaga_out(CIRCLE[:2], q[:2])
     with pytest.raises(ValueError, match="q: expected shape"):
         gaga_out(CIRCLE, q[:5])

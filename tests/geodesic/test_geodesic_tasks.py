@@ -91,7 +91,9 @@ def test_prompt_strings_and_answers():
     assert WEEKDAYS.answer("Saturday", 3) == "Tuesday" and MONTHS.answer("November", 14) == "January"
     assert LETTERS.answer("C", 3) == "F" and AGES.answer("20", 2) == "40"
     assert WEEKDAYS.cyclic and MONTHS.cyclic and not LETTERS.cyclic and not AGES.cyclic
-    assert (WEEKDAYS.K, MONTHS.K, LETTERS.K, AGES.K) == (7, 12, 26, 9)
+    assert (WEEKDAYS.n_classes, MONTHS.n_classes, LETTERS.n_classes, AGES.n_classes) == (7, 12, 26, 9)
+    with pytest.warns(DeprecationWarning, match="n_classes"):
+        assert WEEKDAYS.K == 7
     assert {name: task.with_carrier("arithmetic") for name, task in TASKS.items()} == {
         "weekdays": WEEKDAYS, "months": MONTHS, "letters": LETTERS, "ages": AGES}
     assert get_task("ages", "arithmetic") == AGES
@@ -118,7 +120,9 @@ def test_schema_maps_each_class_to_its_first_answer_token():
     schema = WEEKDAYS.schema(tokenizer, vocab_size=1000)
     assert schema.concepts == {day: [tokenizer.vocab[" " + day]] for day in WEEKDAYS.classes}
     assert WEEKDAYS.answer_prefix_ids(tokenizer) == []
-    assert schema.bins[-1] == "other" and schema.K == 7
+    assert schema.bins[-1] == "other" and schema.n_concepts == 7
+    with pytest.warns(DeprecationWarning, match="n_concepts"):
+        assert schema.K == 7
     # prompts keep the tokenizer's own special tokens
     assert WEEKDAYS.prompt_ids(tokenizer, "Q: x") == [999] + tokenizer.encode("Q: x", add_special_tokens=False)
 
@@ -135,7 +139,7 @@ def test_digit_splitting_tokenizers_get_an_answer_prefix():
 
 
 def test_classes_sharing_a_concept_token_are_an_error():
-    with pytest.raises(ValueError, match="in concepts 'Tuesday' and 'Thursday'; concepts must be disjoint"):
+    with pytest.raises(ValueError, match="concepts: expected disjoint concepts, got token [0-9]+ in 'Tuesday' and 'Thursday'"):
         WEEKDAYS.schema(CharTokenizer(), vocab_size=200)
     task = ConceptTask("nested", ("1", "10"), cyclic=False, header="Numbers:")
     with pytest.raises(ValueError, match="class '1' has no token after the prefix"):
@@ -193,7 +197,7 @@ def test_bad_inputs():
         ConceptTask("one", ("a",), cyclic=True, header="h")
     with pytest.raises(ValueError, match="template"):
         ConceptTask("bad", ("a", "b"), cyclic=True, template="{x}", carrier="arithmetic")
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+    with pytest.raises(ValueError, match=r"expected token ids in \[0, "):
         WEEKDAYS.schema(WordTokenizer(), vocab_size=3)
 
 
@@ -256,9 +260,9 @@ def test_steerable_layers_inject_centroids_as_the_models_forward_does(tiny_lm):
     with pytest.raises(ValueError, match=r"no example answers \['Monday'\]"):
         steerable_layers(model, WEEKDAYS, tokenizer, [1], [e for e in examples if e.answer != "Monday"])
     # review: a bad later layer was found only after the earlier layers' work
-    with pytest.raises(ValueError, match=r"layers: expected ints in \[0, 3\] \(L = 3\), got 9"):
+    with pytest.raises(ValueError, match="layers: expected an int ≥ 0 and ≤ 3, got 9"):
         steerable_layers(model, WEEKDAYS, tokenizer, [1, 9], examples)
-    with pytest.raises(ValueError, match=r"layers: expected ints in \[0, 3\].*got '2'"):
+    with pytest.raises(ValueError, match="layers: expected an int ≥ 0 and ≤ 3, got '2'"):
         steerable_layers(model, WEEKDAYS, tokenizer, [1, "2"], examples)
 
 

@@ -10,23 +10,29 @@ import json
 import math
 import os
 import statistics
+import sys
 
 import pytest
 import torch
 
 from fisherfast.split import SplitModel
 from fisherfast.steer import steering
-from fisherfast.steer.benchmarks import (BEHAVIOURS, MORPHOLOGY_CONCEPTS, concept_scores,
-                                         single_token_ids)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def load_bench(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"bench_{name}.py"))
+def load_bench(name, file=None):
+    path = os.path.join(ROOT, "bench", file or f"bench_{name}.py")
+    spec = importlib.util.spec_from_file_location(name if file else f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+_data = load_bench("steer_data", "steer_data.py")   # the benchmark data (bench/, not the library)
+BEHAVIOURS, MORPHOLOGY_CONCEPTS = _data.BEHAVIOURS, _data.MORPHOLOGY_CONCEPTS
+concept_scores, single_token_ids = _data.concept_scores, _data.single_token_ids
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Concepts: what steering raises, and the checks of token ids (docs/design.md §5).
+"""Concept scores: what steering raises, and the checks of token ids (docs/design.md §5).
 
 Two kinds of concept score φ at layer ℓ, position t of a ``SplitModel``, both
 with one interface — ``concept.score(split, ctx, h)`` (φ, differentiable in h),
@@ -31,14 +31,14 @@ that takes them: non-empty, ints (Python or integer tensors, never bool), in
 """
 from __future__ import annotations
 
-import math
 import numbers
-
-from typing import Mapping
 
 import torch
 
-__all__ = ["check_token_ids", "concept_schema", "check_logits", "check_target_score", "ConceptScore", "SequenceConcept", "check_concept", "CONCEPT_TYPES"]
+from fisherfast.checks import check_real, expected
+
+__all__ = ["check_token_ids", "check_logits", "check_target_score", "ConceptScore", "SequenceConcept", "check_concept",
+           "CONCEPT_TYPES"]
 
 
 def check_token_ids(name: str, ids, *, vocab_size: int | None = None, allow_repeats: bool = False) -> torch.Tensor:
@@ -55,68 +55,31 @@ def check_token_ids(name: str, ids, *, vocab_size: int | None = None, allow_repe
     """
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integer token ids, got a tensor of dtype {ids.dtype}")
+            raise ValueError(expected(name, "integer token ids", f"a tensor of dtype {ids.dtype}", raw=True))
         ids = ids.flatten().tolist()
     if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, range)) or len(ids) == 0:
-        raise ValueError(f"{name} must be a non-empty sequence of token ids, got {ids!r}")
+        raise ValueError(expected(name, "a non-empty sequence of token ids", ids))
     if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
-        raise ValueError(f"{name} must hold int token ids, got {ids!r}")
+        raise ValueError(expected(name, "int token ids", ids))
     ids = [int(i) for i in ids]
     bad = [i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
     if bad:
         bound = "≥ 0" if vocab_size is None else f"in [0, {vocab_size})"
-        raise ValueError(f"{name}: token ids must be {bound}, got {bad[0]} (outside the vocabulary)")
+        raise ValueError(expected(name, f"token ids {bound}", f"{bad[0]} (outside the vocabulary)", raw=True))
     if not allow_repeats and len(set(ids)) != len(ids):
-        raise ValueError(f"{name} has repeated token ids: {ids!r}")
+        raise ValueError(expected(name, "distinct token ids", f"repeated ones: {ids!r}", raw=True))
     return torch.tensor(ids, dtype=torch.long)
-
-
-def concept_schema(concepts, V: int):
-    """(names, [LongTensor of token ids per concept]) after validation.
-
-    Args:
-        concepts: a non-empty sequence (or mapping name → entry) whose entries
-            are a token id or a sequence (list, tuple, range, tensor) of ids;
-            unnamed concepts are named "0", "1", ….
-        V: the vocabulary size.
-
-    Raises:
-        ValueError: no concepts, an empty concept, an id outside [0, V), or a
-            token in two concepts (concepts must be disjoint).
-        TypeError: concepts is neither a sequence nor a mapping.
-    """
-    if concepts is None:
-        raise ValueError("mode='concept' needs concepts: a sequence (or mapping name → entry) of token ids "
-                         "or token-id sequences")
-    if isinstance(concepts, Mapping):
-        names, entries = [str(n) for n in concepts], list(concepts.values())
-    elif isinstance(concepts, (list, tuple)):
-        names, entries = [str(i) for i in range(len(concepts))], list(concepts)
-    else:
-        raise TypeError(f"concepts must be a sequence or mapping of token ids, got {type(concepts).__name__}")
-    if not entries:
-        raise ValueError("concepts must name at least one concept")
-    seen: dict[int, int] = {}
-    token_sets = []
-    for i, entry in enumerate(entries):
-        single = isinstance(entry, numbers.Integral) and not isinstance(entry, bool)
-        ids = check_token_ids(f"concept {names[i]!r}", [entry] if single else entry, vocab_size=V)
-        for t in ids.tolist():
-            if t in seen:
-                raise ValueError(f"token {t} is in concepts {names[seen[t]]!r} and {names[i]!r}; "
-                                 "concepts must be disjoint")
-            seen[t] = i
-        token_sets.append(ids)
-    return names, token_sets
 
 
 def check_logits(logits, top: int, what: str = "(..., V)") -> None:
     """ValueError unless logits is a floating (…, V) tensor with V > top (the largest token id used)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating tensor of shape {what}")
+        raise ValueError(expected("logits", f"a floating tensor of shape {what}",
+                                  logits if isinstance(logits, torch.Tensor) else type(logits)))
     V = logits.shape[-1]
     if top >= V:
-        raise ValueError(f"token id {top} is outside the vocabulary of {V} logits")
+        raise ValueError(expected("logits", f"more than {top} logits (the largest token id)",
+                                  f"{V}: token id {top} is outside the vocabulary", raw=True))
 
 
 class ConceptScore:
@@ -136,7 +99,7 @@ class ConceptScore:
         self.target = check_token_ids("target", target)
         self.source = None if source is None else check_token_ids("source", source)
         if self.source is not None and set(self.target.tolist()) & set(self.source.tolist()):
-            raise ValueError("target and source must be disjoint token sets")
+            raise ValueError(expected("source", "token ids disjoint from target", self.source.tolist()))
 
     @property
     def kind(self) -> str:
@@ -156,7 +119,8 @@ class ConceptScore:
     def check(self, split, ctx=None) -> None:
         """Raise ValueError if a token id is ≥ the model's vocabulary size."""
         if self._top() >= split.V:
-            raise ValueError(f"concept: token id {self._top()} is outside the model's vocabulary of {split.V}")
+            raise ValueError(expected("concept", f"token ids in [0, {split.V}) (the model's vocabulary)",
+                                      self._top()))
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         self._check(logits)
@@ -199,7 +163,7 @@ class SequenceConcept:
 
     def __init__(self, tokens):
         if isinstance(tokens, torch.Tensor) and tokens.dim() != 1:
-            raise ValueError(f"tokens must be a 1-D sequence of token ids, got a tensor of shape {tuple(tokens.shape)}")
+            raise ValueError(expected("tokens", "a 1-D sequence of token ids", tokens))
         self.tokens = check_token_ids("tokens", tokens, allow_repeats=True)
 
     @property
@@ -212,22 +176,22 @@ class SequenceConcept:
         carry this continuation."""
         top = int(self.tokens.max())
         if top >= split.V:
-            raise ValueError(f"concept: token id {top} is outside the model's vocabulary of {split.V}")
+            raise ValueError(expected("concept", f"token ids in [0, {split.V}) (the model's vocabulary)", top))
         if ctx is None:
             return
         continuation = getattr(ctx, "continuation", None)
         if continuation is None:
-            raise ValueError("ctx: a SequenceConcept needs a context with its continuation: "
+            raise ValueError("ctx: expected a context with the SequenceConcept's continuation, got one without: "
                              "split.context(prompt_ids, continuation=concept.tokens)")
         if not torch.equal(continuation.ids.cpu(), self.tokens):
-            raise ValueError(f"ctx: was built with continuation {continuation.ids.tolist()}, the concept is "
-                             f"{self.tokens.tolist()}")
+            raise ValueError(f"ctx: expected the concept's continuation {self.tokens.tolist()}, got "
+                             f"{continuation.ids.tolist()}")
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         n = len(self.tokens)
         check_logits(logits, int(self.tokens.max()), f"(..., {n}, V)")
         if logits.dim() < 2 or logits.shape[-2] != n:
-            raise ValueError(f"logits must have shape (..., {n}, V) (one row per token), got {tuple(logits.shape)}")
+            raise ValueError(expected("logits", f"shape (..., {n}, V) (one row per token)", logits))
         logp = torch.log_softmax(logits, dim=-1)
         index = self.tokens.to(logits.device).expand(*logits.shape[:-1])[..., None]
         return logp.gather(-1, index)[..., 0].sum(-1)
@@ -251,20 +215,18 @@ CONCEPT_TYPES = (ConceptScore, SequenceConcept)
 def check_target_score(concept, target_score) -> float:
     """φ* as a float: finite, and ≤ 0 for a log-probability or sequence concept
     (p ≤ 1), so an unreachable target is refused before any work."""
-    if isinstance(target_score, bool) or not isinstance(target_score, (int, float)) or \
-            not math.isfinite(target_score):
-        raise ValueError(f"target_score must be a finite number, got {target_score!r}")
+    target_score = check_real("target_score", target_score)
     if concept.kind in ("log_probability", "sequence") and target_score > 0:
-        raise ValueError(f"target_score must be ≤ 0 for a {concept.kind} concept (a log-probability: p ≤ 1), "
-                         f"got {target_score!r}; for p* pass math.log(p*)")
-    return float(target_score)
+        raise ValueError(expected("target_score", f"a number ≤ 0 for a {concept.kind} concept (a log-probability: "
+                                  "p ≤ 1; for p* pass math.log(p*))", target_score))
+    return target_score
 
 
 def check_concept(concept, split=None, ctx=None):
     """``concept`` if it is a ConceptScore or SequenceConcept that fits ``split`` and
     ``ctx`` (when given); TypeError/ValueError otherwise."""
     if not isinstance(concept, CONCEPT_TYPES):
-        raise TypeError(f"concept must be a ConceptScore or SequenceConcept, got {type(concept).__name__}")
+        raise TypeError(expected("concept", "a ConceptScore or SequenceConcept", type(concept)))
     if split is not None:
         concept.check(split, ctx)
     return concept

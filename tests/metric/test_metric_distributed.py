@@ -19,7 +19,7 @@ CONCEPTS = [[1, 2], [7]]
 
 
 def split_and_contexts():
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/
     from tiny_models import tiny_causal_lm
 
     split = SplitModel(tiny_causal_lm("llama", head_scale=10.0), layer=1)

@@ -1,6 +1,8 @@
-"""Steering benchmark data (DESIGN.md §5): verb-morphology concepts for the
-FishBack comparison and two-sided behaviours for the INNSteer evaluation,
-written for this library.
+"""Steering benchmark data (docs/design.md §5): verb-morphology concepts for the
+FishBack comparison (bench_fishback.py) and two-sided behaviours for the
+INNSteer evaluation (bench_innsteer.py), written for this project. Benchmark
+data, not library: it lives beside the benches (formerly
+``fisherfast.steer.benchmarks``).
 
 A ``MorphologyConcept`` is one inflection of English verbs — past (" walked"),
 3rd-person present (" walks") or progressive (" walking") — given as the
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fisherfast.steer.concept import ConceptScore
+from fisherfast.concepts import ConceptScore
 
 # (past, 3rd person, progressive) of verbs whose three forms differ from one another
 # and from other verbs' forms (no "read"/"put"/"cut"-type collisions).
