@@ -32,7 +32,6 @@ import contextlib
 import functools
 import inspect
 import threading
-import warnings
 import weakref
 from typing import Mapping, Sequence
 
@@ -385,27 +384,22 @@ class _Block:
         self.open = True
 
     def active(self) -> bool:
-        """The hooks act only in the block's own thread, while it is open, in eager code."""
-        if not self.open or threading.get_ident() != self.thread:
-            return False
-        if torch.compiler.is_compiling():
-            raise RuntimeError("steering: torch.compile is tracing a steered model; compiled code would keep or "
-                               "drop the edit whatever the block says. Steer the uncompiled model (compile "
-                               "outside any steering block and run the eager model inside it)")
-        return True
+        """The hooks act only in the block's own thread, while it is open."""
+        return self.open and threading.get_ident() == self.thread
 
 
-def _warn_if_compiled(model, base):
-    """Compiled code never runs hooks added after compilation (torch._dynamo skips
-    guards on module hooks): say so when this model's class has compiled code."""
+def _recompile(model, base):
+    """Drop the code torch.compile made for this model's forwards, so the next
+    compiled call retraces with the hooks as they are now: code compiled while
+    a module had no hooks never looks for them (torch._dynamo skips guards on
+    empty hook dicts). Costs one recompilation per block entry and exit, only
+    where compiled code exists."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.eval_frame import remove_from_cache
 
-    codes = {type(model).forward.__code__, type(base).forward.__code__}
-    if any(_debug_get_cache_entry_list(code) for code in codes) or \
-            getattr(model, "_compiled_call_impl", None) is not None:
-        warnings.warn(f"steering: a torch.compile'd {type(model).__name__} exists; compiled code does not run "
-                      f"the steering hooks, so calls through a compiled model inside this block are NOT steered. "
-                      f"Run the uncompiled model inside the block.", RuntimeWarning, stacklevel=3)
+    for code in {type(model).forward.__code__, type(base).forward.__code__, torch.nn.Module._call_impl.__code__}:
+        if _debug_get_cache_entry_list(code):
+            remove_from_cache(code)
 
 
 @contextlib.contextmanager
@@ -454,10 +448,14 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
 
     Threads: a block steers only the forward calls made in the thread that
     opened it (so blocks in several threads on one model each steer their own
-    calls); run ``generate`` in the thread that opened the block. torch.compile:
-    compiled code does not run hooks, so a compiled model is never steered
-    silently — entering a block warns when the model's class has compiled
-    code, and compiling inside a block raises.
+    calls); run ``generate`` in the thread that opened the block.
+    torch.compile: a compiled model is steered inside the block and plain
+    after it. The hooks run eagerly (a graph break each), and code compiled
+    for the model's forward before the block (which never looks for hooks) is
+    dropped on entry and exit, so the next compiled call retraces: one
+    recompilation per block where compiled code exists (``fullgraph=True``
+    code fails to retrace with dynamo's error). A ``torch.compile``'d wrapper
+    passed as ``model`` is refused: pass the module it wraps.
 
     Args:
         model: a Hugging Face causal LM whose decoder blocks
@@ -477,7 +475,6 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
             of the per-row count, before generation starts; for a call whose
             attention mask is not (batch, cached + new tokens) or whose batch
             differs from its prompt's, before that call edits anything.
-        RuntimeError: torch.compile tracing the model inside the block.
 
     Example::
 
@@ -503,7 +500,6 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
         table = {layer: (v.double() * scales[layer]).to(v.dtype) for layer, v in table.items()}
 
     base = model.base_model
-    _warn_if_compiled(model, base)
     tracker = _Tracker(base, where_spec, lengths, rows)
     block = _Block(tracker)
     cast: dict = {}
@@ -524,7 +520,10 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
         new = hidden + v if mode == "add" else v.expand_as(hidden)
         return torch.where(where[..., None], new, hidden)
 
+    # every hook runs eagerly, also inside code torch.compile traces in the block (a graph break): compiled code
+    # keeps calling the hooks it saw, which do nothing once the block is closed
     def pre_hook(layer):
+        @torch.compiler.disable
         def hook(module, args, kwargs):
             if args:
                 return (edit(args[0], layer), *args[1:]), kwargs
@@ -532,16 +531,19 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
         return hook
 
     def post_hook(layer):
+        @torch.compiler.disable
         def hook(module, args, output):
             if isinstance(output, tuple):
                 return (edit(output[0], layer), *output[1:])
             return edit(output, layer)
         return hook
 
+    @torch.compiler.disable
     def begin(module, args, kwargs):
         if block.active():
             tracker.begin(module, args, kwargs)
 
+    @torch.compiler.disable
     def end(*_):
         if block.open and threading.get_ident() == block.thread:
             tracker.end()
@@ -560,11 +562,13 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
                 handles.append(blocks[layer].register_forward_pre_hook(pre_hook(layer), with_kwargs=True))
             else:
                 handles.append(blocks[L - 1].register_forward_hook(post_hook(layer)))
+        _recompile(model, base)
         yield model
     finally:
         block.open = False
         for handle in handles:
             handle.remove()
+        _recompile(model, base)
         with _OPEN_LOCK:
             shared.blocks.remove(block)
             if not shared.blocks:
