@@ -9,8 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fisherfast.split import SUPPORTED_MODEL_TYPES, SplitContext, SplitModel  # noqa: E402
-from tiny_models import tiny_causal_lm  # noqa: E402  (tests/)
+from fisherfast.split import SplitContext, SplitModel  # noqa: E402
+from tiny_models import TINY_ARCHS, tiny_causal_lm  # noqa: E402  (tests/)
 
 T = 9  # prompt length; > sliding_window so sliding layers really slide
 
@@ -54,7 +54,7 @@ def full_head_input(sp, ids, t, h, attention_mask=None):
     return out.last_hidden_state[0, t]
 
 
-ARCHS = list(SUPPORTED_MODEL_TYPES)
+ARCHS = list(TINY_ARCHS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -315,11 +315,10 @@ def test_bad_input():
     assert isinstance(ctx, SplitContext)
 
 
-def test_unsupported_model_names_supported_ones():
-    config = transformers.OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                                    vocab_size=50, word_embed_proj_dim=16)
-    model = transformers.OPTForCausalLM(config).eval()
-    with pytest.raises(ValueError, match="unsupported architecture 'opt'.*llama.*gpt2.*gemma3_text"):
+def test_refused_model_says_why():
+    """A state-space model is refused with its type and what is missing; a non-model is named."""
+    model = tiny_causal_lm("mamba", layers=1)
+    with pytest.raises(ValueError, match="'mamba'.*recurrent state.*MambaMixer"):
         SplitModel(model, 0)
-    with pytest.raises(ValueError, match="model: unsupported"):
+    with pytest.raises(ValueError, match="model: expected a Hugging Face transformers model"):
         SplitModel(torch.nn.Linear(2, 2), 0)

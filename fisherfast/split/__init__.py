@@ -46,11 +46,14 @@ upper map's attention), ``sequence`` (multi-token continuations),
 ``linearization`` (one recorded forward, many products), ``offload``
 (accelerate device maps), ``batch`` (final hidden states of whole batches).
 """
-from fisherfast.split.architectures import SUPPORTED_MODEL_TYPES, decoder_blocks
+from fisherfast.split.architectures import (REFUSED_MODEL_TYPES, SUPPORTED_MODEL_TYPES, Architecture, architecture,
+                                            decoder_blocks)
 from fisherfast.split.batch import OutputHead, final_head_inputs, output_head
+from fisherfast.split.head import Head
 from fisherfast.split.linearization import Linearization
 from fisherfast.split.model import SplitContext, SplitModel
 from fisherfast.split.sequence import Continuation
 
-__all__ = ["SplitModel", "SplitContext", "Continuation", "Linearization", "SUPPORTED_MODEL_TYPES", "decoder_blocks",
-           "OutputHead", "output_head", "final_head_inputs"]
+__all__ = ["SplitModel", "SplitContext", "Continuation", "Linearization", "SUPPORTED_MODEL_TYPES",
+           "REFUSED_MODEL_TYPES", "Architecture", "architecture", "decoder_blocks", "Head", "OutputHead", "output_head",
+           "final_head_inputs"]

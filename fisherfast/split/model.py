@@ -3,14 +3,16 @@ Jacobian products and linearization (see the package docstring)."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import dataclasses
 from typing import Callable, Sequence
 
 import torch
 from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
 
-from fisherfast.split.architectures import _ARCHS, SUPPORTED_MODEL_TYPES
+from fisherfast.split.architectures import architecture
 from fisherfast.split.attention import _ATTN_NAME, _RecordKV, _register_attention
+from fisherfast.split.head import Head, head_of
 from fisherfast.split.linearization import Linearization
 from fisherfast.split.offload import bypass_dispatch_hooks, execution_device, is_offloaded, materialized_parameters
 from fisherfast.split.sequence import ATTN_SEQUENCE, Continuation, run_sequence
@@ -72,37 +74,23 @@ class SplitModel:
     """
 
     def __init__(self, model, layer: int):
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if model_type not in _ARCHS:
-            raise ValueError(
-                f"model: unsupported architecture {model_type!r} ({type(model).__name__}); "
-                f"SplitModel supports the causal LMs of model_type {', '.join(SUPPORTED_MODEL_TYPES)}")
-        arch = _ARCHS[model_type]
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if not hasattr(model, arch.base) or not isinstance(head, torch.nn.Linear):
-            raise ValueError(
-                f"model: expected a {model_type} *ForCausalLM (attribute {arch.base!r} and a Linear output "
-                f"embedding), got {type(model).__name__}")
-        if getattr(config, "use_bidirectional_attention", False):
-            raise ValueError("model: bidirectional attention is not causal; the context cannot be held fixed")
+        arch = architecture(model)
+        if arch.split_refusal is not None:
+            raise ValueError(f"model: SplitModel cannot split {arch.split_refusal}")
         self.model = model
-        self.model_type = model_type
+        self.model_type = arch.model_type
         self._arch = arch
-        self._base = getattr(model, arch.base)
-        self._blocks = getattr(self._base, arch.blocks)
+        self._base = arch.base
+        self._blocks = arch.blocks
         self.num_layers = len(self._blocks)
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"layer: expected an int in [0, {self.num_layers}], got {type(layer).__name__}")
         if not 0 <= layer <= self.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}] (L = {self.num_layers}), got {layer}")
         self.layer = layer
-        self._norm = getattr(self._base, arch.norm)
-        head_params = materialized_parameters(head)  # an offloaded head is loaded once, here
-        self.W = head_params["weight"]
-        self.b = head_params.get("bias")
-        self.V, self.d = self.W.shape
-        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
+        self._norm = arch.norm
+        self.head: Head = head_of(model, arch.head)  # an offloaded head is loaded once, here
+        self.V, self.d = self.head.W.shape
         self._upper = list(range(layer, self.num_layers))
         # Parameters of blocks held in memory are kept (detached views); those of
         # offloaded blocks are loaded per call (``_block_params``), see fisherfast._offload.
@@ -113,6 +101,7 @@ class SplitModel:
         self._devices = [execution_device(self._blocks[i]) for i in self._upper]
         self._norm_device = execution_device(self._norm)
         self._configs = self._attention_configs()
+        self._softmax_fp32 = self.model_type != "gpt2"
         _register_attention()
 
     # ------------------------------------------------------------------ context
@@ -243,15 +232,24 @@ class SplitModel:
         with self._attn(ATTN_SEQUENCE):
             return run_sequence(self, ctx, h)
 
+    @property
+    def W(self) -> torch.Tensor:
+        """(V, d) unembedding of ``head`` (detached)."""
+        return self.head.W
+
+    @property
+    def b(self) -> torch.Tensor | None:
+        """(V,) bias of ``head`` or None."""
+        return self.head.b
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The head's final soft-capping constant c (``head.softcap``) or None."""
+        return self.head.softcap
+
     def logits_from_head_input(self, a: torch.Tensor) -> torch.Tensor:
-        """z = W a + b, then the model's own post-processing of its logits."""
-        z = a.to(self.W.device) @ self.W.T
-        if self.b is not None:
-            z = z + self.b
-        if self.logit_softcap is not None:
-            c = self.logit_softcap
-            z = torch.tanh(z / c) * c
-        return z
+        """The model's logits for head inputs a (..., d): ``head.logits(a)``."""
+        return self.head.logits(a)
 
     def jvp(self, ctx: SplitContext, h: torch.Tensor, tangents: torch.Tensor, chunk: int | None = None):
         """Forward mode: (a, Bt) with a = f(h) (d,) and Bt[i] = B tangents[i], B = ∂a/∂h = J_N A.
@@ -363,7 +361,7 @@ class SplitModel:
     def _upper_kwargs(self, ctx, j):
         """Keyword arguments of upper block j for the one query at position t."""
         return dict(ctx.block_kwargs[j], split_prefix=ctx.kv.get(self._upper[j]),
-                    split_softmax_fp32=self._arch.softmax_fp32)
+                    split_softmax_fp32=self._softmax_fp32)
 
     def _block_params(self, j):
         """Upper block j's parameters: kept ones, or an offloaded block's loaded for this call only."""
@@ -426,9 +424,10 @@ class SplitModel:
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
         mask = mask.masked_fill(~visible, torch.finfo(x.dtype).min)[None, None]
         kw = {"attention_mask": mask}
-        if self._arch.rotary is not None:
-            rot = getattr(self._base, self._arch.rotary)
-            args = (x, pos[None]) + ((layer_type,) if self._arch.rotary_per_layer_type else ())
+        if self._arch.rotary:
+            rot = self._arch.rotary[0]
+            per_type = "layer_type" in inspect.signature(type(rot).forward).parameters
+            args = (x, pos[None]) + ((layer_type,) if per_type else ())
             kw["position_embeddings"] = tuple(e.detach() for e in rot(*args))
         return kw
 

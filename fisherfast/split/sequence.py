@@ -77,6 +77,6 @@ def run_sequence(split, ctx, h: torch.Tensor) -> torch.Tensor:
     y = h.reshape(-1, 1, d)
     y = torch.cat([y, cont.x[None].expand(y.shape[0], n - 1, d)], dim=1)
     for j, i in enumerate(split._upper):
-        kw = dict(cont.block_kwargs[j], split_prefix=ctx.kv.get(i), split_softmax_fp32=split._arch.softmax_fp32)
+        kw = dict(cont.block_kwargs[j], split_prefix=ctx.kv.get(i), split_softmax_fp32=split._softmax_fp32)
         y = split._call_block(j, y, kw)
     return split.logits_from_head_input(split._apply_norm(y)).reshape(*lead, n, -1)
