@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fisherfast.split import decoder_blocks
+from fisherfast.split import architecture
 from fisherfast.steer.vectors import SteeringVectors
 
 EDIT_MODES = ("add", "replace")
@@ -459,7 +459,8 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
 
     Args:
         model: a Hugging Face causal LM whose decoder blocks
-            ``fisherfast.split.decoder_blocks`` finds.
+            ``fisherfast.split.architecture`` finds (any decoder-only type,
+            hybrid and state-space ones included).
         vectors: {layer ℓ ∈ [0, L]: (d,) or (R, d) floating tensor}, or a
             ``fisherfast.steer.SteeringVectors``.
         positions: see above.
@@ -484,13 +485,16 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
     if hasattr(model, "_orig_mod") and isinstance(model, torch.nn.Module):
         raise ValueError("steering: model is a torch.compile'd module, whose compiled code never runs the steering "
                          "hooks; pass the uncompiled model (model._orig_mod)")
-    blocks = decoder_blocks(model)
+    arch = architecture(model)
+    base, blocks = arch.base, arch.blocks
     L = len(blocks)
     where_spec = _check_positions(positions)
     if mode not in EDIT_MODES:
         raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
     lengths = _check_prompt_length(prompt_length)
-    d = model.get_output_embeddings().weight.shape[1]
+    if arch.head is None:
+        raise ValueError(f"model: {type(model).__name__} has no output embeddings to read the hidden size from")
+    d = arch.head.weight.shape[1]
     table, rows = _check_vectors(vectors, L, d)
     scales, rows = _check_scale(scale, list(table), rows)
     if rows is not None:
@@ -499,7 +503,6 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
     else:
         table = {layer: (v.double() * scales[layer]).to(v.dtype) for layer, v in table.items()}
 
-    base = model.base_model
     tracker = _Tracker(base, where_spec, lengths, rows)
     block = _Block(tracker)
     cast: dict = {}
