@@ -11,7 +11,7 @@ from fisherfast.steer.directions import (actadd_direction, caa_direction, cost_r
                                          fishback_direction, probe_direction, scale_to_first_order, solve_metric)
 from fisherfast.steer.hooks import steering
 from fisherfast.steer.vectors import SteeringVectors, model_identity
-from fisherfast.steer.calibrate import Calibration, PromptCalibration, calibrate, sweep_layers
+from fisherfast.steer.calibration import Calibration, PromptCalibration, calibrate, sweep_layers
 from fisherfast.steer.innsteer import INNSteer
 from fisherfast.steer.iterate import (MethodResult, SteeringResult, compare_methods, evaluate_delta, off_target_kl,
                                       steer_to_target)

@@ -5,7 +5,7 @@ here at each prompt's last token, each prompt alone; p from a float64 softmax,
 KL(p_base ‖ p_steered) summed directly. Tolerances: the aggregate is within
 ``tol`` of the target by the bisection's stopping rule (evaluated by the same
 model in another batch shape: float64 rounding, 1e-12, on top); the budget's
-bisection keeps its lower end, so KL ≤ budget exactly (up to 1e-12 for the
+k-section keeps its lower end, so KL ≤ budget exactly (up to 1e-12 for the
 batch-shape rounding) and, with its bracket of relative width 1e-6 on a KL
 smooth in α (∝ α² near 0), within a relative 1e-4 of the budget.
 """
@@ -18,7 +18,7 @@ import torch
 
 from fisherfast.split import architecture
 from fisherfast.steer import ConceptScore, SteeringVectors
-from fisherfast.steer.calibrate import calibrate, sweep_layers
+from fisherfast.steer.calibration import calibrate, sweep_layers
 
 PROMPTS = [[3, 14, 15, 9, 2], [5, 8, 13, 21], [11, 4, 1, 6, 18, 2], [7, 7, 30, 2], [9, 26, 5]]
 TARGET_TOKEN, SOURCE_TOKEN = 17, 23

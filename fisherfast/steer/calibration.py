@@ -16,8 +16,10 @@ target c*, unless max_i KL_i(α) would pass the budget first: then α stops at
 the largest α of the crossing bracket with max_i KL_i(α) ≤ budget (the budget
 is never exceeded). Search: a scan of α over {0} ∪ a geometric grid (ratio
 1.2) up to ``max_scale`` — all grid values of one prompt in one batched
-forward, through per-row steering scales — then bisection in the first
-bracket where the aggregate crosses c* or the KL crosses the budget. Each
+forward, through per-row steering scales — then k-section (7 interior points
+per step, batched the same way) in the first bracket where the aggregate
+crosses c* (until within ``tol``) or the KL crosses the budget (until the
+bracket's relative width is 1e-6). Each
 prompt's own limit, from the scan: "target" (its c_i reaches c* before its KL
 passes the budget), "budget" (the other way round) or "max_scale" (neither
 within the scanned range).
@@ -35,7 +37,8 @@ import torch
 MODES = ("median", "every")
 GRID_RATIO = 1.2
 GRID_POINTS = 60        # geometric grid from max_scale·1.2⁻⁵⁹ ≈ 2e-5·max_scale to max_scale
-BISECTION_STEPS = 40
+SECTIONS = 8            # each refinement step evaluates 7 interior points at once (one batched forward per prompt)
+SECTION_STEPS = 12      # 8⁻¹² ≈ 1.5e-11 of the bracket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,17 +129,27 @@ def _summary(prompts) -> dict:
 
 
 class _Measure:
-    """c_i, KL_i and KL̃_i of every prompt for a batch of scales (one forward per prompt)."""
+    """c_i, KL_i and KL̃_i of every prompt for a batch of scales. Only the last
+    token is steered, so each prompt's prefix runs once, unsteered, and its
+    cache is copied for every batch of scales (one row per scale)."""
 
     def __init__(self, model, layer, v, prompts, concept):
         from fisherfast.steer.hooks import steering
 
-        self.model, self.layer, self.v, self.prompts, self.concept = model, layer, v, prompts, concept
+        self.model, self.layer, self.v, self.concept = model, layer, v, concept
         self.steering = steering
         device = model.get_output_embeddings().weight.device
         self.ids = [p.to(device) for p in prompts]
+        base, norms, self.prefix = [], [], []
         with torch.no_grad():
-            self.base = torch.stack([model(input_ids=ids[None]).logits[0, -1] for ids in self.ids])  # (R, V)
+            for ids in self.ids:
+                out = model(input_ids=ids[None], output_hidden_states=True)
+                base.append(out.logits[0, -1])
+                norms.append(out.hidden_states[layer][0, -1].norm())
+                cache = model(input_ids=ids[None, :-1], use_cache=True).past_key_values if len(ids) > 1 else None
+                self.prefix.append(cache if hasattr(cache, "batch_repeat_interleave") else None)
+        self.base = torch.stack(base)                 # (R, V)
+        self.state_norm = float(torch.stack(norms).median())  # median ‖h_ℓ‖ at the prompts' last tokens
 
     def value(self, logits):
         phi = self.concept(logits.to(torch.float64))
@@ -144,19 +157,27 @@ class _Measure:
 
     def __call__(self, scales: torch.Tensor):
         """(R, A) c, KL, KL̃ at the A scales."""
+        import copy
+
         from fisherfast.steer.iterate import off_target_kl
 
         A = scales.numel()
         cs, kls, offs = [], [], []
-        with torch.no_grad(), self.steering(self.model, {self.layer: self.v}, positions="prompt_last",
-                                            scale=scales):
-            for i, ids in enumerate(self.ids):
-                z = self.model(input_ids=ids[None].expand(A, -1)).logits[:, -1].to(torch.float64)  # (A, V)
-                base = self.base[i].to(torch.float64).expand_as(z)
-                lp, lq = torch.log_softmax(base, -1), torch.log_softmax(z, -1)
-                cs.append(self.value(z))
-                kls.append((lp.exp() * (lp - lq)).sum(-1).clamp(min=0))
-                offs.append(off_target_kl(self.concept, base, z))
+        for i, ids in enumerate(self.ids):  # one block per prompt: each is its own prompt
+            with torch.no_grad(), self.steering(self.model, {self.layer: self.v}, positions="prompt_last",
+                                                scale=scales):
+                if self.prefix[i] is not None:  # the prefix's cache, one copy per scale; the block's prompt is
+                    cache = copy.deepcopy(self.prefix[i])  # this call's cached + new tokens, its last one steered
+                    cache.batch_repeat_interleave(A)
+                    out = self.model(input_ids=ids[None, -1:].expand(A, 1), past_key_values=cache)
+                else:
+                    out = self.model(input_ids=ids[None].expand(A, -1))
+            z = out.logits[:, -1].to(torch.float64)  # (A, V)
+            base = self.base[i].to(torch.float64).expand_as(z)
+            lp, lq = torch.log_softmax(base, -1), torch.log_softmax(z, -1)
+            cs.append(self.value(z))
+            kls.append((lp.exp() * (lp - lq)).sum(-1).clamp(min=0))
+            offs.append(off_target_kl(self.concept, base, z))
         return torch.stack(cs), torch.stack(kls), torch.stack(offs)
 
 
@@ -183,7 +204,7 @@ def calibrate(model, vector: torch.Tensor, layer: int, prompts, concept, target:
             allowed (nats, > 0).
         mode: "median" (the median over prompts reaches c*; for an even R the
             lower median) or "every" (every prompt reaches c*).
-        tol: |aggregate − c*| at which the bisection stops (> 0).
+        tol: |aggregate − c*| at which the search stops (in (0, 1)).
         max_scale: the largest α scanned; default 4·median‖h_ℓ‖/‖v‖ (a step
             four times the state's norm at the prompts' last tokens).
 
@@ -224,10 +245,7 @@ def calibrate(model, vector: torch.Tensor, layer: int, prompts, concept, target:
 
     measure = _Measure(model, layer, vector.detach(), ids, concept)
     if max_scale is None:
-        with torch.no_grad():
-            norms = [model(input_ids=p[None].to(measure.ids[0].device), output_hidden_states=True)
-                     .hidden_states[layer][0, -1].norm() for p in ids]
-        max_scale = 4 * float(torch.stack(norms).median()) / float(vector.norm())
+        max_scale = 4 * measure.state_norm / float(vector.norm())
     grid = torch.cat([torch.zeros(1, dtype=torch.float64),
                       max_scale * GRID_RATIO ** -torch.arange(GRID_POINTS - 1, -1, -1, dtype=torch.float64)])
     c, kl, off = measure(grid)
@@ -241,31 +259,37 @@ def calibrate(model, vector: torch.Tensor, layer: int, prompts, concept, target:
     def at(alpha):
         return measure(torch.tensor([alpha], dtype=torch.float64))
 
+    def interior(lo, hi):
+        return lo + (hi - lo) * torch.arange(1, SECTIONS, dtype=torch.float64) / SECTIONS
+
     bound = None
     if j_target is not None and (j_budget is None or j_target < j_budget):
-        if j_target == 0:
-            alpha, bound = 0.0, "target"
-        else:
-            lo, hi = float(grid[j_target - 1]), float(grid[j_target])
-            alpha = hi
-            for _ in range(BISECTION_STEPS):
-                mid = 0.5 * (lo + hi)
-                m = _aggregate(at(mid)[0], mode)[0]
-                if abs(float(m) - target) <= tol:
-                    alpha = mid
-                    break
-                lo, hi = (mid, hi) if m < target else (lo, mid)
-                alpha = hi
-            if float(at(alpha)[1].max()) <= budget:
-                bound = "target"
-            else:  # the KL is not monotone in α: fall back to the budget's bracket below α
-                j_budget = j_target
-                grid[j_target] = alpha
+        alpha = float(grid[j_target])
+        lo = float(grid[j_target - 1]) if j_target else 0.0
+        for _ in range(SECTION_STEPS if j_target else 0):  # k-section on the aggregate's crossing of c*
+            points = interior(lo, alpha)
+            m = _aggregate(measure(points)[0], mode)
+            close = (m - target).abs() <= tol
+            if bool(close.any()):
+                alpha = float(points[int(close.nonzero()[0])])
+                break
+            up = (m >= target).nonzero()
+            k = int(up[0]) if len(up) else SECTIONS - 1
+            lo, alpha = (float(points[k - 1]) if k else lo), (float(points[k]) if len(up) else alpha)
+        if float(at(alpha)[1].max()) <= budget:
+            bound = "target"
+        else:  # the KL is not monotone in α: the budget's bracket below α
+            j_budget, grid[j_target] = j_target, alpha
     if bound is None and j_budget is not None:
         lo, hi = float(grid[j_budget - 1]), float(grid[j_budget])
-        for _ in range(BISECTION_STEPS):  # keep lo within the budget
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if float(at(mid)[1].max()) <= budget else (lo, mid)
+        for _ in range(SECTION_STEPS):  # k-section keeping lo within the budget
+            points = interior(lo, hi)
+            over = (measure(points)[1].max(0).values > budget).nonzero()
+            k = int(over[0]) if len(over) else SECTIONS - 1
+            if len(over):
+                lo, hi = (float(points[k - 1]) if k else lo), float(points[k])
+            else:
+                lo = float(points[-1])
             if hi - lo <= 1e-6 * hi:
                 break
         alpha, bound = lo, "budget"
