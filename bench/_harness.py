@@ -141,16 +141,16 @@ def write_results(name: str, rows: Iterable[Mapping[str, object]], meta: Mapping
 
 def tiny_llama(head_scale: float = 10.0, seed: int = 0):
     """A random-init float64 Llama (V = 61, d = 32, 3 blocks) with its head scaled so the
-    next-token distribution is peaked, as a trained model's is: the --quick benches' model."""
-    import transformers as tf
+    next-token distribution is peaked, as a trained model's is: the --quick benches' model,
+    built by the tests' one tiny-model factory (tests/tiny_models.py)."""
+    import sys
 
-    torch.manual_seed(seed)
-    config = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    model = tf.LlamaForCausalLM(config).to(torch.float64).eval().requires_grad_(False)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
-    return model
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from tiny_models import tiny_causal_lm
+
+    return tiny_causal_lm("llama", vocab=61, d=32, layers=3, heads=4, head_scale=head_scale, seed=seed)
 
 
 def default_results_path(name: str, quick: bool) -> str:

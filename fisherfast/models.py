@@ -66,8 +66,9 @@ def load_default(*, attn_implementation: str = "eager", use_cache: bool = True):
     """Load SmolLM2-135M-Instruct (float32, eval mode, grads off) and its tokenizer.
 
     Args:
-        attn_implementation: "eager" (default) supports torch.func forward mode,
-            which the exact pullback metric needs.
+        attn_implementation: the model's own attention for plain forwards and
+            generation ("eager" by default; "sdpa" works too: SplitModel runs
+            its own eager attention inside its calls whatever is chosen here).
         use_cache: read/write the float32 safetensors conversion in ``cache_dir()``.
 
     Returns:

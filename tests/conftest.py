@@ -58,7 +58,17 @@ def backend(request) -> Backend:
 
 # ---------------------------------------------------------------- tiny causal LMs
 
-from tiny_models import TINY_ARCHS, tiny_causal_lm  # noqa: E402,F401
+from tiny_models import TINY_ARCHS, float64_everywhere, tiny_causal_lm  # noqa: E402,F401
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _float64_models_in_float64():
+    """Every test: a float64 model's own code computes in float64 (transformers'
+    float32 downcasts skipped, ``tiny_models.float64_everywhere``), so float64
+    forwards are float64 oracles for SplitModel, which computes float64 models
+    in float64 (issue 18 item 4)."""
+    with float64_everywhere():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -135,3 +135,70 @@ def tiny_causal_lm(arch: str = "llama", *, vocab: int = 61, d: int = 32, layers:
             if name.endswith("sinks"):  # gpt_oss initializes its attention sinks to 0
                 p.copy_(torch.randn_like(p))
     return model
+
+
+def _from_transformers() -> bool:
+    """Whether the nearest caller outside torch and this module is transformers' modeling code
+    (``transformers.models.*``, ``transformers.integrations.*``; not ``PreTrainedModel.float()``)."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith("torch") or name == __name__):
+            return name.startswith(("transformers.models.", "transformers.integrations."))
+        frame = frame.f_back
+    return False
+
+
+class float64_everywhere:
+    """Within the block, float64 tensors are never cast down to float32 by transformers'
+    modeling code (``softmax(..., dtype=torch.float32)``, ``.to(torch.float32)``,
+    ``.type(torch.float32)``, ``.float()``); every other cast runs as written.
+
+    transformers takes the attention softmax, RMS-norm variances and MoE router
+    logits in float32 (written for half precision), which truncates a float64
+    model to float32 in its own code (~1e-7). Within the block a float64 model
+    computes in float64 throughout, so its forward and autograd are float64
+    oracles for SplitModel, which computes float64 models in float64 (its own
+    mechanism: fisherfast.split.precision). tests/conftest.py applies it to
+    every test."""
+
+    def __enter__(self):
+        import torch.nn.functional as F
+
+        self._saved = to, to_float, to_type, softmax = torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, F.softmax
+
+        def keep_to(tensor, *args, **kwargs):
+            if tensor.dtype == torch.float64 and (torch.float32 in args or kwargs.get("dtype") is torch.float32) \
+                    and _from_transformers():
+                args = tuple(torch.float64 if arg is torch.float32 else arg for arg in args)
+                if kwargs.get("dtype") is torch.float32:
+                    kwargs["dtype"] = torch.float64
+            return to(tensor, *args, **kwargs)
+
+        def keep_float(tensor, *args, **kwargs):
+            if tensor.dtype == torch.float64 and _from_transformers():
+                return tensor
+            return to_float(tensor, *args, **kwargs)
+
+        def keep_type(tensor, dtype=None, *args, **kwargs):
+            if dtype is None:
+                return to_type(tensor)
+            if dtype is torch.float32 and tensor.dtype == torch.float64 and _from_transformers():
+                return tensor
+            return to_type(tensor, dtype, *args, **kwargs)
+
+        def keep_softmax(input, dim=None, _stacklevel=3, dtype=None):
+            if dtype is torch.float32 and input.dtype == torch.float64 and _from_transformers():
+                dtype = torch.float64
+            return softmax(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+        torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, F.softmax = keep_to, keep_float, keep_type, keep_softmax
+        return self
+
+    def __exit__(self, *exc):
+        import torch.nn.functional as F
+
+        torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, F.softmax = self._saved
+        return False

@@ -42,17 +42,17 @@ namespace sf = softmax_fisher;
   FF_CLONES void lse_##S(const T* z, const T* bias, int64_t C, T* zb, T* m, T* l) {                                   \
     sf::lse_token<T>(z, bias, C, zb, *m, *l);                                                                        \
   }                                                                                                                  \
-  FF_CLONES void mm_chunk_##S(const T* z, const T* bias, const T* Y, int64_t ysj, int64_t C, int64_t k, T* X, T* m_c, \
-                              T* l_c, T* ybar_c, T* t_c) {                                                           \
-    sf::matmat_token_chunk<T>(z, bias, Y, ysj, C, k, X, *m_c, *l_c, ybar_c, t_c);                                    \
+  FF_CLONES void mm_chunk_##S(const T* z, const T* bias, const T* s, const T* Y, int64_t ysj, int64_t C, int64_t k, \
+                              T* X, T* m_c, T* l_c, T* ybar_c, T* t_c) {                                             \
+    sf::matmat_token_chunk<T>(z, bias, s, Y, ysj, C, k, X, *m_c, *l_c, ybar_c, t_c);                                 \
   }                                                                                                                  \
   FF_CLONES void mm_merge_##S(const T* A, int64_t d, int64_t k, T m_c, T l_c, const T* ybar_c, const T* t_c, T* m,    \
                               T* l, T* mu, T* ybar, T* M) {                                                          \
     sf::matmat_token_merge<T>(A, d, k, m_c, l_c, ybar_c, t_c, *m, *l, mu, ybar, M);                                  \
   }                                                                                                                  \
   FF_CLONES void quad_##S(const T* z, const T* bias, const T* Y, int64_t ysj, int64_t C, int64_t k, T* scratch,       \
-                          T* ybar_c, T* m, T* l, T* ybar, T* M) {                                                    \
-    sf::quad_token<T>(z, bias, Y, ysj, C, k, scratch, ybar_c, *m, *l, ybar, M);                                      \
+                          double* tot, T* ybar_c, T* m, T* l, T* ybar, T* M) {                                       \
+    sf::quad_token<T>(z, bias, Y, ysj, C, k, scratch, tot, ybar_c, *m, *l, ybar, M);                                 \
   }
 
 FF_TOKEN_KERNELS(float, f32)
@@ -76,7 +76,8 @@ struct K<double> {
   static constexpr auto quad = quad_f64;
 };
 
-// Z (B,C) with row stride zsb; bias (C) or null; Y_b,j (C) at Y + b·ysb + j·ysj
+// Z (B,C) with row stride zsb; bias (C) or null; S (B,C) with row stride ssb
+// or null (soft-capping factors); Y_b,j (C) at Y + b·ysb + j·ysj
 // (ysb = 0: U shared by the tokens); X (B,k+1,C), A (B,k+1,d), M (B,d,k) or
 // (B,k,k), mu (B,d), ybar/ybar_c/t_c (B,k), m/l/m_c/l_c (B) contiguous.
 template <typename T>
@@ -90,12 +91,12 @@ void lse_update(const T* Z, int64_t zsb, const T* bias, int64_t B, int64_t C, T*
 }
 
 template <typename T>
-void matmat_chunk(const T* Z, int64_t zsb, const T* bias, const T* Y, int64_t ysb, int64_t ysj, int64_t B, int64_t C,
-                  int64_t k, T* X, T* m_c, T* l_c, T* ybar_c, T* t_c, int threads) {
+void matmat_chunk(const T* Z, int64_t zsb, const T* bias, const T* S, int64_t ssb, const T* Y, int64_t ysb,
+                  int64_t ysj, int64_t B, int64_t C, int64_t k, T* X, T* m_c, T* l_c, T* ybar_c, T* t_c, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < B; ++b)
-    K<T>::mm_chunk(Z + b * zsb, bias, Y + b * ysb, ysj, C, k, X + b * (k + 1) * C, m_c + b, l_c + b, ybar_c + b * k,
-                   t_c + b * k);
+    K<T>::mm_chunk(Z + b * zsb, bias, S ? S + b * ssb : nullptr, Y + b * ysb, ysj, C, k, X + b * (k + 1) * C, m_c + b,
+                   l_c + b, ybar_c + b * k, t_c + b * k);
 }
 
 template <typename T>
@@ -113,9 +114,10 @@ void quad_update(const T* Z, int64_t zsb, const T* bias, const T* Y, int64_t ysb
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> scratch(sf::quad_scratch(C, k)), ybar_c(k);
+    std::vector<double> tot(sf::quad_totals(k));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
-      K<T>::quad(Z + b * zsb, bias, Y + b * ysb, ysj, C, k, scratch.data(), ybar_c.data(), m + b, l + b,
+      K<T>::quad(Z + b * zsb, bias, Y + b * ysb, ysj, C, k, scratch.data(), tot.data(), ybar_c.data(), m + b, l + b,
                  ybar + b * k, M + b * k * k);
   }
 }
@@ -173,11 +175,13 @@ void bind_softmax_fisher(py::module_& m) {
       "Merge one chunk of logits Z (B,C) (+ bias (C,)) into the running max m and normalizer l (B,) in place.");
   m.def(
       "softmax_fisher_matmat_chunk",
-      [](py::handle Z, py::handle bias, py::handle Y, py::handle X, py::handle m_c, py::handle l_c,
+      [](py::handle Z, py::handle bias, py::handle S, py::handle Y, py::handle X, py::handle m_c, py::handle l_c,
          py::handle ybar_c, py::handle t_c, int threads) {
         const char* fn = "softmax_fisher_matmat_chunk";
         check_threads(fn, threads);
         const ChunkInputs in = chunk_inputs(fn, Z, bias, Y, true);
+        const View vS = view(fn, "S", S, true);
+        expect(fn, vS, in.Z.dtype, Device::cpu, {in.B, in.C}, false);
         const View vX = view(fn, "X", X), vm = view(fn, "m_c", m_c), vl = view(fn, "l_c", l_c);
         const View vy = view(fn, "ybar_c", ybar_c), vt = view(fn, "t_c", t_c);
         const DType dt = in.Z.dtype;
@@ -186,15 +190,15 @@ void bind_softmax_fisher(py::module_& m) {
         for (const View* v : {&vy, &vt}) expect(fn, *v, dt, Device::cpu, {in.B, in.k});
         on_dtype(fn, in.Z, [&](auto* t) {
           using T = std::remove_pointer_t<decltype(t)>;
-          matmat_chunk<T>(in.Z.ptr<const T>(), in.Z.stride[0], in.bias.ptr<const T>(), in.Y.ptr<const T>(),
-                          in.Y.stride[0], in.Y.stride[1], in.B, in.C, in.k, vX.ptr<T>(), vm.ptr<T>(), vl.ptr<T>(),
-                          vy.ptr<T>(), vt.ptr<T>(), threads);
+          matmat_chunk<T>(in.Z.ptr<const T>(), in.Z.stride[0], in.bias.ptr<const T>(), vS.ptr<const T>(),
+                          vS.ndim == 2 ? vS.stride[0] : 0, in.Y.ptr<const T>(), in.Y.stride[0], in.Y.stride[1], in.B,
+                          in.C, in.k, vX.ptr<T>(), vm.ptr<T>(), vl.ptr<T>(), vy.ptr<T>(), vt.ptr<T>(), threads);
         });
       },
-      py::arg("Z"), py::arg("bias"), py::arg("Y"), py::arg("X"), py::arg("m_c"), py::arg("l_c"), py::arg("ybar_c"),
-      py::arg("t_c"), py::arg("threads"),
-      "Chunk moments of matmat: X (B,k+1,C) = [e*(y - ybar_c) | e], m_c, l_c (B,), ybar_c, t_c = sum e*(y - ybar_c) "
-      "(B,k), from logits Z (B,C) and projections Y (B,k,C).");
+      py::arg("Z"), py::arg("bias"), py::arg("S"), py::arg("Y"), py::arg("X"), py::arg("m_c"), py::arg("l_c"),
+      py::arg("ybar_c"), py::arg("t_c"), py::arg("threads"),
+      "Chunk moments of matmat: X (B,k+1,C) = [e*s*(y - ybar_c) | e*s], m_c, l_c (B,), ybar_c, t_c = sum e*(y - ybar_c) "
+      "(B,k), from logits Z (B,C), optional soft-cap factors S (B,C) (None: s = 1) and projections Y (B,k,C).");
   m.def(
       "softmax_fisher_matmat_merge",
       [](py::handle A, py::handle m_c, py::handle l_c, py::handle ybar_c, py::handle t_c, py::handle mm, py::handle l,

@@ -15,7 +15,8 @@ import time
 from fisherfast.cli._args import UsageError
 from fisherfast.cli._progress import working
 
-MODEL_HELP = "'default' (the embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder"
+MODEL_HELP = ("'default' (the embedded SmolLM2-135M-Instruct) or a local Hugging Face causal LM folder of any "
+              "decoder-only type (fisherfast.split.SUPPORTED_MODEL_TYPES are verified)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +28,20 @@ class ModelShape:
     V: int
 
     def check_layers(self, layers, option: str = "--layer") -> None:
-        """UsageError unless SplitModel supports the architecture and every layer is in [0, L]."""
-        from fisherfast.split import SUPPORTED_MODEL_TYPES
+        """UsageError unless every layer is in [0, L] and the model type is not one SplitModel
+        refuses (``fisherfast.split.REFUSED_MODEL_TYPES``; other types are found at load time)."""
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UsageError(f"--model: architecture {self.model_type!r} cannot be split at a layer; supported: "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        from fisherfast.split import REFUSED_MODEL_TYPES
+
+        if self.model_type in REFUSED_MODEL_TYPES:
+            raise UsageError(f"--model: architecture {self.model_type!r} cannot be split at a layer "
+                             f"({REFUSED_MODEL_TYPES[self.model_type]}); steering and sketching work on it")
+        if self.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or \
+                self.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            raise UsageError(f"--model: architecture {self.model_type!r} cannot be split at a layer (not a "
+                             "decoder-only causal LM in transformers)")
         bad = [layer for layer in layers if not 0 <= layer <= self.layers]
         if bad:
             raise UsageError(f"{option} {bad[0]}: this model has layers 0..{self.layers} "
@@ -86,6 +95,12 @@ def load_model(name: str, progress: bool = True):
             model, tokenizer = load_default()
         else:
             model, tokenizer = _load_folder(name)
+    from fisherfast.split import architecture
+
+    try:
+        architecture(model)  # its decoder blocks, norm and head can be found
+    except ValueError as err:
+        raise UsageError(f"--model {name}: {err}") from None
     print(f"loaded {'the embedded default model' if name == 'default' else name} "
           f"in {time.perf_counter() - start:.1f} s")
     return model, tokenizer

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -136,20 +137,30 @@ def not_supported_reasons(op: str, name: str, impls: Mapping[str, Callable], dev
     return reasons
 
 
-def select(op: str, impls: Mapping[str, Callable], device: torch.device, backend: str | None = None) -> Callable:
+def select(op: str, impls: Mapping[str, Callable], device: torch.device, backend: str | None = None,
+           lacks: Callable[[str], list[str]] | None = None) -> Callable:
     """The implementation of ``op`` to run for tensors on ``device``.
 
     ``backend`` (or the FISHERFAST_BACKEND environment variable) forces one;
     otherwise the fastest backend that can run is taken. A forced backend that
-    cannot run is a bad argument: ValueError listing every reason."""
+    cannot run is a bad argument: ValueError listing every reason.
+    ``lacks(name)``: the capabilities this call needs that backend ``name``
+    does not declare; the automatic choice skips such a backend, a forced one
+    runs the reference instead, with a warning naming what it lacks."""
     forced = backend or os.environ.get("FISHERFAST_BACKEND") or None
+    missing = lacks or (lambda name: [])
     if forced:
         reasons = not_supported_reasons(op, forced, impls, device)
         if reasons:
             raise ValueError(f"fisherfast.ops.{op}: backend {forced!r} cannot run: " + "; ".join(reasons))
+        gaps = missing(forced)
+        if gaps:
+            warnings.warn(f"fisherfast.ops.{op}: backend {forced!r} does not implement {', '.join(gaps)}; "
+                          f"running the reference backend", RuntimeWarning, stacklevel=3)
+            return impls["reference"]
         return impls[forced]
     preference = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in preference:
-        if name in impls and not not_supported_reasons(op, name, impls, device):
+        if name in impls and not not_supported_reasons(op, name, impls, device) and not missing(name):
             return impls[name]
     raise RuntimeError(f"fisherfast.ops.{op}: no backend can run on {device}")

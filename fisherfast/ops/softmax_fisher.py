@@ -43,7 +43,7 @@ import torch
 from fisherfast.ops import _backends
 from fisherfast.ops._checks import (cast_checked, check_finite, check_same_device, check_same_dtype, check_tensor,
                                     compute_dtype)
-from fisherfast.ops.softmax_fisher_common import raise_nonfinite_result
+from fisherfast.ops.softmax_fisher_common import check_softcap, raise_nonfinite_result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +67,16 @@ class TruncatedGram:
 # kernels are defined).
 # ---------------------------------------------------------------------------
 
+# Capabilities a call may need beyond the plain (a, shared U) case.
+LOGITS, PER_TOKEN_U, SOFTCAP = "logits", "per_token_U", "softcap"
+_ALL = frozenset((LOGITS, PER_TOKEN_U, SOFTCAP))
+_NONE = frozenset()
 _OPS = {
-    "lm_logsumexp": ("reference", "cpu", "triton", "cuda"),
-    "matmat": ("reference", "cpu", "triton", "cuda"),
-    "quad": ("reference", "cpu", "triton"),
-    "gram": ("reference", "cpu", "triton"),
-    "gram_topk": ("reference", "cpu", "triton"),
+    "lm_logsumexp": {"reference": _ALL, "cpu": _ALL, "triton": _NONE, "cuda": _NONE},
+    "matmat": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U,)), "cuda": _NONE},
+    "quad": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U,))},
+    "gram": {"reference": _ALL, "cpu": _ALL, "triton": _NONE},
+    "gram_topk": {"reference": _ALL, "cpu": _ALL, "triton": _NONE},
 }
 # Backends that read a half-precision W as it is (the Triton kernels convert
 # each tile they load; the reference casts one V-chunk at a time). The others
@@ -81,8 +85,9 @@ _NATIVE_W_BACKENDS = ("reference", "triton")
 
 
 def _backend_fn(backend: str, op: str):
-    def call(*args):
-        return getattr(importlib.import_module(f"fisherfast.ops.softmax_fisher_{backend}"), op)(*args)
+    def call(*args, softcap=None):
+        fn = getattr(importlib.import_module(f"fisherfast.ops.softmax_fisher_{backend}"), op)
+        return fn(*args) if softcap is None else fn(*args, softcap=softcap)
 
     call.backend = backend
     return call
@@ -91,12 +96,31 @@ def _backend_fn(backend: str, op: str):
 _IMPLS = {op: {name: _backend_fn(name, op) for name in names} for op, names in _OPS.items()}
 
 
+def capabilities(op: str) -> dict[str, frozenset[str]]:
+    """What each backend of ``op`` ("lm_logsumexp", "matmat", "quad", "gram",
+    "gram_topk") implements beyond the plain case: "logits" (given logits),
+    "per_token_U" (a (B,d,k) U), "softcap". A call needing more than the
+    chosen backend has runs the reference backend (see ``_select``)."""
+    return dict(_OPS[op])
+
+
 def _public_name(op: str) -> str:
     return op if op == "lm_logsumexp" else f"softmax_fisher_{op}"
 
 
-def _select(op: str, device: torch.device, backend: str | None):
-    return _backends.select(_public_name(op), _IMPLS[op], device, backend or None)
+def _needs(logits=None, U=None, softcap=None) -> frozenset[str]:
+    return frozenset(name for name, used in ((LOGITS, logits is not None), (PER_TOKEN_U, U is not None and U.dim() == 3),
+                                             (SOFTCAP, softcap is not None)) if used)
+
+
+def _select(op: str, device: torch.device, backend: str | None, needs: frozenset[str] = _NONE):
+    """The backend implementation for this call: the forced one (``backend`` or
+    FISHERFAST_BACKEND) or the fastest that can run here and has every
+    capability in ``needs``. A forced backend lacking one runs the reference,
+    with a warning naming what is missing."""
+    table = _OPS[op]
+    return _backends.select(_public_name(op), _IMPLS[op], device, backend or None,
+                            lacks=lambda name: sorted(needs - table.get(name, _NONE)))
 
 
 # ---------------------------------------------------------------------------
@@ -193,19 +217,21 @@ def _prepare(a, W, b, logits, U, backend: str):
 
 @torch.library.custom_op("fisherfast::lm_logsumexp", mutates_args=())
 def _lse_op(a: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], backend: Optional[str],
-            chunk: Optional[int]) -> torch.Tensor:
+            chunk: Optional[int], softcap: Optional[float] = None) -> torch.Tensor:
     B, _ = _check_head(a, W, b, None, allow_logits=False, ndim=2)
-    impl = _select("lm_logsumexp", W.device, backend)
+    check_softcap(softcap)
+    impl = _select("lm_logsumexp", W.device, backend, _needs(softcap=softcap))
     out_dtype = a.dtype
     if B == 0:
         return a.new_empty(0)
     a, W, b, _, _ = _prepare(a, W, b, None, None, impl.backend)
-    return cast_checked(impl(a, W, b, chunk), out_dtype, "lm_logsumexp")
+    return cast_checked(impl(a, W, b, chunk, softcap=softcap), out_dtype, "lm_logsumexp")
 
 
 @_lse_op.register_fake
-def _(a, W, b, backend, chunk):
+def _(a, W, b, backend, chunk, softcap=None):
     B, _ = _check_head(a, W, b, None, allow_logits=False, ndim=2)
+    check_softcap(softcap)
     return a.new_empty(B)
 
 
@@ -218,22 +244,25 @@ def _register_contraction(op: str):
 
     @torch.library.custom_op(f"fisherfast::softmax_fisher_{op}", mutates_args=())
     def body(a: Optional[torch.Tensor], W: torch.Tensor, U: torch.Tensor, b: Optional[torch.Tensor],
-             logits: Optional[torch.Tensor], backend: Optional[str], chunk: Optional[int]) -> torch.Tensor:
+             logits: Optional[torch.Tensor], backend: Optional[str], chunk: Optional[int],
+             softcap: Optional[float] = None) -> torch.Tensor:
         B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
         _check_U(U, W, B, False)
-        impl = _select(op, W.device, backend)
+        check_softcap(softcap)
+        impl = _select(op, W.device, backend, _needs(logits, U, softcap))
         out_dtype = W.dtype
         if B == 0:
             return W.new_empty(_contraction_shape(op, 0, W.shape[1], U.shape[-1]))
         a, W, b, logits, U = _prepare(a, W, b, logits, U, impl.backend)
-        out = impl(a, W, U, b, logits, chunk)
+        out = impl(a, W, U, b, logits, chunk, softcap=softcap)
         raise_nonfinite_result(out, logits is not None)
         return cast_checked(out, out_dtype, _public_name(op))
 
     @body.register_fake
-    def _(a, W, U, b, logits, backend, chunk):
+    def _(a, W, U, b, logits, backend, chunk, softcap=None):
         B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
         _check_U(U, W, B, False)
+        check_softcap(softcap)
         return W.new_empty(_contraction_shape(op, B, W.shape[1], U.shape[-1]))
 
     return body
@@ -249,49 +278,54 @@ def _gram_shape(B: int, d: int, reduce: str) -> tuple[int, ...]:
 
 @torch.library.custom_op("fisherfast::softmax_fisher_gram", mutates_args=())
 def _gram_op(a: Optional[torch.Tensor], W: torch.Tensor, b: Optional[torch.Tensor], logits: Optional[torch.Tensor],
-             reduce: str, backend: Optional[str], chunk: Optional[int]) -> torch.Tensor:
+             reduce: str, backend: Optional[str], chunk: Optional[int], softcap: Optional[float] = None) -> torch.Tensor:
     B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
     _check_reduce(reduce, B, logits)
-    impl = _select("gram", W.device, backend)
+    check_softcap(softcap)
+    impl = _select("gram", W.device, backend, _needs(logits, softcap=softcap))
     out_dtype = W.dtype
     if B == 0:
         return W.new_empty(_gram_shape(0, W.shape[1], reduce))
     a, W, b, logits, _ = _prepare(a, W, b, logits, None, impl.backend)
-    G = impl(a, W, b, logits, reduce, chunk)
+    G = impl(a, W, b, logits, reduce, chunk, softcap=softcap)
     raise_nonfinite_result(G, logits is not None)
     return cast_checked(G, out_dtype, "softmax_fisher_gram")
 
 
 @_gram_op.register_fake
-def _(a, W, b, logits, reduce, backend, chunk):
+def _(a, W, b, logits, reduce, backend, chunk, softcap=None):
     B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
     _check_reduce(reduce, B, logits)
+    check_softcap(softcap)
     return W.new_empty(_gram_shape(B, W.shape[1], reduce))
 
 
 @torch.library.custom_op("fisherfast::softmax_fisher_gram_topk", mutates_args=())
 def _gram_topk_op(a: Optional[torch.Tensor], W: torch.Tensor, b: Optional[torch.Tensor],
                   logits: Optional[torch.Tensor], reduce: str, tail_tol: float, backend: Optional[str],
-                  chunk: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  chunk: Optional[int], softcap: Optional[float] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
     _check_reduce(reduce, B, logits)
     _check_tail_tol(tail_tol)
-    impl = _select("gram_topk", W.device, backend)
+    check_softcap(softcap)
+    impl = _select("gram_topk", W.device, backend, _needs(logits, softcap=softcap))
     out_dtype, dev = W.dtype, W.device
     if B == 0:
         empty = torch.empty(0, device=dev)
         return W.new_empty(_gram_shape(0, W.shape[1], reduce)), empty.double(), empty.long()
     a, W, b, logits, _ = _prepare(a, W, b, logits, None, impl.backend)
-    G, tau, n_kept = impl(a, W, b, logits, reduce, tail_tol, chunk)
+    G, tau, n_kept = impl(a, W, b, logits, reduce, tail_tol, chunk, softcap=softcap)
     raise_nonfinite_result(G, logits is not None)
     return cast_checked(G, out_dtype, "softmax_fisher_gram_topk"), tau.to(torch.float64), n_kept.to(torch.int64)
 
 
 @_gram_topk_op.register_fake
-def _(a, W, b, logits, reduce, tail_tol, backend, chunk):
+def _(a, W, b, logits, reduce, tail_tol, backend, chunk, softcap=None):
     B, _ = _check_head(a, W, b, logits, allow_logits=True, ndim=2)
     _check_reduce(reduce, B, logits)
     _check_tail_tol(tail_tol)
+    check_softcap(softcap)
     return (W.new_empty(_gram_shape(B, W.shape[1], reduce)), W.new_empty(B, dtype=torch.float64),
             W.new_empty(B, dtype=torch.int64))
 
@@ -300,6 +334,10 @@ def _(a, W, b, logits, reduce, tail_tol, backend, chunk):
 # Public API.
 # ---------------------------------------------------------------------------
 
+def _softcap(softcap) -> float | None:
+    return None if softcap is None else float(softcap)
+
+
 def _as_2d(a, logits, B: int, squeeze: bool):
     if not squeeze:
         return a, logits
@@ -307,16 +345,17 @@ def _as_2d(a, logits, B: int, squeeze: bool):
 
 
 def lm_logsumexp(a: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None, *,
-                 chunk: int | None = None, backend: str | None = None) -> torch.Tensor:
+                 chunk: int | None = None, backend: str | None = None, softcap: float | None = None) -> torch.Tensor:
     """Log-normalizer of the LM head, streamed over the vocabulary.
 
-        lse_i = log Σ_v exp(w_v·a_i + b_v)
+        lse_i = log Σ_v exp(z′_iv),  z′ = z (softcap None) or c·tanh(z/c),  z_iv = w_v·a_i + b_v
 
     Args:
         a: (B,d) or (d,) head inputs (after the final norm); B may be 0.
         W: (V,d) unembedding; b: optional (V,) bias. Same dtype and device.
         chunk: V-chunk length (default: from a 4 MiB temporaries budget).
         backend: force "reference", "cpu", "triton" or "cuda" (default: fastest available).
+        softcap: None, or c > 0: logit soft-capping z′ = c·tanh(z/c) (Gemma-2 style).
 
     Returns:
         (B,) (or 0-dim for 1-D a) in a's dtype.
@@ -330,13 +369,15 @@ def lm_logsumexp(a: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None
     """
     B, squeeze = _check_head(a, W, b, None, allow_logits=False)
     _check_chunk(chunk)
-    out = torch.ops.fisherfast.lm_logsumexp(a.reshape(B, -1) if squeeze else a, W, b, backend, chunk)
+    check_softcap(softcap)
+    out = torch.ops.fisherfast.lm_logsumexp(a.reshape(B, -1) if squeeze else a, W, b, backend, chunk,
+                                            _softcap(softcap))
     return out[0] if squeeze else out
 
 
 def softmax_fisher_matmat(a: torch.Tensor | None, W: torch.Tensor, U: torch.Tensor, b: torch.Tensor | None = None,
                           *, logits: torch.Tensor | None = None, chunk: int | None = None,
-                          backend: str | None = None) -> torch.Tensor:
+                          backend: str | None = None, softcap: float | None = None) -> torch.Tensor:
     """Head-metric matrix product G_head(a_i) U_i for every token (docs/design.md §3).
 
         G_head(a_i) U_i = Wᵀ (p_i ⊙ (W U_i) − p_i (p_iᵀ W U_i)),  p_i = softmax(W a_i + b),
@@ -347,10 +388,14 @@ def softmax_fisher_matmat(a: torch.Tensor | None, W: torch.Tensor, U: torch.Tens
         a: (B,d) or (d,) head inputs (B may be 0), or None when ``logits`` is given.
         W: (V,d) unembedding; b: optional (V,) bias.
         U: (d,k) shared by all tokens or (B,d,k) per token.
-        logits: (B,V) precomputed W a + b, replacing a and b.
-        chunk: V-chunk length (default: from a 4 MiB temporaries budget).
-        backend: force "reference", "cpu", "triton" or "cuda" (cuda: shared U from a;
-            other cases run the reference).
+        logits: (B,V) precomputed z = W a + b (before any soft-capping), replacing a and b.
+        chunk: V-chunk length (default: from a 4 MiB temporaries budget; float32
+            contractions are further blocked, see the module docstring).
+        backend: force "reference", "cpu", "triton" or "cuda"; a call needing what the
+            backend lacks (``capabilities``) runs the reference, with a warning.
+        softcap: None, or c > 0: the logits are z′ = c·tanh(z/c) and the metric is
+            J_capᵀ (diag p − p pᵀ) J_cap with J_cap = diag(1 − tanh²(z/c)) W, i.e. the
+            rows w_v become w̃_v = s_v w_v per token (s_v = 1 − tanh²(z_v/c)).
 
     Returns:
         (B,d,k) (or (d,k) for 1-D a), W's dtype.
@@ -363,14 +408,15 @@ def softmax_fisher_matmat(a: torch.Tensor | None, W: torch.Tensor, U: torch.Tens
     B, squeeze = _check_head(a, W, b, logits, allow_logits=True)
     _check_U(U, W, B, squeeze)
     _check_chunk(chunk)
+    check_softcap(softcap)
     a2, z2 = _as_2d(a, logits, B, squeeze)
-    out = torch.ops.fisherfast.softmax_fisher_matmat(a2, W, U, b, z2, backend, chunk)
+    out = torch.ops.fisherfast.softmax_fisher_matmat(a2, W, U, b, z2, backend, chunk, _softcap(softcap))
     return out[0] if squeeze else out
 
 
 def softmax_fisher_quad(a: torch.Tensor | None, W: torch.Tensor, U: torch.Tensor, b: torch.Tensor | None = None,
-                        *, logits: torch.Tensor | None = None, chunk: int | None = None,
-                        backend: str | None = None) -> torch.Tensor:
+                          *, logits: torch.Tensor | None = None, chunk: int | None = None,
+                          backend: str | None = None, softcap: float | None = None) -> torch.Tensor:
     """Head-metric quadratic form U_iᵀ G_head(a_i) U_i for every token.
 
         U_iᵀ G_head U_i = Cov_{y∼p_i}[U_iᵀ w_y] = Σ_v p_iv (y_v − ȳ)(y_v − ȳ)ᵀ,
@@ -387,14 +433,15 @@ def softmax_fisher_quad(a: torch.Tensor | None, W: torch.Tensor, U: torch.Tensor
     B, squeeze = _check_head(a, W, b, logits, allow_logits=True)
     _check_U(U, W, B, squeeze)
     _check_chunk(chunk)
+    check_softcap(softcap)
     a2, z2 = _as_2d(a, logits, B, squeeze)
-    out = torch.ops.fisherfast.softmax_fisher_quad(a2, W, U, b, z2, backend, chunk)
+    out = torch.ops.fisherfast.softmax_fisher_quad(a2, W, U, b, z2, backend, chunk, _softcap(softcap))
     return out[0] if squeeze else out
 
 
 def softmax_fisher_gram(a: torch.Tensor | None, W: torch.Tensor, b: torch.Tensor | None = None, *,
                         reduce: str = "none", logits: torch.Tensor | None = None, chunk: int | None = None,
-                        backend: str | None = None) -> torch.Tensor:
+                        backend: str | None = None, softcap: float | None = None) -> torch.Tensor:
     """The dense d×d head metric per token, or averaged over tokens.
 
         G_i = Wᵀ (diag p_i − p_i p_iᵀ) W = Σ_v p_iv (w_v − μ_i)(w_v − μ_i)ᵀ,  μ_i = Wᵀ p_i.
@@ -410,7 +457,9 @@ def softmax_fisher_gram(a: torch.Tensor | None, W: torch.Tensor, b: torch.Tensor
         W: (V,d) unembedding; b: optional (V,) bias.
         reduce: "none" or "mean" (needs B ≥ 1: ValueError naming a otherwise).
         logits: (B,V) precomputed W a + b, replacing a and b.
-        chunk, backend: as the other ops.
+        chunk, backend, softcap: as ``softmax_fisher_matmat`` (soft-capped:
+            G_i = Σ_v p_iv (w̃_v − μ̃_i)(w̃_v − μ̃_i)ᵀ, w̃_v = s_iv w_v, μ̃_i = Σ_v p_iv w̃_v;
+            reduce="mean" then costs B·V·d², as reduce="none").
 
     Returns:
         (B,d,d), or (d,d) for reduce="mean" or 1-D a; W's dtype.
@@ -420,14 +469,16 @@ def softmax_fisher_gram(a: torch.Tensor | None, W: torch.Tensor, b: torch.Tensor
     B, squeeze = _check_head(a, W, b, logits, allow_logits=True)
     _check_reduce(reduce, B, logits)
     _check_chunk(chunk)
+    check_softcap(softcap)
     a2, z2 = _as_2d(a, logits, B, squeeze)
-    G = torch.ops.fisherfast.softmax_fisher_gram(a2, W, b, z2, reduce, backend, chunk)
+    G = torch.ops.fisherfast.softmax_fisher_gram(a2, W, b, z2, reduce, backend, chunk, _softcap(softcap))
     return G[0] if squeeze and reduce == "none" else G
 
 
 def softmax_fisher_gram_topk(a: torch.Tensor | None, W: torch.Tensor, b: torch.Tensor | None = None, *,
                              tail_tol: float, reduce: str = "none", logits: torch.Tensor | None = None,
-                             chunk: int | None = None, backend: str | None = None) -> TruncatedGram:
+                             chunk: int | None = None, backend: str | None = None,
+                             softcap: float | None = None) -> TruncatedGram:
     """The top-p truncated head metric (docs/design.md §3).
 
     Each token keeps only its smallest set S_i of largest-p rows with tail
@@ -439,7 +490,8 @@ def softmax_fisher_gram_topk(a: torch.Tensor | None, W: torch.Tensor, b: torch.T
     Cost 4·B·V·d + Σ_i |S_i|·d²; memory O(#rows with p ≥ tail_tol/V).
 
     Args:
-        a, W, b, logits, chunk, backend: as ``softmax_fisher_gram``.
+        a, W, b, logits, chunk, backend, softcap: as ``softmax_fisher_gram`` (soft-capped:
+            the kept rows are w̃_v = s_v w_v).
         tail_tol: float in (0, 1), the largest tail mass dropped per token.
         reduce: "none" or "mean".
 
@@ -452,9 +504,10 @@ def softmax_fisher_gram_topk(a: torch.Tensor | None, W: torch.Tensor, b: torch.T
     _check_reduce(reduce, B, logits)
     _check_tail_tol(tail_tol)
     _check_chunk(chunk)
+    check_softcap(softcap)
     a2, z2 = _as_2d(a, logits, B, squeeze)
     G, tau, n_kept = torch.ops.fisherfast.softmax_fisher_gram_topk(a2, W, b, z2, reduce, float(tail_tol), backend,
-                                                                   chunk)
+                                                                   chunk, _softcap(softcap))
     if reduce == "mean":
         tau = tau.mean()
     elif squeeze:

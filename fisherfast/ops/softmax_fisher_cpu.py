@@ -8,7 +8,9 @@ merges them into the running ones by Chan's parallel update, rescaled by
 e^{m_c − m′} as in flash attention (csrc/include/fisherfast/softmax_fisher.h);
 matmat adds the GEMM X W_c for the Wᵀ accumulation and a merge sweep.
 Centered within each chunk, so no cancellation; one read of W per call; the
-chunk buffers are allocated once. W arrives as a float32/float64 copy (the
+chunk buffers are allocated once. Soft-capping: the logit tile is capped in
+torch (z′ = c·tanh(z/c), s = 1 − tanh²(z/c)), the projections are scaled to
+ỹ = s y per token, and the matmat sweep weights the GEMM rows by s. W arrives as a float32/float64 copy (the
 kernels take float32/float64 pointers).
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
-from fisherfast.ops.softmax_fisher_common import LSE_CHUNK_ELEMENTS, chunk_size, raise_nonfinite_normalizer
+from fisherfast.ops.softmax_fisher_common import (LSE_CHUNK_ELEMENTS, cap_logits, chunk_size,
+                                                  raise_nonfinite_normalizer, reduction_chunk)
 from fisherfast.ops.softmax_fisher_reference import gram_mean_chunked, gram_none_chunked, gram_truncated_chunked
 
 # A C++ sweep runs on more than one thread only with at least this many
@@ -71,14 +74,29 @@ def _cpu_chunks(a, W, U, b, logits, C):
         yield Wc, Z, Y, (None if b is None else b[start:start + c])
 
 
+def _capped_chunks(a, W, U, b, logits, C, softcap):
+    """``_cpu_chunks`` plus the soft-cap factors: (W_c, Z_c, Y_c, b_c, S_c);
+    with a cap, Z_c = c·tanh((z + b)/c) (bias folded in, b_c None), Y_c = s ⊙ y
+    per token and S_c = s (B,c); without, S_c is None."""
+    for Wc, Z, Y, b_c in _cpu_chunks(a, W, U, b, logits, C):
+        if softcap is None:
+            yield Wc, Z, Y, b_c, None
+            continue
+        Z, S = cap_logits(Z if b_c is None else Z + b_c, softcap)
+        yield Wc, Z, (None if Y is None else Y * S[:, None, :]), None, S
+
+
 def _running(B, dt, dev):
     return torch.full((B,), -math.inf, dtype=dt, device=dev), torch.zeros(B, dtype=dt, device=dev)
 
 
-def _moments(a, W, U, b, logits, C):
+def _moments(a, W, U, b, logits, C, softcap=None):
     """One pass: the normalizer (m, l) per token, μ = Wᵀp (B,d) and, with U,
-    the centered cross-moment Σ_v p_v (w_v − μ)(y_v − ȳ)ᵀ = G U (B,d,k)."""
+    the centered cross-moment Σ_v p_v (w_v − μ)(y_v − ȳ)ᵀ = G U (B,d,k).
+    The GEMM X W_c reduces over the chunk in float32: chunks of at most
+    REDUCTION_BLOCK rows, merged in the running (Chan) statistics."""
     ext = _backends.cpu_extension()
+    C = reduction_chunk(C, W.dtype)
     B = (logits if logits is not None else a).shape[0]
     V, d = W.shape
     k = 0 if U is None else U.shape[-1]
@@ -90,12 +108,12 @@ def _moments(a, W, U, b, logits, C):
     X, A = new(B * (k + 1) * C), new(B * (k + 1), d)
     merge_threads = _sweep_threads(B * d * (k + 1))
     running = [_dl(x) for x in (m_c, l_c, ybar_c, t_c, m, l, mu, ybar, M)]
-    for Wc, Z, Y, b_c in _cpu_chunks(a, W, U, b, logits, C):
+    for Wc, Z, Y, b_c, S in _capped_chunks(a, W, U, b, logits, C, softcap):
         c = Wc.shape[0]
         Xc = X[:B * (k + 1) * c].view(B, k + 1, c)
         if Y is None:  # k = 0: no projection rows
             Y = Z.new_empty(B, 0, c)
-        ext.softmax_fisher_matmat_chunk(_dl(Z), _dl(b_c), _dl(Y), _dl(Xc), *running[:4],
+        ext.softmax_fisher_matmat_chunk(_dl(Z), _dl(b_c), _dl(S), _dl(Y), _dl(Xc), *running[:4],
                                         _sweep_threads(B * c * (k + 2)))
         torch.mm(Xc.view(B * (k + 1), c), Wc, out=A)
         ext.softmax_fisher_matmat_merge(_dl(A.view(B, k + 1, d)), *running, merge_threads)
@@ -103,27 +121,28 @@ def _moments(a, W, U, b, logits, C):
     return m, l, mu, M
 
 
-def matmat(a, W, U, b, logits, chunk):
+def matmat(a, W, U, b, logits, chunk, softcap=None):
     B = (logits if logits is not None else a).shape[0]
     k = U.shape[-1]
-    n_proj = k if U.dim() == 2 else B * k
+    n_proj = k if U.dim() == 2 and softcap is None else B * k
     C = chunk_size(W.shape[0], (0 if logits is not None else B) + n_proj + B * (k + 1), chunk)
-    _, l, _, M = _moments(a, W, U, b, logits, C)
+    _, l, _, M = _moments(a, W, U, b, logits, C, softcap)
     return M / l[:, None, None]
 
 
-def quad(a, W, U, b, logits, chunk):
+def quad(a, W, U, b, logits, chunk, softcap=None):
     """U_iᵀ G U_i as the p-weighted covariance of y_v = U_iᵀ w_v: one GEMM
     and one C++ sweep (moments and merge) per chunk."""
     ext = _backends.cpu_extension()
     B = (logits if logits is not None else a).shape[0]
     k = U.shape[-1]
-    C = chunk_size(W.shape[0], (0 if logits is not None else B) + (k if U.dim() == 2 else B * k), chunk)
+    C = chunk_size(W.shape[0], (0 if logits is not None else B) + (k if U.dim() == 2 and softcap is None else B * k),
+                   chunk)
     dt = W.dtype
     m, l = _running(B, dt, W.device)
     ybar, M = torch.zeros(B, k, dtype=dt), torch.zeros(B, k, k, dtype=dt)
     running = [_dl(x) for x in (m, l, ybar, M)]
-    for Wc, Z, Y, b_c in _cpu_chunks(a, W, U, b, logits, C):
+    for Wc, Z, Y, b_c, _ in _capped_chunks(a, W, U, b, logits, C, softcap):
         c = Wc.shape[0]
         ext.softmax_fisher_quad_update(_dl(Z), _dl(b_c), _dl(Y), *running,
                                        _sweep_threads(B * c * (k + 1) * (k + 4) // 2))
@@ -131,35 +150,36 @@ def quad(a, W, U, b, logits, chunk):
     return M / l[:, None, None]  # symmetric by construction (both triangles written from one sum)
 
 
-def _normalizer(a, W, b, logits, C):
+def _normalizer(a, W, b, logits, C, softcap=None):
     """(m, l) per token: one GEMM and one C++ sweep per chunk."""
     ext = _backends.cpu_extension()
     B = (logits if logits is not None else a).shape[0]
     m, l = _running(B, W.dtype, W.device)
     running = [_dl(m), _dl(l)]
-    for Wc, Z, _, b_c in _cpu_chunks(a, W, None, b, logits, C):
+    for Wc, Z, _, b_c, _ in _capped_chunks(a, W, None, b, logits, C, softcap):
         ext.softmax_fisher_lse_update(_dl(Z), _dl(b_c), *running, _sweep_threads(4 * B * Wc.shape[0]))
     return m, l
 
 
-def lm_logsumexp(a, W, b, chunk):
-    m, l = _normalizer(a, W, b, None, chunk_size(W.shape[0], a.shape[0], chunk, LSE_CHUNK_ELEMENTS))
+def lm_logsumexp(a, W, b, chunk, softcap=None):
+    m, l = _normalizer(a, W, b, None, chunk_size(W.shape[0], a.shape[0], chunk, LSE_CHUNK_ELEMENTS), softcap)
     lse = m + torch.log(l)
     raise_nonfinite_normalizer(lse, False)
     return lse
 
 
-def gram(a, W, b, logits, reduce, chunk):
+def gram(a, W, b, logits, reduce, chunk, softcap=None):
     """Pass 1 (normalizer and μ) on the C++ path; pass 2, the p-weighted SYRK,
     as the reference's (GEMM-bound) chunked torch."""
     B = (logits if logits is not None else a).shape[0]
-    m, l, mu, _ = _moments(a, W, None, b, logits, chunk_size(W.shape[0], 2 * B, chunk))
-    return (gram_none_chunked if reduce == "none" else gram_mean_chunked)(a, W, b, logits, chunk, (m, torch.log(l)), mu)
+    m, l, mu, _ = _moments(a, W, None, b, logits, chunk_size(W.shape[0], 2 * B, chunk), softcap)
+    pass2 = gram_none_chunked if reduce == "none" else gram_mean_chunked
+    return pass2(a, W, b, logits, chunk, (m, torch.log(l)), mu, softcap)
 
 
-def gram_topk(a, W, b, logits, reduce, tail_tol, chunk):
+def gram_topk(a, W, b, logits, reduce, tail_tol, chunk, softcap=None):
     """The normalizer on the C++ path, then the reference's candidate selection."""
     B = (logits if logits is not None else a).shape[0]
-    m, l = _normalizer(a, W, b, logits, chunk_size(W.shape[0], B, chunk, LSE_CHUNK_ELEMENTS))
+    m, l = _normalizer(a, W, b, logits, chunk_size(W.shape[0], B, chunk, LSE_CHUNK_ELEMENTS), softcap)
     raise_nonfinite_normalizer(m + torch.log(l), logits is not None)
-    return gram_truncated_chunked(a, W, b, logits, chunk, (m, torch.log(l)), tail_tol, reduce)
+    return gram_truncated_chunked(a, W, b, logits, chunk, (m, torch.log(l)), tail_tol, reduce, softcap)

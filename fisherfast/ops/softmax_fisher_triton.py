@@ -31,6 +31,13 @@ per-token U runs token by token), two passes:
 ``gram`` is matmat with U = I_d in column blocks (the exact per-token d×d
 metric, centered); its top-p truncation uses the torch path with the Triton
 normalizer.
+
+Accuracy: every tl.dot runs in IEEE float32 (``input_precision="ieee"``; the
+default TF32 would round its inputs to 10 bits); a split covers at most
+SPLIT_ROWS rows of V (so a program's sequential sums are short), and the
+splits' partials are added in float64 on the host (``merge_splits``; matmat's
+large partials over V-slices of ``v_slices``), so the error does not grow
+with V.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ import triton
 import triton.language as tl
 
 from fisherfast.ops import softmax_fisher_reference as reference
-from fisherfast.ops.softmax_fisher_common import merge_splits, raise_nonfinite_normalizer
+from fisherfast.ops.softmax_fisher_common import SPLIT_ROWS, merge_splits, raise_nonfinite_normalizer, v_slices
 
 K_MAX = 16  # projection columns per kernel call (tl.dot needs ≥ 16: K is padded to 16)
 
@@ -91,7 +98,7 @@ def _lse_split_kernel(H, W, bias, M_out, L_out, B, V, D, tiles_per_split,
         z = tl.zeros((BLOCK_V, BLOCK_B), tl.float32)
         for d0 in range(0, D, BLOCK_D):
             w, hT, _, _ = _w_hT_tiles(H, W, offs_v, mask_v, offs_b, mask_b, d0, D, stride_hb, stride_wv, BLOCK_D)
-            z += tl.dot(w, hT)
+            z += tl.dot(w, hT, input_precision="ieee")
         z = _bias_and_mask(z, bias, offs_v, mask_v, HAS_BIAS)
         m, a, e = _online_step(m, z)
         l = l * a + tl.sum(e, axis=0)
@@ -114,8 +121,8 @@ def _logit_proj_tile(H, W, U, bias, offs_v, mask_v, offs_b, mask_b, D, K, stride
         w, hT, offs_d, mask_d = _w_hT_tiles(H, W, offs_v, mask_v, offs_b, mask_b, d0, D, stride_hb, stride_wv, BLOCK_D)
         u = tl.load(U + offs_d[:, None].to(tl.int64) * stride_ud + offs_k[None, :],
                     mask=mask_d[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        z += tl.dot(w, hT)
-        y += tl.dot(w, u)
+        z += tl.dot(w, hT, input_precision="ieee")
+        y += tl.dot(w, u, input_precision="ieee")
     return _bias_and_mask(z, bias, offs_v, mask_v, HAS_BIAS), y
 
 
@@ -140,7 +147,7 @@ def _stats_kernel(H, W, U, bias, M_out, L_out, S_out, B, V, D, K, tiles_per_spli
                                 stride_ud, HAS_BIAS, BLOCK_B, BLOCK_V, BLOCK_D, K_PAD)
         m, a, e = _online_step(m, z)  # e: (BLOCK_V, BLOCK_B)
         l = l * a + tl.sum(e, axis=0)
-        s = s * a[:, None] + tl.dot(tl.trans(e), y)  # Σ_v e_vb y_vk
+        s = s * a[:, None] + tl.dot(tl.trans(e), y, input_precision="ieee")  # Σ_v e_vb y_vk
     out = split.to(tl.int64) * B + offs_b
     tl.store(M_out + out, m, mask=mask_b)
     tl.store(L_out + out, l, mask=mask_b)
@@ -187,8 +194,8 @@ def _matmat_kernel(H, W, U, bias, Mx, LogL, Ybar, Acc, Mu, T, B, V, D, K, tiles_
         t_acc += tl.sum(x, axis=0)
         wT = tl.load(W + offs_v[None, :] * stride_wv + offs_o[:, None], mask=mask_o[:, None] & mask_v[None, :],
                      other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_V)
-        acc += tl.dot(wT, tl.reshape(x, (BLOCK_V, BLOCK_B * K_PAD)))
-        mu += tl.dot(wT, p)
+        acc += tl.dot(wT, tl.reshape(x, (BLOCK_V, BLOCK_B * K_PAD)), input_precision="ieee")
+        mu += tl.dot(wT, p, input_precision="ieee")
     base = split.to(tl.int64) * B + offs_b  # (BLOCK_B,) rows of the (S, B, ...) outputs
     acc3 = tl.reshape(acc, (BLOCK_D, BLOCK_B, K_PAD))
     ptr = Acc + (base[None, :, None] * D + offs_o[:, None, None]) * K_PAD + offs_k[None, None, :]
@@ -223,10 +230,11 @@ def _quad_kernel(H, W, U, bias, Mx, LogL, Ybar, Q, B, V, D, K, tiles_per_split, 
     tl.store(ptr, q, mask=mask_b[:, None, None])
 
 
-def _splits(n_tiles: int, n_programs: int, target: int = 128) -> tuple[int, int]:
-    """(tiles per split, number of splits) so that about ``target`` programs run."""
+def _splits(n_tiles: int, n_programs: int, block_v: int, target: int = 128) -> tuple[int, int]:
+    """(tiles per split, number of splits) so that about ``target`` programs
+    run, with at most SPLIT_ROWS rows per split."""
     n_splits = max(1, min(n_tiles, target // max(n_programs, 1)))
-    per = triton.cdiv(n_tiles, n_splits)
+    per = min(triton.cdiv(n_tiles, n_splits), max(1, SPLIT_ROWS // block_v))
     return per, triton.cdiv(n_tiles, per)
 
 
@@ -236,7 +244,7 @@ def normalizer_triton(a, W, b, *, block_b=16, block_v=64, block_d=32, n_splits=N
     V = W.shape[0]
     n_tiles = triton.cdiv(V, block_v)
     if n_splits is None:
-        per, n_splits = _splits(n_tiles, triton.cdiv(B, block_b))
+        per, n_splits = _splits(n_tiles, triton.cdiv(B, block_b), block_v)
     else:
         per = triton.cdiv(n_tiles, n_splits)
         n_splits = triton.cdiv(n_tiles, per)
@@ -267,7 +275,7 @@ def _stats(a, W, U, b, cfg):
     V = W.shape[0]
     K = U.shape[1]
     n_tiles = triton.cdiv(V, cfg.block_v)
-    per, n_splits = _splits(n_tiles, triton.cdiv(B, cfg.block_b))
+    per, n_splits = _splits(n_tiles, triton.cdiv(B, cfg.block_b), cfg.block_v)
     f32 = dict(dtype=torch.float32, device=a.device)
     M, L, S = torch.empty(n_splits, B, **f32), torch.empty(n_splits, B, **f32), torch.empty(n_splits, B, K_MAX, **f32)
     _stats_kernel[(triton.cdiv(B, cfg.block_b), n_splits)](
@@ -283,19 +291,23 @@ def _matmat_shared(a, W, U, b, cfg):
     K = U.shape[1]
     m, log_l, ybar = _stats(a, W, U, b, cfg)
     raise_nonfinite_normalizer(m + log_l, False)
-    n_tiles = triton.cdiv(V, cfg.block_v)
     n_b, n_d = triton.cdiv(B, cfg.block_b), triton.cdiv(D, cfg.block_d)
-    per, n_splits = _splits(n_tiles, n_b * n_d)
-    f32 = dict(dtype=torch.float32, device=a.device)
-    Acc = torch.empty(n_splits, B, D, K_MAX, **f32)
-    Mu = torch.empty(n_splits, B, D, **f32)
-    T = torch.empty(n_splits, B, K_MAX, **f32)
-    _matmat_kernel[(n_b, n_d, n_splits)](
-        a, W, U, b if b is not None else a, m.contiguous(), log_l.contiguous(), ybar.contiguous(), Acc, Mu, T,
-        B, V, D, K, per, a.stride(0), W.stride(0), U.stride(0), HAS_BIAS=b is not None, BLOCK_B=cfg.block_b,
-        BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, K_PAD=K_MAX)
-    mu, t = Mu.sum(dim=0), T.sum(dim=0)
-    return (Acc.sum(dim=0) - mu[:, :, None] * t[:, None, :])[:, :, :K]
+    f32, f64 = dict(dtype=torch.float32, device=a.device), dict(dtype=torch.float64, device=a.device)
+    acc, mu, t = torch.zeros(B, D, K_MAX, **f64), torch.zeros(B, D, **f64), torch.zeros(B, K_MAX, **f64)
+    per, _ = _splits(triton.cdiv(V, cfg.block_v), n_b * n_d, cfg.block_v)
+    for v0, v1 in v_slices(V, per * cfg.block_v, B * D * (K_MAX + 1)):
+        per, n_splits = _splits(triton.cdiv(v1 - v0, cfg.block_v), n_b * n_d, cfg.block_v)
+        Acc = torch.empty(n_splits, B, D, K_MAX, **f32)
+        Mu = torch.empty(n_splits, B, D, **f32)
+        T = torch.empty(n_splits, B, K_MAX, **f32)
+        _matmat_kernel[(n_b, n_d, n_splits)](
+            a, W[v0:v1], U, b[v0:v1] if b is not None else a, m.contiguous(), log_l.contiguous(), ybar.contiguous(),
+            Acc, Mu, T, B, v1 - v0, D, K, per, a.stride(0), W.stride(0), U.stride(0), HAS_BIAS=b is not None,
+            BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, K_PAD=K_MAX)
+        acc += Acc.sum(dim=0, dtype=torch.float64)
+        mu += Mu.sum(dim=0, dtype=torch.float64)
+        t += T.sum(dim=0, dtype=torch.float64)
+    return (acc - mu[:, :, None] * t[:, None, :])[:, :, :K].float()
 
 
 def _quad_shared(a, W, U, b, cfg):
@@ -307,13 +319,13 @@ def _quad_shared(a, W, U, b, cfg):
     raise_nonfinite_normalizer(m + log_l, False)
     n_tiles = triton.cdiv(V, cfg.block_v)
     n_b = triton.cdiv(B, cfg.block_b)
-    per, n_splits = _splits(n_tiles, n_b)
+    per, n_splits = _splits(n_tiles, n_b, cfg.block_v)
     Q = torch.empty(n_splits, B, K_MAX, K_MAX, dtype=torch.float32, device=a.device)
     _quad_kernel[(n_b, n_splits)](
         a, W, U, b if b is not None else a, m.contiguous(), log_l.contiguous(), ybar.contiguous(), Q,
         B, V, D, K, per, a.stride(0), W.stride(0), U.stride(0), HAS_BIAS=b is not None, BLOCK_B=cfg.block_b,
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, K_PAD=K_MAX)
-    Q = Q.sum(dim=0)[:, :K, :K]
+    Q = Q.sum(dim=0, dtype=torch.float64)[:, :K, :K].float()
     return 0.5 * (Q + Q.transpose(1, 2))
 
 
@@ -353,7 +365,8 @@ def softmax_fisher_gram_triton(a, W, b, reduce, cfg=_Cfg):
 
 # ---------------------------------------------------------------------------
 # The backend's ops, with the signatures of ``softmax_fisher_reference``.
-# Given logits run the chunked reference (there is nothing left to fuse).
+# Given logits and soft-capping are not implemented here: the dispatcher
+# (softmax_fisher._OPS) sends those calls to the reference.
 # ---------------------------------------------------------------------------
 
 def lm_logsumexp(a, W, b, chunk):
@@ -363,28 +376,20 @@ def lm_logsumexp(a, W, b, chunk):
 
 
 def matmat(a, W, U, b, logits, chunk):
-    if logits is not None:
-        return reference.matmat(a, W, U, b, logits, chunk)
     return softmax_fisher_matmat_triton(a, W, U, b)
 
 
 def quad(a, W, U, b, logits, chunk):
-    if logits is not None:
-        return reference.quad(a, W, U, b, logits, chunk)
     return softmax_fisher_quad_triton(a, W, U, b)
 
 
 def gram(a, W, b, logits, reduce, chunk):
     """matmat with U = I_d on the Triton kernels."""
-    if logits is not None:
-        return reference.gram(a, W, b, logits, reduce, chunk)
     return softmax_fisher_gram_triton(a, W, b, reduce)
 
 
 def gram_topk(a, W, b, logits, reduce, tail_tol, chunk):
     """The Triton normalizer, then the reference's (torch) candidate selection."""
-    if logits is not None:
-        return reference.gram_topk(a, W, b, logits, reduce, tail_tol, chunk)
     norm = normalizer_triton(a, W, b)
     raise_nonfinite_normalizer(norm[0] + norm[1], False)
     return reference.gram_truncated_chunked(a, W, b, None, chunk, norm, tail_tol, reduce)

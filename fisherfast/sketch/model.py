@@ -3,19 +3,24 @@
 For each sketched position t of each text, the head input a is the final
 normed hidden state (RMSNorm for Llama, ln_f for GPT-2), computed by
 ``fisherfast.split.final_head_inputs``: the model's own forward through its
-decoder stack and final norm, *without* the LM head. The logits z = W a + b
-(then the model's post-processing, e.g. Gemma3's soft-capping c·tanh(z/c))
-are formed only for one chunk of selected rows at a time: without
-post-processing, the fused op ``fisher_sketch_update`` takes W and b and
-computes them chunk by chunk; with it, the rows' logits are taken here in
-chunks of ``chunk_rows``. The sketcher forms e = p − e_y with p = softmax(z)
-over the full vocabulary (K = V). Memory beyond the model's own forward
-(which, without its head, holds B·T·d per layer, never B·T·V) is the
-selected rows' a (rows × d) plus one chunk of logits (default 64 MB).
+decoder stack and final norm, *without* the LM head. The logits are the
+model's own, ``fisherfast.split.Head``: z = s(W a + b), then the final
+soft-cap c·tanh(z/c) where the model has one (Gemma-2/3). A linear logit
+scale s (Cohere, Granite) is folded into the head input, a' = s a and
+b' = s b, so z = W a' + b' exactly and the sketched g = e ⊗ a' is exactly
+the gradient of the loss with respect to W. Without soft-cap the fused op
+``fisher_sketch_update`` takes W and b' and forms the logits chunk by chunk;
+with it, the rows' logits ``head.logits(a)`` are taken here in chunks of
+``chunk_rows``. The sketcher forms e = p − e_y with p = softmax(z) over the
+full vocabulary (K = V). Memory beyond the model's own forward (which,
+without its head, holds B·T·d per layer, never B·T·V) is the selected rows'
+a (rows × d) plus one chunk of logits (default 64 MB).
 
-With soft-capping, e = p − e_y is the error in the coordinates of the
-model's final logits: the sketched g = e ⊗ a is the gradient of the loss
-with respect to W only up to the soft-cap's diagonal Jacobian 1 − tanh²(z/c).
+With soft-capping, p is the model's own distribution exactly, and e = p − e_y
+is the error in the coordinates of the model's final (capped) logits: the
+gradient of the loss with respect to W is (J_cap e) ⊗ a' with
+J_cap = diag(1 − tanh²(z_lin/c)); sketching it in W's coordinates needs the
+sketch op to take the cap (``softcap=``), which it does not yet.
 
 Labels:
 
@@ -37,6 +42,7 @@ N_V = 2^⌈log₂V⌉ and 2⌈m/N_d⌉ of size N_d).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -46,7 +52,8 @@ from fisherfast.sketch.sketcher import FisherSketcher
 from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import SketchState
 from fisherfast.sketch.tasks import PromptTask
-from fisherfast.split import OutputHead, final_head_inputs, output_head
+from fisherfast.split import Head, final_head_inputs, output_head
+from fisherfast.split.positions import check_positions
 
 POSITIONS = ("all", "last")
 LOGITS_CHUNK_BYTES = 64 << 20  # float32 logits rows held at once when the head has post-processing
@@ -101,8 +108,8 @@ def check_input_ids(model, ids: list[list[int]]) -> None:
                              f"got {bad[0]}")
 
 
-def model_head(model) -> OutputHead:
-    """The model's OutputHead (``fisherfast.split.output_head``); TypeError for anything else."""
+def model_head(model) -> Head:
+    """The model's ``Head`` (``fisherfast.split.output_head``); TypeError for anything else."""
     try:
         return output_head(model)
     except (ValueError, AttributeError) as err:
@@ -128,7 +135,7 @@ def check_chunk_rows(chunk_rows) -> None:
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
 
 
-def sketch_batch(model, head: OutputHead, sketchers: dict, batch: list[list[int]], labels: dict, *,
+def sketch_batch(model, head: Head, sketchers: dict, batch: list[list[int]], labels: dict, *,
                  positions: str, sample: bool, chunk_rows: int | None = None) -> int:
     """Add one batch of token-id lists to ``sketchers`` ({name: FisherSketcher});
     ``labels`` {name: one token id per text, or None for next-token labels}.
@@ -141,24 +148,28 @@ def sketch_batch(model, head: OutputHead, sketchers: dict, batch: list[list[int]
         input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
     t = torch.arange(T, device=device)
     a = final_head_inputs(model, input_ids, (t[None, :] < lengths[:, None]).long())  # (B, T, d), no logits
+    if head.scale != 1.0:  # z = W (s a) + s b: the sketched rows are a' = s a (module docstring)
+        a = a * head.scale
     if positions == "all":  # position t predicts token t + 1 of the same text
         rows = t[None, :] < (lengths[:, None] - 1)
         a_rows, next_token = a[rows], input_ids[:, 1:][rows[:, :-1]]
     else:
         a_rows, next_token = a[torch.arange(len(batch), device=device), lengths - 1], None
     del a
-    if head.logit_softcap is None:
-        chunks = [slice(0, a_rows.shape[0])]  # the op forms z = W a + b chunk by chunk itself
+    b_scaled = head.b if head.b is None or head.scale == 1.0 else head.b * head.scale
+    folded = dataclasses.replace(head, b=b_scaled, scale=1.0)  # the head of a' = s a
+    if head.softcap is None:
+        chunks = [slice(0, a_rows.shape[0])]  # the op forms z = W a' + b' chunk by chunk itself
     else:
         step = chunk_rows or max(1, LOGITS_CHUNK_BYTES // (4 * head.W.shape[0]))
         chunks = [slice(s, s + step) for s in range(0, a_rows.shape[0], step)]
     for name, sketcher in sketchers.items():
         y = None if sample else next_token if labels[name] is None else torch.tensor(labels[name], device=device)
         for rows in chunks:
-            if head.logit_softcap is None:
-                head_kwargs = dict(W=head.W, b=head.b, chunk_rows=chunk_rows)
-            else:
-                head_kwargs = dict(logits=head.logits(a_rows[rows]))
+            if head.softcap is None:
+                head_kwargs = dict(W=head.W, b=b_scaled, chunk_rows=chunk_rows)
+            else:  # a' = s a already: the capped logits c·tanh((W a' + b')/c)
+                head_kwargs = dict(logits=folded.logits(a_rows[rows]))
             if sample:
                 sketcher.update(a_rows[rows], sample=True, **head_kwargs)
             else:
@@ -173,8 +184,9 @@ def sketch_model(model, tokenizer, texts_or_prompts, *, spec: SketchSpec | None 
     """Stream a causal LM over data and return the FisherSketch state of its head Fisher.
 
     Args:
-        model: a Hugging Face causal LM of ``fisherfast.split.SUPPORTED_MODEL_TYPES``
-            whose ``get_output_embeddings()`` is an nn.Linear.
+        model: a Hugging Face causal LM whose decoder stack ``fisherfast.split.architecture``
+            finds and whose ``get_output_embeddings()`` is an nn.Linear (any
+            decoder-only type, hybrid and state-space ones included).
         tokenizer: its tokenizer (unused when the data are token-id lists).
         texts_or_prompts: list of strings, or of token-id lists.
         spec: SketchSpec with d = hidden size and K = vocabulary size (the
@@ -203,12 +215,18 @@ def sketch_model(model, tokenizer, texts_or_prompts, *, spec: SketchSpec | None 
     B·T·V.
 
     Raises:
-        TypeError/ValueError for bad arguments, before any forward pass.
+        TypeError/ValueError for bad arguments, before any forward pass;
+        ValueError naming ``texts_or_prompts`` for a text longer than the
+        model's positions (``max_length`` truncates), and ``model`` for a
+        model in training mode.
     """
     check_stream_options(batch_size, max_length, sample, sample_seed, chunk_rows)
     head = model_head(model)
     ids = _token_lists(tokenizer, texts_or_prompts, max_length)
     check_input_ids(model, ids)
+    check_positions(model, max(map(len, ids)), "texts_or_prompts")
+    if model.training:
+        raise ValueError("model: is in training mode (dropout makes the sketch random); call model.eval()")
     K, d = head.W.shape
 
     if isinstance(labels, str) and labels != "next_token":

@@ -46,7 +46,7 @@ REFUSED_MODEL_TYPES = {
 
 # Class names of modules that carry a state along the sequence besides
 # attention keys/values (state-space mixers, short convolutions, linear attention).
-_RECURRENT = re.compile(r"Mamba|Mixer|ShortConv|Recurrent|SSM|LinearAttention|GatedDeltaNet|RWKV|xLSTM", re.I)
+_RECURRENT = re.compile(r"Mamba|Mixer|ShortConv|Recurrent|SSM|LinearAttention|GatedDeltaNet|RWKV|xLSTM")
 _BLOCK_NAMES = ("layers", "h", "blocks", "layer")
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache_params")
 
@@ -109,8 +109,8 @@ def architecture(model) -> Architecture:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if not isinstance(model, torch.nn.Module) or not isinstance(model_type, str):
-        raise ValueError(f"model: expected a Hugging Face transformers model (with a .config.model_type), "
-                         f"got {type(model).__name__}")
+        raise ValueError(f"model: unsupported architecture: expected a Hugging Face transformers model (with a "
+                         f".config.model_type), got {type(model).__name__}")
     L = getattr(config, "num_hidden_layers", None)
     base, blocks = None, None
     for candidate in _bases(model):
@@ -119,8 +119,8 @@ def architecture(model) -> Architecture:
             base = candidate
             break
     if blocks is None:
-        raise ValueError(f"model: cannot find the decoder blocks of {type(model).__name__} (model_type "
-                         f"{model_type!r}): expected its base model to hold a ModuleList of "
+        raise ValueError(f"model: unsupported architecture {model_type!r}: cannot find the decoder blocks of "
+                         f"{type(model).__name__}: expected its base model to hold a ModuleList of "
                          f"config.num_hidden_layers = {L} blocks")
     norm = _find_norm(base, blocks)
     rotary = tuple(m for _, m in base.named_children() if "rotary" in type(m).__name__.lower())

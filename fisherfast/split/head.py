@@ -117,12 +117,13 @@ class Head:
 
     # ----------------------------------------------------------- private
     def _folded(self, a):
-        """(s a, s b): z_lin = W (s a) + s b."""
-        if a is not None:
-            a = a.to(device=self.W.device, dtype=self.W.dtype)
+        """(s a, s b): z_lin = W (s a) + s b; (None, None) for a = None (the bias is in given logits)."""
+        if a is None:
+            return None, None
+        a = a.to(device=self.W.device, dtype=self.W.dtype)
         if self.scale == 1.0:
             return a, self.b
-        return (None if a is None else a * self.scale), (None if self.b is None else self.b * self.scale)
+        return a * self.scale, (None if self.b is None else self.b * self.scale)
 
     def _s2(self, G):
         return G * (self.scale * self.scale) if self.scale != 1.0 else G

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.func import vjp as _vjp, vmap
+from torch.func import vjp as _vjp
 
 __all__ = ["Linearization"]
 
@@ -45,8 +45,7 @@ class Linearization:
             _, self._pushforward = _vjp(lambda c: self._pullback(c)[0], torch.zeros_like(self.a))
         return self._apply(self._pushforward, T, chunk)
 
-    @staticmethod
-    def _apply(linear_map, X, chunk):
-        if X.shape[0] == 1:   # one vector (a CG step): vmap's batching costs ~15% here
-            return linear_map(X[0])[0][None]
-        return vmap(lambda x: linear_map(x)[0], chunk_size=chunk)(X)
+    def _apply(self, linear_map, X, chunk):
+        """Rows linear_map(x_i): vmapped (one vector, a CG step, directly: vmap's batching costs
+        ~15% there), one at a time where vmap cannot batch the map (``SplitModel._map``)."""
+        return self._split._map(lambda x: linear_map(x)[0], X, chunk)

@@ -2,24 +2,21 @@
 Jacobian products and linearization (see the package docstring)."""
 from __future__ import annotations
 
-import contextlib
-import inspect
 import dataclasses
+import inspect
+import threading
 from typing import Callable, Sequence
 
 import torch
 from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
 
 from fisherfast.split.architectures import architecture
-from fisherfast.split.attention import _ATTN_NAME, _RecordKV, _register_attention
+from fisherfast.split.attention import SplitState, selected
 from fisherfast.split.head import Head, head_of
 from fisherfast.split.linearization import Linearization
 from fisherfast.split.offload import bypass_dispatch_hooks, execution_device, is_offloaded, materialized_parameters
-from fisherfast.split.sequence import ATTN_SEQUENCE, Continuation, run_sequence
-
-
-class _Stop(Exception):
-    """Raised by the lower-pass hook once block ℓ's input is captured."""
+from fisherfast.split.positions import check_positions
+from fisherfast.split.sequence import Continuation, run_sequence
 
 
 def _to_device(value, device):
@@ -31,6 +28,50 @@ def _to_device(value, device):
     return value
 
 
+# Keyword arguments a base model passes to its blocks that are cut to the
+# queries' rows (and, for the mask, the keys' columns); cache keywords are
+# dropped; anything else that is a tensor is refused (its layout is unknown).
+_ROW_KWARGS = ("position_ids", "cache_position")
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache_params", "use_cache",
+                   "output_attentions")
+
+
+def _rows(value, rows, n_keys, name):
+    """One captured block keyword restricted to query rows ``rows`` (a slice) against keys 0..n_keys-1
+    (contiguous copies: the upper map reads them once per candidate and tangent)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if name == "attention_mask":
+        if not isinstance(value, torch.Tensor) or value.ndim != 4:
+            raise ValueError("model: its attention mask is not a 4-D (batch, heads, query, key) mask (flash "
+                             "attention?); load it with attn_implementation='eager' or 'sdpa' for SplitModel")
+        return value[:, :, rows, :n_keys].contiguous()
+    if name == "position_embeddings" and isinstance(value, tuple):
+        return tuple(e[..., rows, :].contiguous() for e in value)
+    if name in _ROW_KWARGS and isinstance(value, torch.Tensor):
+        return value[..., rows].contiguous()
+    if isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list))
+                                           and any(isinstance(v, torch.Tensor) for v in value)):
+        raise ValueError(f"model: its decoder blocks take a tensor keyword {name!r} that SplitModel does not know "
+                         "how to restrict to one position")
+    return value
+
+
+def _named_arguments(block, args, kwargs) -> dict:
+    """A block call's arguments after the hidden states, by name (GPT-2 passes its mask by position)."""
+    signature = inspect.signature(block.forward)
+    bound = signature.bind(*args, **kwargs).arguments
+    named = {}
+    for i, (name, value) in enumerate(bound.items()):
+        if i == 0:
+            continue  # the hidden states
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
+
+
 @dataclasses.dataclass
 class SplitContext:
     """What the upper map needs for one prompt and position, computed once.
@@ -40,10 +81,11 @@ class SplitContext:
         position: t, the non-negative index into the prompt.
         layer: ℓ.
         input_ids: (t+1,) the prompt up to and including position t.
-        kv: {layer_idx: (K, V)} keys/values of positions < t in blocks ℓ..L-1,
-            each (1, heads, t, head_dim).
-        block_kwargs: per upper block, the keyword arguments (mask, rotary
-            embeddings) for a single query at position t.
+        kv: {id(attention module): (K, V)} keys/values of positions < t of
+            every attention module in blocks ℓ..L-1, each (1, kv heads, t, head_dim).
+        block_kwargs: per upper block, the keyword arguments the model's own
+            forward passed it (mask row, rotary embeddings, positions) for
+            the single query at position t.
         continuation: None, or the ``Continuation`` y₁…y_n read by
             ``SplitModel.sequence_logits``.
     """
@@ -62,15 +104,27 @@ class SplitModel:
     """A Hugging Face causal LM split at layer ℓ (see the module docstring).
 
     Args:
-        model: a ``*ForCausalLM`` of one of ``SUPPORTED_MODEL_TYPES`` (GPT-2,
-            Llama — covers SmolLM2 and Llama-3 —, Qwen2, GPT-NeoX, Gemma3 text).
+        model: a causal LM whose parts ``fisherfast.split.architecture`` finds
+            and does not refuse (verified on ``SUPPORTED_MODEL_TYPES``).
         layer: ℓ ∈ [0, L]; h at layer ℓ is the input of block ℓ (ℓ = L: the
             last block's output before the final norm).
 
+    Raises:
+        ValueError naming ``model`` with ``architecture(model).split_refusal``
+        for a model that cannot be split exactly (recurrent/state-space layers,
+        attention outside transformers' attention interface, no Linear head).
+
+    Mixture-of-experts blocks: the map, its Jacobian and every gradient are
+    those of the network with the routing the model picks at h (the top-k
+    experts and their weights as functions of h; the selection itself is
+    piecewise constant, so its derivative is zero almost everywhere) — what
+    autograd through the model's own forward gives.
+
     Attributes:
         model_type, num_layers (L), d, V, layer,
-        W: (V, d) unembedding (detached), b: (V,) bias or None,
-        logit_softcap: Gemma3's final soft-capping constant c or None.
+        head: the ``Head`` (W, b, logit scale, soft-cap);
+        W: (V, d) unembedding (detached), b: (V,) bias or None (the head's),
+        logit_softcap: the final soft-capping constant c or None.
     """
 
     def __init__(self, model, layer: int):
@@ -93,27 +147,26 @@ class SplitModel:
         self.V, self.d = self.head.W.shape
         self._upper = list(range(layer, self.num_layers))
         # Parameters of blocks held in memory are kept (detached views); those of
-        # offloaded blocks are loaded per call (``_block_params``), see fisherfast._offload.
+        # offloaded blocks are loaded per call (``_block_params``), see fisherfast.split.offload.
         self._params = [None if is_offloaded(self._blocks[i]) else materialized_parameters(self._blocks[i])
                         for i in self._upper]
         self._norm_params = materialized_parameters(self._norm)
         # where each upper block and the norm compute (fixed by the placement; looked up once, not per call)
         self._devices = [execution_device(self._blocks[i]) for i in self._upper]
         self._norm_device = execution_device(self._norm)
-        self._configs = self._attention_configs()
-        self._softmax_fp32 = self.model_type != "gpt2"
-        _register_attention()
+        self._float64 = self.head.W.dtype == torch.float64  # float64 models: float64 throughout (precision.py)
+        self._loop_tangents = False  # set when vmap cannot batch the upper map (data-dependent MoE routing)
 
     # ------------------------------------------------------------------ context
     def context(self, input_ids, attention_mask=None, position: int = -1, continuation=None) -> SplitContext:
-        """Run the lower pass once and cache what the upper map needs.
+        """Run the model's own forward once on the prompt and cache what the upper map needs.
 
         Args:
             input_ids: (T,) or (1, T) token ids in [0, V) (a list of ints is accepted).
             attention_mask: optional (T,) or (1, T) 0/1 padding mask; position t
                 must be a real token.
             position: t ∈ [-T, T-1] (negative counts from the end). Position
-                ids are 0..T-1, as in ``model(input_ids)``.
+                ids are those of ``model(input_ids)``.
             continuation: optional tokens y₁…y_n (n ≥ 1, repeats allowed) that
                 follow position t, for ``sequence_logits`` (logits at t..t+n-1
                 with h edited at t); the prompt after t is dropped.
@@ -123,11 +176,13 @@ class SplitModel:
 
         Raises:
             ValueError naming ``input_ids``/``continuation`` for ids outside
-            [0, V) (before any work), and for bad shapes, positions or masks.
+            [0, V) or more tokens than the model's positions (before any
+            work), for bad shapes, positions or masks; naming ``model`` for a
+            model in training mode or whose outputs at the prompt are not finite.
 
-        Cost: one forward of the model through blocks 0..ℓ-1 on positions
-        0..t (0..t+n-1 with a continuation), and one pass of blocks ℓ..L-1
-        over positions 0..t-1.
+        Cost: one forward of the model on positions 0..t (0..t+n-1 with a
+        continuation) with eager attention, recording the upper blocks'
+        keys/values, then one token through blocks ℓ..L-1 (the finiteness check).
         """
         ids = self._check_ids(input_ids, "input_ids")
         self._check_vocab(ids, "input_ids")
@@ -152,43 +207,31 @@ class SplitModel:
             if int(mask[0, t]) != 1:
                 raise ValueError(f"attention_mask: position {t} is padding; choose a real token")
             mask = mask[:, : t + 1]
-        if self.model.training:
-            raise ValueError("model: is in training mode (dropout makes the upper map random); call model.eval()")
+        self._check_eval()
         ids = ids[:, : t + 1]
         fed, fed_mask = ids, mask
         if cont is not None:  # y₁…y_{n-1} are fed in; y_n is only predicted
             fed = torch.cat([ids, cont[:, :-1]], dim=1)
             fed_mask = None if mask is None else torch.cat([mask, mask.new_ones(1, cont.shape[1] - 1)], dim=1)
-        x_all = self._lower(fed, fed_mask)
+        check_positions(self.model, fed.shape[1], "input_ids" if cont is None else "input_ids + continuation")
+        x_all, captured, recorded = self._record(fed, fed_mask)
         x = x_all[:, : t + 1]                                       # (1, t+1, d): input of block ℓ
-        device = x.device
-        keep = torch.ones(t + 1, dtype=torch.bool, device=device) if mask is None else mask[0].bool()
-        prefix = _RecordKV()
-        with torch.no_grad(), self._attn("eager"):
-            if t > 0:
-                y = x[:, :t]
-                pos = torch.arange(t, device=device)
-                for j, i in enumerate(self._upper):
-                    kw = self._block_kwargs(i, y, pos, keep[:t], t)
-                    y = self._call_block(j, y, {**kw, self._arch.cache_kwarg: prefix})
-            block_kwargs = [self._block_kwargs(i, x[:, t:], torch.tensor([t], device=device), keep, t + 1)
-                            for i in self._upper]
-            sequence = None
-            if cont is not None:
-                n = cont.shape[1]
-                keep_all = torch.cat([keep, torch.ones(n - 1, dtype=torch.bool, device=device)])
-                pos = torch.arange(t, t + n, device=device)
-                sequence = Continuation(ids=cont[0].clone(), x=x_all[0, t + 1:].detach().clone(),
-                                        block_kwargs=[self._block_kwargs(i, x_all[:, t:], pos, keep_all, t + n)
-                                                      for i in self._upper])
-        # block i's attention records under its layer_idx, which is i. Padded
-        # prefix keys are masked out, but their rows can hold NaN (a query
-        # with every key masked); zero them so NaN·0 cannot leak into f_ℓ.
+        keep = torch.ones(t + 1, dtype=torch.bool, device=x.device) if mask is None else mask[0].bool()
+        block_kwargs = [{k: _rows(v, slice(t, t + 1), t + 1, k) for k, v in kw.items()} for kw in captured]
+        sequence = None
+        if cont is not None:
+            n = cont.shape[1]
+            sequence = Continuation(ids=cont[0].clone(), x=x_all[0, t + 1:].detach().clone(),
+                                    block_kwargs=[{k: _rows(v, slice(t, t + n), t + n, k) for k, v in kw.items()}
+                                                  for kw in captured])
+        # Padded prefix keys are masked out, but zero them so NaN·0 cannot leak into f_ℓ.
         real = keep[:t].view(1, 1, t, 1)
-        kv = {i: (torch.where(real, k, 0.0).detach(), torch.where(real, v, 0.0).detach())
-              for i, (k, v) in prefix.kv.items()}
-        return SplitContext(h=x[0, t].detach().clone(), position=t, layer=self.layer, input_ids=ids[0].clone(),
-                            kv=kv, block_kwargs=block_kwargs, owner_id=id(self), continuation=sequence)
+        kv = {key: (torch.where(real, k[:, :, :t], 0.0), torch.where(real, v[:, :, :t], 0.0))
+              for key, (k, v) in recorded.items()}
+        ctx = SplitContext(h=x[0, t].detach().clone(), position=t, layer=self.layer, input_ids=ids[0].clone(),
+                           kv=kv, block_kwargs=block_kwargs, owner_id=id(self), continuation=sequence)
+        self._check_finite(ctx)
+        return ctx
 
     def contexts(self, prompts_ids: Sequence, position: int = -1) -> list[SplitContext]:
         """``[self.context(ids, position=position) for ids in prompts_ids]``."""
@@ -201,7 +244,7 @@ class SplitModel:
     def residual(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
         """r_L: h (..., d) → the last residual (..., d) before the final norm."""
         h = self._check_h(ctx, h, "h", batched=True)
-        with self._attn(_ATTN_NAME):
+        with self._selected(ctx):
             return self._residual(ctx, h)
 
     def head_input(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
@@ -210,9 +253,9 @@ class SplitModel:
         return self._head_input(ctx, h)
 
     def logits(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
-        """z = W a + b (then Gemma3's soft-cap c·tanh(z/c)): h (..., d) → (..., V)."""
+        """The model's logits (``head.logits``: z = s(W a + b), soft-capped where the model does): h (..., d) → (..., V)."""
         h = self._check_h(ctx, h, "h", batched=True)
-        return self.logits_from_head_input(self._head_input(ctx, h))
+        return self.head.logits(self._head_input(ctx, h))
 
     def sequence_logits(self, ctx: SplitContext, h: torch.Tensor) -> torch.Tensor:
         """Logits (..., n, V) at positions t..t+n-1 for h (..., d) at (ℓ, t):
@@ -229,7 +272,7 @@ class SplitModel:
         h = self._check_h(ctx, h, "h", batched=True)
         if ctx.continuation is None:
             raise ValueError("ctx: has no continuation; build it with split.context(ids, continuation=tokens)")
-        with self._attn(ATTN_SEQUENCE):
+        with self._selected(ctx):
             return run_sequence(self, ctx, h)
 
     @property
@@ -259,15 +302,17 @@ class SplitModel:
                 k at once, the fastest; an int bounds memory to about
                 chunk·(d_ff + heads·t) floats per intermediate).
         Cost: k JVPs of one token through L-ℓ blocks, batched with vmap (one
-        (k×d)·(d×d_ff)-sized matmul per weight matrix).
+        (k×d)·(d×d_ff)-sized matmul per weight matrix); one JVP at a time
+        where vmap cannot batch the map (data-dependent mixture-of-experts routing).
         """
         h = self._check_h(ctx, h, "h", batched=False)
         V_in = self._check_vectors(tangents, "tangents")
         chunk = self._check_chunk(chunk)
         f = self._fn(ctx)
-        with self._attn(_ATTN_NAME):
-            a, Bt = vmap(lambda v: _jvp(f, (h,), (v,)), chunk_size=chunk)(V_in)
-        return a[0], Bt
+        with self._selected(ctx):
+            Bt = self._map(lambda v: _jvp(f, (h,), (v,))[1], V_in, chunk)
+            a = f(h)
+        return a, Bt
 
     def vjp(self, ctx: SplitContext, h: torch.Tensor, cotangents: torch.Tensor, chunk: int | None = None):
         """Reverse mode: rows Bᵀ c_i, i.e. c_i @ B, for cotangents c (k, d) → (k, d).
@@ -277,11 +322,11 @@ class SplitModel:
         h = self._check_h(ctx, h, "h", batched=False)
         C = self._check_vectors(cotangents, "cotangents")
         chunk = self._check_chunk(chunk)
-        with self._attn(_ATTN_NAME):
+        with self._selected(ctx):
             if any(params is None for params in self._params):
                 return self._vjp_blockwise(ctx, h, C, chunk)
             _, pullback = _vjp(self._fn(ctx), h)
-            return vmap(lambda c: pullback(c)[0], chunk_size=chunk)(C)
+            return self._map(lambda c: pullback(c)[0], C, chunk)
 
     def _vjp_blockwise(self, ctx, h, C, chunk):
         """``vjp`` one block at a time, for models with offloaded blocks: one forward keeps
@@ -294,14 +339,14 @@ class SplitModel:
             y = h.reshape(1, 1, d)
             for j in range(len(self._upper)):
                 inputs.append(y)
-                y = self._call_block(j, y, self._upper_kwargs(ctx, j))
+                y = self._call_block(j, y, ctx.block_kwargs[j])
         _, pullback = _vjp(lambda r: self._apply_norm(r), y.reshape(d))
-        cot = vmap(lambda c: pullback(c)[0], chunk_size=chunk)(C)          # rows c_iᵀ J_N
+        cot = self._map(lambda c: pullback(c)[0], C, chunk)          # rows c_iᵀ J_N
         for j in reversed(range(len(self._upper))):
-            kw = self._upper_kwargs(ctx, j)
+            kw = ctx.block_kwargs[j]
             _, pullback = _vjp(lambda x, j=j, kw=kw: self._call_block(j, x.reshape(1, 1, d), kw).reshape(d),
                                inputs[j].reshape(d))
-            cot = vmap(lambda c: pullback(c)[0], chunk_size=chunk)(cot)  # on block j's input device
+            cot = self._map(lambda c: pullback(c)[0], cot, chunk)  # on block j's input device
         return cot.to(h.device)
 
     def jacobian(self, ctx: SplitContext, h: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
@@ -331,18 +376,43 @@ class SplitModel:
         if h is None:
             h = ctx.h
         h = self._check_h(ctx, h, "h", batched=False)
-        with self._attn(_ATTN_NAME):
+        with self._selected(ctx):
             a, pullback = _vjp(self._fn(ctx), h)
         return Linearization(self, a, pullback)
 
     def norm_jacobian(self, ctx: SplitContext, r: torch.Tensor) -> torch.Tensor:
         """J_N = ∂N/∂r (d, d) of the final norm at the last residual r (d,)."""
         r = self._check_h(ctx, r, "r", batched=False)
-        return torch.func.jacfwd(self._apply_norm)(r)
+        with self._selected(ctx):
+            return torch.func.jacfwd(self._apply_norm)(r)
+
+    def check_point(self, ctx: SplitContext, h: torch.Tensor, name: str = "h", batched: bool = False) -> torch.Tensor:
+        """``h`` checked as a point for ``ctx`` (TypeError/ValueError naming ``name``): a tensor of the
+        model's dtype, shape (d,) (or (..., d) when ``batched``), ``ctx`` made by this SplitModel, the
+        model in eval mode. Returns h."""
+        return self._check_h(ctx, h, name, batched=batched)
 
     # ----------------------------------------------------------------- private
+    def _selected(self, ctx):
+        """This thread's attention: the upper map's, attending to ``ctx``'s cached prefix."""
+        return selected(SplitState(prefix=ctx.kv, float64=self._float64))
+
+    def _map(self, fn, X, chunk):
+        """Rows fn(x_i) for X (k, ...): vmapped ``chunk`` at a time; one at a time when vmap
+        cannot batch fn (a mixture-of-experts block's data-dependent routing), remembered."""
+        if X.shape[0] == 1:
+            return fn(X[0])[None]
+        if not self._loop_tangents:
+            try:
+                return vmap(fn, chunk_size=chunk)(X)
+            except RuntimeError as err:
+                if "vmap" not in str(err) and "batch" not in str(err).lower():
+                    raise
+                self._loop_tangents = True
+        return torch.stack([fn(x) for x in X])
+
     def _fn(self, ctx) -> Callable:
-        """h ↦ a for torch.func transforms; the caller holds ``self._attn(_ATTN_NAME)``."""
+        """h ↦ a for torch.func transforms; the caller holds ``self._selected(ctx)``."""
         def f(h):
             return self._apply_norm(self._residual(ctx, h))
         return f
@@ -355,13 +425,8 @@ class SplitModel:
         return a.to(self.W.device)
 
     def _head_input(self, ctx, h):
-        with self._attn(_ATTN_NAME):
+        with self._selected(ctx):
             return self._apply_norm(self._residual(ctx, h))
-
-    def _upper_kwargs(self, ctx, j):
-        """Keyword arguments of upper block j for the one query at position t."""
-        return dict(ctx.block_kwargs[j], split_prefix=ctx.kv.get(self._upper[j]),
-                    split_softmax_fp32=self._softmax_fp32)
 
     def _block_params(self, j):
         """Upper block j's parameters: kept ones, or an offloaded block's loaded for this call only."""
@@ -370,89 +435,78 @@ class SplitModel:
 
     def _call_block(self, j, y, kwargs):
         """Upper block j (model block ``self._upper[j]``) on y with explicit parameters, on the
-        block's own device (activations and keyword tensors follow it; accelerate's hooks bypassed)."""
+        block's own device (activations and keyword tensors follow it; accelerate's hooks bypassed).
+        Returns the block's hidden states (blocks returning a tuple give its first entry)."""
         block = self._blocks[self._upper[j]]
         device = self._devices[j] or y.device
         kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
         with bypass_dispatch_hooks([block]):
-            return functional_call(block, self._block_params(j), (y.to(device),), kwargs)
+            out = functional_call(block, self._block_params(j), (y.to(device),), kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
     def _residual(self, ctx, h):
-        """Blocks ℓ..L-1 on one token per candidate: h (..., d) → r_L (..., d); eager attention needed."""
+        """Blocks ℓ..L-1 on one token per candidate: h (..., d) → r_L (..., d)."""
         lead = h.shape[:-1]
         y = h.reshape(-1, 1, self.d)
         for j in range(len(self._upper)):
-            y = self._call_block(j, y, self._upper_kwargs(ctx, j))
+            y = self._call_block(j, y, ctx.block_kwargs[j])
         return y.reshape(*lead, self.d)
 
-    def _lower(self, ids, mask):
-        """The model's own forward up to the input of block ℓ (or the final norm at ℓ = L)."""
+    def _record(self, ids, mask):
+        """The model's own forward on ``ids`` with ``attend`` recording the upper blocks' keys/values.
+
+        Returns (x, kwargs, kv): x (1, T, d) the input of block ℓ (of the final norm at ℓ = L);
+        kwargs, per upper block, the keyword arguments the base model passed it (cache ones
+        dropped); kv {id(attention module): (K, V)} over all T positions."""
+        me = threading.get_ident()
+        captured, kwargs = {}, [None] * len(self._upper)
+
+        def capture_input(module, args, kw):
+            if threading.get_ident() == me and "x" not in captured:
+                captured["x"] = args[0] if args else kw["hidden_states"]
+
+        def capture_kwargs(j):
+            def hook(module, args, kw):
+                if threading.get_ident() == me and kwargs[j] is None:
+                    kwargs[j] = {k: v for k, v in _named_arguments(module, args, kw).items()
+                                 if k not in _DROPPED_KWARGS}
+            return hook
+
         target = self._blocks[self.layer] if self.layer < self.num_layers else self._norm
-        captured = {}
-
-        def hook(module, args, kwargs):
-            captured["x"] = args[0] if args else kwargs["hidden_states"]
-            raise _Stop
-
-        handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+        handles = [target.register_forward_pre_hook(capture_input, with_kwargs=True)]
+        handles += [self._blocks[i].register_forward_pre_hook(capture_kwargs(j), with_kwargs=True)
+                    for j, i in enumerate(self._upper)]
+        attention = {id(m): None for i in self._upper for m in self._blocks[i].modules()}
+        state = SplitState(record=attention, float64=self._float64)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), selected(state):
                 self._base(input_ids=ids, attention_mask=mask, use_cache=False)
-        except _Stop:
-            pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+        recorded = {key: kv for key, kv in attention.items() if kv is not None}
+        for j, i in enumerate(self._upper):
+            if not any(id(m) in recorded for m in self._blocks[i].modules()):
+                raise ValueError(f"model: block {i} of {self.model_type!r} computed no attention through "
+                                 "transformers' attention interface; SplitModel cannot hold its context fixed")
         if "x" not in captured:
-            raise RuntimeError(f"the lower pass of {type(self.model).__name__} never reached layer {self.layer}")
-        return captured["x"].detach()
+            raise RuntimeError(f"the forward of {type(self.model).__name__} never reached layer {self.layer}")
+        return captured["x"].detach(), kwargs, recorded
 
-    def _block_kwargs(self, i, x, pos, keep, n_keys):
-        """Keyword arguments of block i for queries at positions ``pos`` against keys 0..n_keys-1.
+    def _check_eval(self):
+        if self.model.training:
+            raise ValueError("model: is in training mode (dropout makes the upper map random); call model.eval()")
 
-        The additive mask (1, 1, q, n_keys) is 0 where key j is visible to query
-        p: j ≤ p (causal), key j not padding, and p − j < window on sliding-
-        window layers (transformers' sliding_window_overlay); else the dtype's
-        min, as transformers' eager masks.
-        """
-        config = self.model.config
-        kpos = torch.arange(n_keys, device=x.device)
-        visible = (kpos[None, :] <= pos[:, None]) & keep[None, :n_keys]
-        layer_types = getattr(config, "layer_types", None)
-        layer_type = layer_types[i] if layer_types is not None else "full_attention"
-        if layer_type == "sliding_attention":
-            visible = visible & (kpos[None, :] > pos[:, None] - config.sliding_window)
-        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
-        mask = mask.masked_fill(~visible, torch.finfo(x.dtype).min)[None, None]
-        kw = {"attention_mask": mask}
-        if self._arch.rotary:
-            rot = self._arch.rotary[0]
-            per_type = "layer_type" in inspect.signature(type(rot).forward).parameters
-            args = (x, pos[None]) + ((layer_type,) if per_type else ())
-            kw["position_embeddings"] = tuple(e.detach() for e in rot(*args))
-        return kw
-
-    def _attention_configs(self):
-        seen = {}
-        for i in self._upper:
-            for m in self._blocks[i].modules():
-                c = getattr(m, "config", None)
-                if c is not None and hasattr(c, "_attn_implementation"):
-                    seen[id(c)] = c
-        return list(seen.values())
-
-    @contextlib.contextmanager
-    def _attn(self, name):
-        """Select attention implementation ``name`` for the upper blocks, restoring it afterwards."""
-        saved = [(c, c._attn_implementation) for c in self._configs]
-        try:
-            for c, impl in saved:
-                if impl != name:
-                    c._attn_implementation = name
-            yield
-        finally:
-            for c, impl in saved:
-                if c._attn_implementation != impl:
-                    c._attn_implementation = impl
+    def _check_finite(self, ctx):
+        """ValueError naming ``model`` when its state at (ℓ, t) or its logits there are not finite."""
+        if not bool(torch.isfinite(ctx.h).all()):
+            raise ValueError(f"model: its hidden state at layer {self.layer}, position {ctx.position} is not "
+                             "finite (NaN/Inf); check the weights and dtype")
+        with torch.no_grad():
+            z = self.head.logits(self._head_input(ctx, ctx.h))
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError(f"model: its logits at position {ctx.position} are not finite (NaN/Inf); check the "
+                             "weights and dtype (half precision overflows?)")
 
     def _check_ids(self, ids, name):
         if isinstance(ids, (list, tuple)):
@@ -475,6 +529,7 @@ class SplitModel:
             raise ValueError(f"{name}: token ids must be in [0, {V_in}) (the model's vocabulary), got {int(bad[0])}")
 
     def _check_h(self, ctx, h, name, batched):
+        self._check_eval()
         if not isinstance(ctx, SplitContext):
             raise TypeError(f"ctx: expected a SplitContext from SplitModel.context(), got {type(ctx).__name__}")
         if ctx.owner_id != id(self):

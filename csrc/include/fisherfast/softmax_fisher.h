@@ -13,6 +13,17 @@
 //                   δx = x̄_c − x̄, δy = ȳ_c − ȳ (x = w_v for matmat, y for quad).
 // A NaN anywhere poisons m (and so the normalizer): the Python driver reports
 // it. Offsets are int64 so V·B > 2^31 is safe.
+//
+// Accuracy: every sum over the chunk runs in blocks of kBlock logits (a
+// vectorized float sum, ≤ kBlock/16 terms per lane) whose totals are added
+// in double, so a float32 chunk of any length keeps a few ulp of error
+// (plain float sums over 16 lanes of 3,000+ terms each lost 1e-5 – 1e-4 of
+// the normalizer on real heads).
+//
+// Soft-capping (optional s, the per-logit factor 1 − tanh²(z/c) of capped
+// logits z′ = c·tanh(z/c), given with z′ by the driver): the rows become
+// w̃ = s w and the projections ỹ = s y (the driver scales Y), so matmat's
+// GEMM rows are [e s ŷ | e s] and t_c stays Σ e ŷ.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -111,21 +122,48 @@ inline T shifted_max(const T* z, const T* bias, int64_t C, T* zb) {
   return nan ? T(NAN) : m;
 }
 
-// e = exp(z − m) in place over zb, returns l = Σ e.
+// Logits per block of a blocked sum: 16 float lanes × 16 terms.
+constexpr int64_t kBlock = 256;
+
+// e = exp(z − m) in place over zb, returns l = Σ e (blocked, double total).
 template <typename T>
 inline T exp_sum(T* zb, int64_t C, T m) {
-  T l = 0;
   if (m == -INFINITY || m != m) {
     for (int64_t c = 0; c < C; ++c) zb[c] = m != m ? m : T(0);
     return m != m ? m : T(0);
   }
-#pragma omp simd reduction(+ : l)
-  for (int64_t c = 0; c < C; ++c) {
-    const T e = exp_nonpos(zb[c] - m);
-    zb[c] = e;
-    l += e;
+  double l = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+    T part = 0;
+#pragma omp simd reduction(+ : part)
+    for (int64_t c = c0; c < c1; ++c) {
+      const T e = exp_nonpos(zb[c] - m);
+      zb[c] = e;
+      part += e;
+    }
+    l += part;
   }
-  return l;
+  return T(l);
+}
+
+// Σ_c x[c]·y[c] (y null: Σ x), blocked with a double total.
+template <typename T>
+inline double blocked_dot(const T* x, const T* y, int64_t C) {
+  double total = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t c1 = c0 + kBlock < C ? c0 + kBlock : C;
+    T part = 0;
+    if (y) {
+#pragma omp simd reduction(+ : part)
+      for (int64_t c = c0; c < c1; ++c) part += x[c] * y[c];
+    } else {
+#pragma omp simd reduction(+ : part)
+      for (int64_t c = c0; c < c1; ++c) part += x[c];
+    }
+    total += part;
+  }
+  return total;
 }
 
 // lm_logsumexp: merge one chunk of one token into (m, l). zb: C scratch.
@@ -139,22 +177,16 @@ inline void lse_token(const T* z, const T* bias, int64_t C, T* zb, T& m, T& l) {
 // ȳ_c[j] = Σ e y_j / l_c for the k rows y_j = Y + j·ysj.
 template <typename T>
 inline void chunk_mean(const T* e, const T* Y, int64_t ysj, int64_t C, int64_t k, T l_c, T* ybar_c) {
-  const T inv = l_c > 0 ? T(1) / l_c : T(0);
-  for (int64_t j = 0; j < k; ++j) {
-    const T* y = Y + j * ysj;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < C; ++c) s += e[c] * y[c];
-    ybar_c[j] = s * inv;
-  }
+  const double inv = l_c > 0 ? 1.0 / double(l_c) : 0.0;
+  for (int64_t j = 0; j < k; ++j) ybar_c[j] = T(blocked_dot(e, Y + j * ysj, C) * inv);
 }
 
 // matmat, chunk half: X (k+1 rows of C) = [e ⊙ (y_j − ȳ_c,j) | e] (one GEMM
 // X W_c then gives Σ e ŷ wᵀ and Σ e wᵀ), t_c[j] = Σ e ŷ_j (0 up to rounding),
-// m_c, l_c, ȳ_c. zb: C scratch.
+// m_c, l_c, ȳ_c. With S (soft-capping): X = [e s ŷ | e s], t_c as before.
 template <typename T>
-inline void matmat_token_chunk(const T* z, const T* bias, const T* Y, int64_t ysj, int64_t C, int64_t k, T* X,
-                               T& m_c, T& l_c, T* ybar_c, T* t_c) {
+inline void matmat_token_chunk(const T* z, const T* bias, const T* S, const T* Y, int64_t ysj, int64_t C, int64_t k,
+                               T* X, T& m_c, T& l_c, T* ybar_c, T* t_c) {
   T* e = X + k * C;
   m_c = shifted_max(z, bias, C, e);
   l_c = exp_sum(e, C, m_c);
@@ -163,13 +195,17 @@ inline void matmat_token_chunk(const T* z, const T* bias, const T* Y, int64_t ys
     const T* y = Y + j * ysj;
     T* x = X + j * C;
     const T yb = ybar_c[j];
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < C; ++c) {
-      x[c] = e[c] * (y[c] - yb);
-      s += x[c];
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) x[c] = e[c] * (y[c] - yb);
+    t_c[j] = T(blocked_dot(x, static_cast<const T*>(nullptr), C));
+    if (S) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) x[c] *= S[c];
     }
-    t_c[j] = s;
+  }
+  if (S) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) e[c] *= S[c];
   }
 }
 
@@ -202,7 +238,9 @@ inline void matmat_token_merge(const T* A, int64_t d, int64_t k, T m_c, T l_c, c
 // not), 16-lane partial sums of the k(k+1)/2 pair products and one 16-lane
 // tile of e ŷ_i.
 constexpr int64_t kLanes = 16;
+constexpr int64_t kQuadBlock = 1024;  // columns per blocked sum of quad's lanes (64 terms a lane)
 inline int64_t quad_scratch(int64_t C, int64_t k) { return (k + 1) * C + (k * (k + 1) / 2 + 2) * kLanes; }
+inline int64_t quad_totals(int64_t k) { return k * (k + 1) / 2 * kLanes; }
 
 template <typename T>
 inline T* align64(T* p) {
@@ -211,10 +249,11 @@ inline T* align64(T* p) {
 
 // quad: one chunk of one token, merged into (m, l, ȳ, M (k×k)); M_c =
 // Σ e ŷ ŷᵀ is summed 16 columns at a time into 16-lane partial sums (one
-// vector FMA per pair and tile, the tile in L1), reduced at the end.
+// vector FMA per pair and tile, the tile in L1), added into double totals
+// every kBlock columns (blocked sum) and reduced at the end.
 template <typename T>
 inline void quad_token(const T* z, const T* bias, const T* Y, int64_t ysj, int64_t C, int64_t k, T* scratch,
-                       T* ybar_c, T& m, T& l, T* ybar, T* M) {
+                       double* tot, T* ybar_c, T& m, T& l, T* ybar, T* M) {
   T* e = scratch + k * C;
   T* acc = align64(e + C);
   T* ey = acc + k * (k + 1) / 2 * kLanes;
@@ -228,9 +267,18 @@ inline void quad_token(const T* z, const T* bias, const T* Y, int64_t ysj, int64
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) yh[c] = y[c] - yb;
   }
-  for (int64_t q = 0; q < k * (k + 1) / 2 * kLanes; ++q) acc[q] = 0;
+  const int64_t n_acc = quad_totals(k);
+  for (int64_t q = 0; q < n_acc; ++q) acc[q] = 0;
+  for (int64_t q = 0; q < n_acc; ++q) tot[q] = 0;
   const int64_t full = C - C % kLanes;
   for (int64_t c0 = 0; c0 < full; c0 += kLanes) {
+    if (c0 % kQuadBlock == 0 && c0) {  // blocked sum: the float lanes into the double totals
+#pragma omp simd
+      for (int64_t q = 0; q < n_acc; ++q) {
+        tot[q] += acc[q];
+        acc[q] = 0;
+      }
+    }
     T* a = acc;
     for (int64_t i = 0; i < k; ++i) {
       const T* yi = scratch + i * C + c0;
@@ -250,12 +298,14 @@ inline void quad_token(const T* z, const T* bias, const T* Y, int64_t ysj, int64
       for (int64_t j = 0; j <= i; ++j, a += kLanes) a[c - full] += eyi * scratch[j * C + c];
     }
   }
+  for (int64_t q = 0; q < n_acc; ++q) tot[q] += acc[q];
   const Merge<T> g = merge_normalizer(m, l, m_c, l_c);
-  const T* a = acc;
+  const double* a = tot;
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j <= i; ++j, a += kLanes) {
-      T s = 0;
-      for (int64_t cc = 0; cc < kLanes; ++cc) s += a[cc];
+      double sd = 0;
+      for (int64_t cc = 0; cc < kLanes; ++cc) sd += a[cc];
+      const T s = T(sd);
       const T cross = g.kappa * (ybar_c[i] - ybar[i]) * (ybar_c[j] - ybar[j]);
       const T v = g.a * M[i * k + j] + g.beta * s + cross;
       M[i * k + j] = v;

@@ -222,7 +222,7 @@ def test_attributes_and_unembedding():
         assert not sp.W.requires_grad
 
 
-def test_sdpa_model_switched_to_eager_only_during_calls():
+def test_sdpa_model_config_is_never_switched():
     model = make_model("llama", torch.float32, attn="sdpa")
     ids = prompt()
     ref = model(ids[None]).logits[0, -1]
@@ -320,5 +320,5 @@ def test_refused_model_says_why():
     model = tiny_causal_lm("mamba", layers=1)
     with pytest.raises(ValueError, match="'mamba'.*recurrent state.*MambaMixer"):
         SplitModel(model, 0)
-    with pytest.raises(ValueError, match="model: expected a Hugging Face transformers model"):
+    with pytest.raises(ValueError, match="model: unsupported architecture: expected a Hugging Face transformers model"):
         SplitModel(torch.nn.Linear(2, 2), 0)

@@ -57,7 +57,9 @@ def test_split_of_offloaded_model_matches_in_memory(pair, layer):
     model, offloaded, _ = pair
     ref, split = SplitModel(model, layer), SplitModel(offloaded, layer)
     rctx, ctx = ref.context(PROMPT), split.context(PROMPT)
-    torch.testing.assert_close(ctx.h, rctx.h, rtol=0, atol=1e-12)
+    # Both run the same float64 blocks; accelerate's placement may change summation order
+    # (BLAS kernels by layout): ≲ 1e-10 relative of the largest entry; float32 anywhere is ≥ 1e-7.
+    torch.testing.assert_close(ctx.h, rctx.h, rtol=1e-10, atol=1e-10 * float(rctx.h.abs().max()))
     h = rctx.h + 0.1 * torch.randn(4, ref.d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(split.logits(ctx, h), ref.logits(rctx, h), rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(split.jacobian(ctx), ref.jacobian(rctx), rtol=1e-5, atol=1e-8)
@@ -139,7 +141,7 @@ def test_offloaded_exact_metric_peaks_below_in_memory_run():
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_offload.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "bench_offload.py"
     spec = importlib.util.spec_from_file_location("bench_offload", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
