@@ -18,7 +18,7 @@ import torch
 
 from tiny_models import MATRIX_TYPES
 from fisherfast.split import architecture
-from fisherfast.steer import steering
+from fisherfast.steer import SteeringVectors, steering
 
 PROMPT = [3, 14, 15, 9, 5, 6, 7]
 NEW = 3
@@ -63,7 +63,9 @@ def test_steering_equals_a_plain_hook_in_forward_and_generate(model_type):
         want = model(input_ids=ids).logits
     finally:
         handle.remove()
-    with steering(model, {1: v}, positions="all"):
+    vectors = SteeringVectors.for_model(model, {1: v})  # the model's identity is found for every type
+    assert vectors.identity["model_type"] == model_type and vectors.identity["layers"] == 2
+    with steering(model, vectors, positions="all"):
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-8, atol=1e-8)
     assert float((want - plain).abs().max()) > 1e-3  # the vector does change the logits
     n = len(PROMPT)
