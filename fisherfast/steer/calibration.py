@@ -67,7 +67,7 @@ class Calibration:
     Attributes:
         layer: ℓ.
         scale: α*, the strength found (the calibrated vector is α*·v).
-        vector: α*·v (d,), in v's dtype.
+        vector: α*·v (d,) or (R, d), in v's dtype.
         target: c*; budget: the KL budget (None: none); mode: "median" / "every".
         bound: what stopped the search: "target" (the aggregate reached c*
             within ``tol``), "budget" (max_i KL_i would pass the budget
@@ -101,9 +101,13 @@ class Calibration:
 
     def steering_vectors(self, model, *, method: str = "", name: str | None = None):
         """The calibrated vector {ℓ: α*·v} as ``SteeringVectors`` of ``model``, with
-        :meth:`record` in its settings under "calibration"."""
+        :meth:`record` in its settings under "calibration". Raises ValueError
+        for per-prompt directions (no single vector)."""
         from fisherfast.steer.vectors import SteeringVectors
 
+        if self.vector.dim() != 1:
+            raise ValueError("per-prompt directions have no single vector to save; steer those prompts with "
+                             "steering(model, {layer: cal.vector}, positions='prompt_last')")
         return SteeringVectors.for_model(model, {self.layer: self.vector}, method=method, name=name,
                                          settings={"calibration": self.record()})
 
@@ -136,7 +140,8 @@ class _Measure:
     def __init__(self, model, layer, v, prompts, concept):
         from fisherfast.steer.hooks import steering
 
-        self.model, self.layer, self.v, self.concept = model, layer, v, concept
+        self.model, self.layer, self.concept = model, layer, concept
+        self.v = [v if v.dim() == 1 else v[i] for i in range(len(prompts))]  # each prompt's direction
         self.steering = steering
         device = model.get_output_embeddings().weight.device
         self.ids = [p.to(device) for p in prompts]
@@ -164,7 +169,7 @@ class _Measure:
         A = scales.numel()
         cs, kls, offs = [], [], []
         for i, ids in enumerate(self.ids):  # one block per prompt: each is its own prompt
-            with torch.no_grad(), self.steering(self.model, {self.layer: self.v}, positions="prompt_last",
+            with torch.no_grad(), self.steering(self.model, {self.layer: self.v[i]}, positions="prompt_last",
                                                 scale=scales):
                 if self.prefix[i] is not None:  # the prefix's cache, one copy per scale; the block's prompt is
                     cache = copy.deepcopy(self.prefix[i])  # this call's cached + new tokens, its last one steered
@@ -194,7 +199,11 @@ def calibrate(model, vector: torch.Tensor, layer: int, prompts, concept, target:
 
     Args:
         model: a Hugging Face causal LM (eval mode).
-        vector: v (d,) floating.
+        vector: v (d,) floating, or (R, d): one direction per prompt (e.g.
+            FishBack's at each prompt, from ``steer_to_target`` or
+            ``fishback_direction`` on ``SplitModel(model, ℓ)``), all scaled by
+            one α; apply the result to the same prompts as a batch,
+            ``steering(model, {ℓ: cal.vector}, positions="prompt_last")``.
         layer: ℓ ∈ [0, L] (``fisherfast.split`` convention).
         prompts: R ≥ 1 prompts, each a 1-D sequence of token ids.
         concept: a ``ConceptScore``: c = p(T) without source, b =
@@ -222,9 +231,12 @@ def calibrate(model, vector: torch.Tensor, layer: int, prompts, concept, target:
     L, (V, d) = arch.num_layers, arch.head.weight.shape
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= L:
         raise ValueError(f"layer must be an int in [0, {L}], got {layer!r}")
-    if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != (d,) or not vector.is_floating_point() \
-            or not bool(torch.isfinite(vector).all()) or not bool(vector.any()):
-        raise ValueError(f"vector must be a finite nonzero floating tensor of shape ({d},)")
+    ids = _check_prompts(prompts, V)
+    if not isinstance(vector, torch.Tensor) or tuple(vector.shape) not in ((d,), (len(ids), d)) \
+            or not vector.is_floating_point() or not bool(torch.isfinite(vector).all()) \
+            or not bool(vector.reshape(-1, d).any(-1).all()):
+        raise ValueError(f"vector must be a finite floating tensor of shape ({d},) or (prompts, {d}) = "
+                         f"({len(ids)}, {d}) with no zero row, got {getattr(vector, 'shape', type(vector).__name__)}")
     if not isinstance(concept, ConceptScore):
         raise ValueError(f"concept must be a ConceptScore (p(T), or b = p(T)/(p(T)+p(S)) with a source), got "
                          f"{type(concept).__name__}")
@@ -241,11 +253,10 @@ def calibrate(model, vector: torch.Tensor, layer: int, prompts, concept, target:
     if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))
                                   or not 0 < max_scale < math.inf):
         raise ValueError(f"max_scale must be None or a positive finite number, got {max_scale!r}")
-    ids = _check_prompts(prompts, V)
 
     measure = _Measure(model, layer, vector.detach(), ids, concept)
     if max_scale is None:
-        max_scale = 4 * measure.state_norm / float(vector.norm())
+        max_scale = 4 * measure.state_norm / float(vector.reshape(-1, d).norm(dim=-1).median())
     grid = torch.cat([torch.zeros(1, dtype=torch.float64),
                       max_scale * GRID_RATIO ** -torch.arange(GRID_POINTS - 1, -1, -1, dtype=torch.float64)])
     c, kl, off = measure(grid)

@@ -159,3 +159,27 @@ def test_bad_inputs(model):
         sweep_layers(model, {2: v}, [2, 3], PROMPTS, concept, 0.6)
     with pytest.raises(ValueError, match="layers"):
         sweep_layers(model, {2: v}, [], PROMPTS, concept, 0.6)
+
+
+def test_fishback_per_prompt_directions(model):
+    """One FishBack direction per prompt (steer_to_target at each prompt's last
+    token, normalized), one shared strength: each prompt steered by its own
+    direction reaches the median target."""
+    from fisherfast.split import SplitModel
+    from fisherfast.steer import steer_to_target
+
+    concept = ConceptScore([TARGET_TOKEN], [SOURCE_TOKEN])
+    split = SplitModel(model, 2)
+    rows = []
+    for p in PROMPTS:
+        delta = steer_to_target(split, split.context(torch.tensor(p)), concept, math.log(0.7 / 0.3)).delta
+        rows.append(delta / delta.norm())
+    dirs = torch.stack(rows)
+    cal = calibrate(model, dirs, 2, PROMPTS, concept, 0.6)
+    assert cal.bound == "target" and cal.vector.shape == dirs.shape
+    values = [oracle(model, 2, cal.vector[i], p, concept)[0] for i, p in enumerate(PROMPTS)]
+    assert abs(sorted(values)[(len(values) - 1) // 2] - 0.6) <= 1e-3 + 1e-12
+    with pytest.raises(ValueError, match="per-prompt directions"):
+        cal.steering_vectors(model)
+    with pytest.raises(ValueError, match=r"\(5, 32\)"):
+        calibrate(model, dirs[:3], 2, PROMPTS, concept, 0.6)
