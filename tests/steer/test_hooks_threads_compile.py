@@ -95,15 +95,19 @@ def test_compiled_model_is_steered_inside_the_block_and_plain_after(model, compi
     for seed in (1, 2):
         with steering(model, {1: vector(seed)}):
             steered[seed] = model(input_ids=ids).logits
-        assert not torch.equal(steered[seed], plain)
+        assert float((steered[seed] - plain).abs().max()) > 1e-2
+    # compiled vs eager, unsteered, differ at float32 rounding (3e-8 absolute, 3e-6 relative seen with
+    # transformers 5.23: float32 steps such as the rotary tables, traced in another order); 1e-5 bounds that
+    # and stays far below the steering edits' 1e-2
+    close = dict(rtol=1e-5, atol=1e-5)
     compiled = torch.compile(model, backend="eager")
     if compile_first:
-        torch.testing.assert_close(compiled(input_ids=ids).logits, plain, rtol=0, atol=0)
+        torch.testing.assert_close(compiled(input_ids=ids).logits, plain, **close)
     for seed in (1, 2, 1):
         with steering(model, {1: vector(seed)}):
             for _ in range(2):  # the second call runs the cached graph
-                torch.testing.assert_close(compiled(input_ids=ids).logits, steered[seed], rtol=0, atol=0)
-        torch.testing.assert_close(compiled(input_ids=ids).logits, plain, rtol=0, atol=0)
+                torch.testing.assert_close(compiled(input_ids=ids).logits, steered[seed], **close)
+        torch.testing.assert_close(compiled(input_ids=ids).logits, plain, **close)
     with pytest.raises(ValueError, match="torch.compile'd module"):
         with steering(compiled, {1: vector(1)}):
             pass
