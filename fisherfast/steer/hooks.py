@@ -160,7 +160,7 @@ class _Tracker:
         self.generating: torch.Tensor | None = None  # (B₀, n₀) bool mask of generate()'s prompt while it runs
         self.n: torch.Tensor | None = None      # (B₀,) the prompt's real-token count per row
         # outside generate: the sequence so far (B, T[, d]) and its (B, T) bool mask of real tokens, None when
-        # it cannot be followed; seen = columns consumed (for caches that do not count them)
+        # it cannot be followed
         self.seq: torch.Tensor | None = None
         self.seq_mask: torch.Tensor | None = None
         self.seen = 0                           # columns of the sequence so far (for recurrent caches)
@@ -213,7 +213,7 @@ class _Tracker:
         if self.generating is not None:
             real = self._generate_mask(B, n_past, q, flat, x.device)
         else:
-            real = self._plain_call(x, flat, n_past, past is not None)
+            real = self._plain_call(x, flat, n_past)
         k = real.cumsum(-1) - 1  # (B, n_past + q): index among the row's real tokens
         m = B // self.n.shape[0]
         n = self.n.repeat_interleave(m)
@@ -265,7 +265,7 @@ class _Tracker:
             return P[:, :T]
         return torch.cat([P, torch.ones(B, T - n0, dtype=torch.bool, device=device)], 1)
 
-    def _plain_call(self, x, flat, n_past, cached):
+    def _plain_call(self, x, flat, n_past):
         """The real-token mask of a call outside generate; records a new prompt when it starts one."""
         B, q = x.shape[0], x.shape[1]
         if flat is not None:
