@@ -394,9 +394,11 @@ def _recompile(model, base):
     a module had no hooks never looks for them (torch._dynamo skips guards on
     empty hook dicts). Costs one recompilation per block entry and exit, only
     where compiled code exists."""
-    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-    from torch._dynamo.eval_frame import remove_from_cache
-
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+        from torch._dynamo.eval_frame import remove_from_cache
+    except ImportError:  # a torch without dynamo compiles nothing
+        return
     for code in {type(model).forward.__code__, type(base).forward.__code__, torch.nn.Module._call_impl.__code__}:
         if _debug_get_cache_entry_list(code):
             remove_from_cache(code)
