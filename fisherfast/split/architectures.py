@@ -210,19 +210,3 @@ def _split_refusal(model, model_type, norm, head, recurrent, uses_interface, cac
     if norm is None:
         return f"{name}: no single final norm found after the decoder blocks"
     return None
-
-
-class _BaseAttribute:
-    base = "base_model"  # transformers' PreTrainedModel.base_model: the decoder stack
-
-
-class _LegacyArchs(dict):
-    """Transition shim for steer/hooks.py, which still reads ``_ARCHS[type].base``
-    as an attribute name (its owner switches it to ``architecture(model).base``):
-    every type maps to ``base_model``. Remove with that switch."""
-
-    def __missing__(self, model_type):
-        return _BaseAttribute()
-
-
-_ARCHS = _LegacyArchs()

@@ -197,3 +197,145 @@ def test_saved_steering_files_get_the_umask_mode(tmp_path):
     for name in ("v.safetensors", "inn.safetensors"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
     assert sorted(os.listdir(tmp_path)) == ["inn.safetensors", "v.safetensors"]
+
+
+# ------------------------------------------------------------------ model identity
+
+def test_model_identity_is_stable_and_tells_models_apart(tiny_lm, tmp_path):
+    """Same weights → same identity, whatever the dtype of the load (float32 and
+    bfloat16 hash the same bfloat16-rounded values) or the config's local path;
+    other weights, sizes or type → refused on load, the difference named."""
+    from fisherfast.steer.vectors import model_identity
+
+    model = tiny_lm("llama", d=D, layers=3, seed=1, dtype=torch.float32)
+    model.config._name_or_path = "/home/alice/models/tiny"
+    ident = model_identity(model, "tiny")
+    assert set(ident) == {"model_type", "layers", "hidden_size", "vocab_size", "weights", "name"}
+    assert (ident["model_type"], ident["layers"], ident["hidden_size"], ident["name"]) == ("llama", 3, D, "tiny")
+    assert len(ident["weights"]) == 16 and "alice" not in json.dumps(ident)
+    again = tiny_lm("llama", d=D, layers=3, seed=1, dtype=torch.bfloat16)
+    again.config._name_or_path = "/tmp/elsewhere"
+    assert model_identity(again, "tiny") == ident
+    delta = torch.ones(D)
+    sv = SteeringVectors.for_model(model, {2: delta}, method="caa", name="tiny")
+    assert sv.model == "tiny" and dict(sv.identity) == ident
+    sv.save(tmp_path / "v.safetensors")
+    back = SteeringVectors.load(tmp_path / "v.safetensors", model=again)  # the same weights loaded elsewhere
+    assert dict(back.identity) == ident
+    finetuned = tiny_lm("llama", d=D, layers=3, seed=1, dtype=torch.float32)
+    with torch.no_grad():
+        next(finetuned.model.layers[0].parameters()).add_(0.5)
+    with pytest.raises(ValueError, match=r"vectors made for llama L=3 d=32 V=61 weights [0-9a-f]{16} \('tiny'\); "
+                                         r"this model is llama L=3 d=32 V=61 weights [0-9a-f]{16}: other weights"):
+        SteeringVectors.load(tmp_path / "v.safetensors", model=finetuned)
+    with pytest.raises(ValueError, match="a different model_type, hidden_size, weights"):
+        SteeringVectors.load(tmp_path / "v.safetensors", model=tiny_lm("gpt2", d=48, layers=3))
+    with pytest.raises(ValueError, match="a different layers, weights"):
+        SteeringVectors.load(tmp_path / "v.safetensors", model=tiny_lm("llama", d=D, layers=4, seed=1))
+    gguf = pytest.importorskip("gguf")
+    sv.export_gguf(tmp_path / "v.gguf")
+    reader = gguf.GGUFReader(tmp_path / "v.gguf")
+    assert reader.get_field("controlvector.model_hint").contents() == "tiny"
+    assert json.loads(reader.get_field("fisherfast.identity").contents()) == ident
+
+
+def test_files_without_identity_still_load(tmp_path):
+    sample().save(tmp_path / "v.safetensors")
+    assert dict(SteeringVectors.load(tmp_path / "v.safetensors").identity) == {}
+    with pytest.raises(ValueError, match="identity must be empty or a model_identity"):
+        SteeringVectors({2: torch.zeros(D)}, D, identity={"model_type": "llama"})
+
+
+# ------------------------------------------------------------------ lm-evaluation-harness export
+
+def lm_eval_steer(model, config):
+    """What lm-eval's `steered` model does with a .pt file (lm_eval/models/hf_steered.py,
+    0.4.13): for each hookpoint, a forward hook on the module of that name in
+    model.base_model.named_modules() adding coefficient·vector (cast to the model's
+    dtype) to the output's first element, at every position."""
+    modules = dict(model.base_model.named_modules())
+    handles = []
+    for point, info in config.items():
+        assert info["action"] == "add" and info["bias"] is None and info["head_index"] is None
+        vec = info["steering_vector"].to(model.dtype) * float(info["steering_coefficient"])
+
+        def hook(module, args, out, vec=vec):
+            return (out[0] + vec, *out[1:]) if isinstance(out, tuple) else out + vec
+        handles.append(modules[point].register_forward_hook(hook))
+    return handles
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_lm_eval_export_format_and_logits(tiny_lm, tmp_path, arch):
+    model = tiny_lm(arch, d=D, layers=3, seed=1)
+    g = torch.Generator().manual_seed(2)
+    sv = SteeringVectors.for_model(model, {1: torch.randn(D, generator=g, dtype=torch.float64),
+                                           3: torch.randn(D, generator=g, dtype=torch.float64)})
+    sv.to_lm_eval(tmp_path / "steer.pt", model, coefficient=0.75)
+    config = torch.load(tmp_path / "steer.pt", weights_only=True)
+    prefix = "h" if arch == "gpt2" else "layers"
+    assert sorted(config) == [f"{prefix}.0", f"{prefix}.2"]  # layer ℓ = the output of block ℓ − 1
+    for layer, point in ((1, f"{prefix}.0"), (3, f"{prefix}.2")):
+        assert set(config[point]) == {"steering_vector", "steering_coefficient", "action", "bias", "head_index"}
+        assert torch.equal(config[point]["steering_vector"], sv.vectors[layer])
+        assert config[point]["steering_coefficient"] == 0.75 and config[point]["action"] == "add"
+    ids = torch.tensor([[3, 14, 15, 9, 2]])
+    handles = lm_eval_steer(model, config)
+    try:
+        theirs = model(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    with steering(model, sv, positions="all", scale=0.75):
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)  # the same sum in another order
+    assert float((ours - model(input_ids=ids).logits).abs().max()) > 1e-3
+    if arch == "llama":
+        sv.to_lm_eval(tmp_path / "plain.pt")  # without the model: the Llama pattern
+        assert sorted(torch.load(tmp_path / "plain.pt", weights_only=True)) == ["layers.0", "layers.2"]
+
+
+def test_lm_eval_steered_model_loads_the_file(tiny_lm, tmp_path):
+    """With lm-eval installed (optional; 0.4.13 runs here installed with --no-deps):
+    its own ``steered`` model, built from a saved model folder and our .pt file,
+    gives the logits of ``steering(positions="all", scale=coefficient)``.
+    float32: lm-eval rounds coefficient·v in float32, we round the float64
+    product once — one ulp of |c·v| (~1e-7) per edited state, carried to the
+    logits (|z| ≲ 10) well below 1e-5."""
+    hf_steered = pytest.importorskip("lm_eval.models.hf_steered")
+    import tokenizers
+    import transformers
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{f"w{i}": i for i in range(2, 61)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
+    model = tiny_lm("llama", d=D, layers=3, head_scale=10.0, seed=1, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(2)
+    sv = SteeringVectors.for_model(model, {2: torch.randn(D, generator=g), 3: torch.randn(D, generator=g)})
+    sv.to_lm_eval(tmp_path / "steer.pt", model, coefficient=1.5)
+    lm = hf_steered.SteeredModel(pretrained=str(tmp_path / "model"), steer_path=str(tmp_path / "steer.pt"),
+                                 device="cpu", dtype="float32")
+    ids = torch.tensor([[3, 14, 15, 9, 2]])
+    theirs = lm._model_call(ids)
+    with steering(model, sv, positions="all", scale=1.5):
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert float((ours - model(input_ids=ids).logits).abs().max()) > 1e-2
+
+
+def test_lm_eval_export_refusals(tiny_lm, tmp_path):
+    model = tiny_lm("llama", d=D, layers=3, seed=1)
+    with pytest.raises(ValueError, match="layer 0"):
+        SteeringVectors.for_model(model, {0: torch.ones(D)}).to_lm_eval(tmp_path / "a.pt", model)
+    sv = SteeringVectors.for_model(model, {2: torch.ones(D)})
+    for bad in (float("nan"), "1", True):
+        with pytest.raises(ValueError, match="coefficient"):
+            sv.to_lm_eval(tmp_path / "a.pt", coefficient=bad)
+    with pytest.raises(ValueError, match="other weights"):
+        sv.to_lm_eval(tmp_path / "a.pt", tiny_lm("llama", d=D, layers=3, seed=2))
+    with pytest.raises(ValueError, match="block"):
+        sv.to_lm_eval(tmp_path / "a.pt", hookpoint="layers")
+    assert list(tmp_path.iterdir()) == []
