@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -118,10 +122,28 @@ void check_fwht_args(int64_t rows, int64_t n, int threads) {
   if (threads < 1) throw std::invalid_argument("fwht: threads must be >= 1, got " + std::to_string(threads));
 }
 
+// An out-of-place output is usually freshly allocated, so its first touch
+// faults every 4 KiB page (on a 64 × 2^17 float32 output the 8,192 faults cost
+// about three times the transform itself). Asking for transparent huge pages
+// on the 2 MiB-aligned part of the output turns them into a few 2 MiB faults
+// where the kernel allows it (THP "madvise" mode); a no-op elsewhere, and
+// harmless for memory already touched.
+void advise_huge_pages(std::uintptr_t p, std::size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t(1) << 21;
+  const std::uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 void fwht(std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t n, const std::string& dtype, double scale,
           int threads) {
   check_fwht_args(rows, n, threads);
   py::gil_scoped_release release;
+  if (src != dst) advise_huge_pages(dst, std::size_t(rows) * n * (dtype == "float64" ? 8 : 4));
   with_float_dtype("fwht", dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     fwht_rows<T>(as_ptr<const T>(src), as_ptr<T>(dst), rows, n, static_cast<T>(scale), threads);
