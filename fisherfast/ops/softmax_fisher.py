@@ -35,7 +35,6 @@ Logit-given variants: every op except ``lm_logsumexp`` takes ``logits=z``
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Optional
 
 import torch
@@ -84,16 +83,7 @@ _OPS = {
 _NATIVE_W_BACKENDS = ("reference", "triton")
 
 
-def _backend_fn(backend: str, op: str):
-    def call(*args, softcap=None):
-        fn = getattr(importlib.import_module(f"fisherfast.ops.softmax_fisher_{backend}"), op)
-        return fn(*args) if softcap is None else fn(*args, softcap=softcap)
-
-    call.backend = backend
-    return call
-
-
-_IMPLS = {op: {name: _backend_fn(name, op) for name in names} for op, names in _OPS.items()}
+_IMPLS = {op: {name: _backends.lazy_impl("softmax_fisher", name, op) for name in names} for op, names in _OPS.items()}
 
 
 def capabilities(op: str) -> dict[str, frozenset[str]]:
