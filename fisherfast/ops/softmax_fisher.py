@@ -71,11 +71,11 @@ LOGITS, PER_TOKEN_U, SOFTCAP = "logits", "per_token_U", "softcap"
 _ALL = frozenset((LOGITS, PER_TOKEN_U, SOFTCAP))
 _NONE = frozenset()
 _OPS = {
-    "lm_logsumexp": {"reference": _ALL, "cpu": _ALL, "triton": _NONE, "cuda": _NONE},
-    "matmat": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U,)), "cuda": _NONE},
-    "quad": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U,))},
-    "gram": {"reference": _ALL, "cpu": _ALL, "triton": _NONE},
-    "gram_topk": {"reference": _ALL, "cpu": _ALL, "triton": _NONE},
+    "lm_logsumexp": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,)), "cuda": _NONE},
+    "matmat": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U, SOFTCAP)), "cuda": _NONE},
+    "quad": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U, SOFTCAP))},
+    "gram": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,))},
+    "gram_topk": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,))},
 }
 # Backends that read a half-precision W as it is (the Triton kernels convert
 # each tile they load; the reference casts one V-chunk at a time). The others
