@@ -71,8 +71,9 @@ LOGITS, PER_TOKEN_U, SOFTCAP = "logits", "per_token_U", "softcap"
 _ALL = frozenset((LOGITS, PER_TOKEN_U, SOFTCAP))
 _NONE = frozenset()
 _OPS = {
-    "lm_logsumexp": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,)), "cuda": _NONE},
-    "matmat": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U, SOFTCAP)), "cuda": _NONE},
+    "lm_logsumexp": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,)), "cuda": frozenset((SOFTCAP,))},
+    "matmat": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U, SOFTCAP)),
+               "cuda": frozenset((SOFTCAP,))},
     "quad": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U, SOFTCAP))},
     "gram": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,))},
     "gram_topk": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,))},
