@@ -23,6 +23,13 @@ silent Inf; pass float32 inputs for a float32 result). Logits are shifted by
 their running maximum, so logits of magnitude 1e4 are fine. A non-finite
 normalizer (NaN/Inf in W, b or the logits) is detected during the pass and
 raised as a ValueError naming the input; a is checked finite up front.
+Every float32 sum over V runs in short blocks whose totals are added in
+float64 (softmax_fisher_common.REDUCTION_BLOCK, SPLIT_ROWS), so the error does
+not grow with V or the chunk length.
+
+Soft-capping: every op takes ``softcap=c`` (None or a positive finite float):
+the logits are z′ = c·tanh(z/c) and the metric is J_capᵀ (diag p − p pᵀ) J_cap
+with J_cap = diag(1 − tanh²(z/c)) W (the rows w_v become s_v w_v per token).
 
 Edge inputs: an empty batch (a of shape (0, d), or logits (0, V)) gives
 empty results of the right shapes; ``reduce="mean"`` over zero tokens is a
@@ -30,7 +37,12 @@ ValueError naming a (or logits).
 
 Logit-given variants: every op except ``lm_logsumexp`` takes ``logits=z``
 (B×V, z = W a + b already computed by the caller) in place of ``a`` (pass
-``a=None``, no ``b``); the chunks of z are then read instead of recomputed.
+``a=None``, no ``b``); the chunks of z are then read instead of recomputed
+(z is the logit before any soft-capping).
+
+Backends: ``_OPS`` declares what each backend implements beyond the plain
+case (given logits, a per-token U, softcap); the dispatcher, not the backend,
+falls back to the reference for the rest (``capabilities``, ``_select``).
 """
 from __future__ import annotations
 
