@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "fisherfast/fwht.h"
+#include "fisherfast/view.h"
 
 namespace py = pybind11;
 
@@ -93,26 +94,31 @@ void fwht_rows(const T* src, T* dst, int64_t rows, int64_t n, T scale, cudaStrea
   launch_tiles<T>(dst, dst, total, int64_t(1) << l1, l2, lt - l2, scale, stream);
 }
 
-void fwht(std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t n, const std::string& dtype, double scale,
-          std::uintptr_t stream) {
-  if (rows < 0) throw std::invalid_argument("fwht (cuda): rows must be >= 0, got " + std::to_string(rows));
+// src, dst: DLPack views (rows, n) of one float dtype on the GPU, contiguous; dst may be src.
+void fwht(py::handle src_h, py::handle dst_h, double scale, std::uintptr_t stream) {
+  const char* fn = "fwht (cuda)";
+  const View src = view(fn, "src", src_h), dst = view(fn, "dst", dst_h);
+  with_float_view(fn, src, [](auto*) {});
+  expect(fn, src, src.dtype, Device::cuda, {-1, -1});
+  const int64_t rows = src.size(0), n = src.size(1);
+  expect(fn, dst, src.dtype, Device::cuda, {rows, n});
   if (!is_power_of_two(n)) throw std::invalid_argument("fwht (cuda): n must be a power of two, got " + std::to_string(n));
   if (rows == 0) return;
   py::gil_scoped_release release;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  with_float_dtype("fwht (cuda)", dtype, [&](auto* tag) {
+  with_float_view(fn, src, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    fwht_rows<T>(as_ptr<const T>(src), as_ptr<T>(dst), rows, n, static_cast<T>(scale), s);
+    fwht_rows<T>(src.ptr<const T>(), dst.ptr<T>(), rows, n, static_cast<T>(scale), s);
   });
 }
 
 }  // namespace
 
 void bind_fwht_cuda(py::module_& m) {
-  m.def("fwht", &fwht, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("n"), py::arg("dtype"),
-        py::arg("scale"), py::arg("stream"),
-        "Walsh–Hadamard transform of rows × n contiguous device values at src into dst (may equal src), times "
-        "scale, on the given cudaStream_t (an integer). dtype: 'float32' or 'float64'. Asynchronous.");
+  m.def("fwht", &fwht, py::arg("src"), py::arg("dst"), py::arg("scale"), py::arg("stream"),
+        "Walsh–Hadamard transform of the rows of src (rows, n), a DLPack capsule of contiguous float32/float64 "
+        "device values, into dst (same shape; may be src), times scale, on the given cudaStream_t (an integer). "
+        "Asynchronous.");
 }
 
 }  // namespace fisherfast

@@ -15,6 +15,9 @@
 // G U = A − μ tᵀ (exact for the rounding residual t). No B×V tensor exists;
 // offsets are int64. Correctness first: the accumulators of pass 2 live in
 // global memory (L2), not in shared memory.
+// Soft-capping (softcap c > 0; 0: none): z′ = c·tanh(z/c) replaces z and the
+// rows become s·w with s = 1 − tanh²(z/c) = cosh⁻²(z/c) (no cancellation):
+// y_j → s y_j in both passes, and pass 2 weights A and μ by p·s.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
@@ -67,11 +70,22 @@ __device__ inline T row_dots(const T* __restrict__ Wv, const T* __restrict__ h, 
   return warp_sum(z);
 }
 
+// Soft-caps a logit in place (c > 0) and returns s = dz′/dz (1 without a cap);
+// a −inf logit (a mask) stays −inf with s = 0.
+template <typename T>
+__device__ inline T cap_logit(T& z, T c) {
+  if (!(c > T(0))) return T(1);
+  if (z == -INFINITY) return T(0);
+  const T x = z / c, ch = cosh(x);
+  z = c * tanh(x);
+  return T(1) / (ch * ch);
+}
+
 // Pass 1 (and lse with k = 0): per (token b, split), (m, l, s_j = Σ e y_j).
 template <typename T>
 __global__ void stats_kernel(const T* __restrict__ H, const T* __restrict__ W, const T* __restrict__ bias,
                              const T* __restrict__ U, int64_t B, int64_t V, int64_t D, int k, int64_t rows_per_split,
-                             T* __restrict__ M_out, T* __restrict__ L_out, T* __restrict__ S_out) {
+                             T softcap, T* __restrict__ M_out, T* __restrict__ L_out, T* __restrict__ S_out) {
   const int64_t b = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* h = H + b * D;
@@ -82,6 +96,8 @@ __global__ void stats_kernel(const T* __restrict__ H, const T* __restrict__ W, c
   for (int64_t v = v0 + warp; v < v1; v += kWarps) {
     T z = row_dots(W + v * D, h, U, D, k, lane, y);
     if (bias) z += bias[v];
+    const T sc = cap_logit(z, softcap);
+    for (int j = 0; j < k; ++j) y[j] *= sc;
     merge_part(m, l, s, z, T(1), y, k);
   }
   __shared__ T sm[kWarps], sl[kWarps], ss[kWarps][kMaxK];
@@ -108,7 +124,8 @@ template <typename T>
 __global__ void matmat_kernel(const T* __restrict__ H, const T* __restrict__ W, const T* __restrict__ bias,
                               const T* __restrict__ U, const T* __restrict__ Mx, const T* __restrict__ LogL,
                               const T* __restrict__ Ybar, int64_t B, int64_t V, int64_t D, int k,
-                              int64_t rows_per_split, T* __restrict__ A, T* __restrict__ Mu, T* __restrict__ Tt) {
+                              int64_t rows_per_split, T softcap, T* __restrict__ A, T* __restrict__ Mu,
+                              T* __restrict__ Tt) {
   const int64_t b = blockIdx.x, split = blockIdx.y;
   const int lane = threadIdx.x;
   const T* h = H + b * D;
@@ -124,14 +141,16 @@ __global__ void matmat_kernel(const T* __restrict__ H, const T* __restrict__ W, 
     const T* Wv = W + v * D;
     T z = row_dots(Wv, h, U, D, k, lane, y);
     if (bias) z += bias[v];
+    const T sc = cap_logit(z, softcap);
     const T p = exp((z - m) - log_l);
     for (int j = 0; j < k; ++j) {
-      y[j] = p * (y[j] - Ybar[b * k + j]);
+      y[j] = p * (sc * y[j] - Ybar[b * k + j]);
       t[j] += y[j];
+      y[j] *= sc;  // the row is s·w: A accumulates w · (p s ŷ)
     }
     for (int64_t i = lane; i < D; i += 32) {
       const T w = Wv[i];
-      mub[i] += p * w;
+      mub[i] += p * sc * w;
       for (int j = 0; j < k; ++j) Ab[i * k + j] += w * y[j];
     }
   }
@@ -179,7 +198,7 @@ void bind_softmax_fisher_cuda(py::module_& m) {
   m.def(
       "softmax_fisher_stats",
       [](py::handle H, py::handle W, py::handle bias, py::handle U, py::handle M_out, py::handle L_out,
-         py::handle S_out, int64_t rows_per_split, std::uintptr_t stream) {
+         py::handle S_out, int64_t rows_per_split, double softcap, std::uintptr_t stream) {
         const char* fn = "softmax_fisher_stats";
         const Head h = head_views(fn, H, W, bias, U);
         const View vM = view(fn, "M_out", M_out), vL = view(fn, "L_out", L_out), vS = view(fn, "S_out", S_out);
@@ -192,18 +211,18 @@ void bind_softmax_fisher_cuda(py::module_& m) {
           using T = std::remove_pointer_t<decltype(tag)>;
           stats_kernel<T><<<dim3(h.B, splits), 32 * kWarps, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
               h.H.ptr<const T>(), h.W.ptr<const T>(), h.bias.ptr<const T>(), h.U.ptr<const T>(), h.B, h.V, h.D, h.k,
-              rows_per_split, vM.ptr<T>(), vL.ptr<T>(), vS.ptr<T>());
+              rows_per_split, static_cast<T>(softcap), vM.ptr<T>(), vL.ptr<T>(), vS.ptr<T>());
         });
         check(cudaGetLastError(), "softmax_fisher_stats launch");
       },
       py::arg("H"), py::arg("W"), py::arg("bias"), py::arg("U"), py::arg("M_out"), py::arg("L_out"), py::arg("S_out"),
-      py::arg("rows_per_split"), py::arg("stream"),
+      py::arg("rows_per_split"), py::arg("softcap"), py::arg("stream"),
       "Per (split, token): running max M_out, normalizer L_out (splits,B) and S_out = sum e^(z-m) U^T w "
-      "(splits,B,max(k,1)); U (D,k), k <= 32, or None for the lse parts.");
+      "(splits,B,max(k,1)); U (D,k), k <= 32, or None for the lse parts; softcap c > 0 caps z (0: none).");
   m.def(
       "softmax_fisher_matmat_pass2",
       [](py::handle H, py::handle W, py::handle bias, py::handle U, py::handle Mx, py::handle LogL, py::handle Ybar,
-         py::handle A, py::handle Mu, py::handle Tt, int64_t rows_per_split, std::uintptr_t stream) {
+         py::handle A, py::handle Mu, py::handle Tt, int64_t rows_per_split, double softcap, std::uintptr_t stream) {
         const char* fn = "softmax_fisher_matmat_pass2";
         const Head h = head_views(fn, H, W, bias, U);
         if (!h.U) throw std::invalid_argument(std::string(fn) + ": U is required");
@@ -221,13 +240,13 @@ void bind_softmax_fisher_cuda(py::module_& m) {
           using T = std::remove_pointer_t<decltype(tag)>;
           matmat_kernel<T><<<dim3(h.B, splits), 32, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
               h.H.ptr<const T>(), h.W.ptr<const T>(), h.bias.ptr<const T>(), h.U.ptr<const T>(), vm.ptr<const T>(),
-              vl.ptr<const T>(), vy.ptr<const T>(), h.B, h.V, h.D, h.k, rows_per_split, vA.ptr<T>(), vmu.ptr<T>(),
-              vt.ptr<T>());
+              vl.ptr<const T>(), vy.ptr<const T>(), h.B, h.V, h.D, h.k, rows_per_split, static_cast<T>(softcap),
+              vA.ptr<T>(), vmu.ptr<T>(), vt.ptr<T>());
         });
         check(cudaGetLastError(), "softmax_fisher_matmat_pass2 launch");
       },
       py::arg("H"), py::arg("W"), py::arg("bias"), py::arg("U"), py::arg("Mx"), py::arg("LogL"), py::arg("Ybar"),
-      py::arg("A"), py::arg("Mu"), py::arg("T"), py::arg("rows_per_split"), py::arg("stream"),
+      py::arg("A"), py::arg("Mu"), py::arg("T"), py::arg("rows_per_split"), py::arg("softcap"), py::arg("stream"),
       "Pass 2 of matmat per (split, token): A = sum p w (y - ybar)^T, Mu = sum p w, T = sum p (y - ybar); "
       "outputs zero-initialized (splits,B,D,k), (splits,B,D), (splits,B,k).");
 }

@@ -47,6 +47,20 @@ def _import_extension(name: str):
         return None, f"fisherfast.{name} is not importable ({err}); reinstall with `pip install .` to build it"
 
 
+def lazy_impl(family: str, backend: str, fn: str) -> Callable:
+    """The function ``fn`` of the backend module ``fisherfast.ops.<family>_<backend>``,
+    imported on first call (TRITON_INTERPRET must be read when the Triton
+    kernels are defined; the extensions load only when used). Keyword
+    arguments that are None are not passed on (a backend without a
+    capability has no parameter for it). ``.backend`` names the backend."""
+    def call(*args, **kwargs):
+        module = importlib.import_module(f"fisherfast.ops.{family}_{backend}")
+        return getattr(module, fn)(*args, **{k: v for k, v in kwargs.items() if v is not None})
+
+    call.backend = backend
+    return call
+
+
 def cpu_extension():
     """The loaded ``fisherfast._C`` module; raises with the reason if absent."""
     module, reason = _import_extension("_C")

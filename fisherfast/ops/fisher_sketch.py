@@ -29,7 +29,6 @@ All features are computed in float32; accumulation is float64.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -42,16 +41,7 @@ from fisherfast.ops.srht import SRHTPlan
 LOGITS_CHUNK_BYTES = 64 << 20  # float32 logits (or transform scratch) held per chunk of rows
 
 
-def _backend_fn(backend: str):
-    """The ``update`` of module fisher_sketch_<backend>, imported on first call
-    (TRITON_INTERPRET must be read when the Triton kernels are defined)."""
-    def call(*args):
-        return importlib.import_module(f"fisherfast.ops.fisher_sketch_{backend}").update(*args)
-
-    return call
-
-
-_IMPLS = {name: _backend_fn(name) for name in _backends.BACKENDS}
+_IMPLS = {name: _backends.lazy_impl("fisher_sketch", name, "update") for name in _backends.BACKENDS}
 
 
 def _check_op_inputs(sums, sumsqs, a, logits, y, u, plan_tensors) -> None:

@@ -14,6 +14,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
 from fisherfast.ops._checks import cast_checked, check_tensor, compute_dtype
@@ -44,15 +45,12 @@ def fwht_reference(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
         rows.mul_(scale)
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
-
-
 def fwht_cpu(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
     """The C++ kernel (csrc/cpu/fwht.cpp): cache-blocked, OpenMP over rows
     with torch's thread count, GIL released."""
     n = src.shape[-1]
-    _backends.cpu_extension().fwht(src.data_ptr(), dst.data_ptr(), src.numel() // n, n, _DTYPE_NAMES[src.dtype],
-                                   scale, torch.get_num_threads())
+    _backends.cpu_extension().fwht(to_dlpack(src.view(-1, n)), to_dlpack(dst.view(-1, n)), scale,
+                                   torch.get_num_threads())
 
 
 def fwht_triton(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
@@ -68,8 +66,7 @@ def fwht_cuda(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
     n = src.shape[-1]
     with torch.cuda.device(src.device):
         stream = torch.cuda.current_stream(src.device).cuda_stream
-        _backends.cuda_extension().fwht(src.data_ptr(), dst.data_ptr(), src.numel() // n, n,
-                                        _DTYPE_NAMES[src.dtype], scale, stream)
+        _backends.cuda_extension().fwht(to_dlpack(src.view(-1, n)), to_dlpack(dst.view(-1, n)), scale, stream)
 
 
 # Every impl: (src, dst, scale) on contiguous float32/float64 tensors of one
@@ -119,7 +116,7 @@ def _fwht_inplace_op(x: torch.Tensor, normalized: bool, backend: Optional[str]) 
     if not x.numel():
         return
     scale = _scale(x.shape[-1], normalized)
-    if x.is_contiguous() and x.dtype in _DTYPE_NAMES:
+    if x.is_contiguous() and x.dtype in (torch.float32, torch.float64):
         impl(x, x, scale)
         return
     y = x.to(compute_dtype(x.dtype), memory_format=torch.contiguous_format).contiguous()

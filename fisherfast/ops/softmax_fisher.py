@@ -23,6 +23,13 @@ silent Inf; pass float32 inputs for a float32 result). Logits are shifted by
 their running maximum, so logits of magnitude 1e4 are fine. A non-finite
 normalizer (NaN/Inf in W, b or the logits) is detected during the pass and
 raised as a ValueError naming the input; a is checked finite up front.
+Every float32 sum over V runs in short blocks whose totals are added in
+float64 (softmax_fisher_common.REDUCTION_BLOCK, SPLIT_ROWS), so the error does
+not grow with V or the chunk length.
+
+Soft-capping: every op takes ``softcap=c`` (None or a positive finite float):
+the logits are z′ = c·tanh(z/c) and the metric is J_capᵀ (diag p − p pᵀ) J_cap
+with J_cap = diag(1 − tanh²(z/c)) W (the rows w_v become s_v w_v per token).
 
 Edge inputs: an empty batch (a of shape (0, d), or logits (0, V)) gives
 empty results of the right shapes; ``reduce="mean"`` over zero tokens is a
@@ -30,12 +37,16 @@ ValueError naming a (or logits).
 
 Logit-given variants: every op except ``lm_logsumexp`` takes ``logits=z``
 (B×V, z = W a + b already computed by the caller) in place of ``a`` (pass
-``a=None``, no ``b``); the chunks of z are then read instead of recomputed.
+``a=None``, no ``b``); the chunks of z are then read instead of recomputed
+(z is the logit before any soft-capping).
+
+Backends: ``_OPS`` declares what each backend implements beyond the plain
+case (given logits, a per-token U, softcap); the dispatcher, not the backend,
+falls back to the reference for the rest (``capabilities``, ``_select``).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Optional
 
 import torch
@@ -72,11 +83,12 @@ LOGITS, PER_TOKEN_U, SOFTCAP = "logits", "per_token_U", "softcap"
 _ALL = frozenset((LOGITS, PER_TOKEN_U, SOFTCAP))
 _NONE = frozenset()
 _OPS = {
-    "lm_logsumexp": {"reference": _ALL, "cpu": _ALL, "triton": _NONE, "cuda": _NONE},
-    "matmat": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U,)), "cuda": _NONE},
-    "quad": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U,))},
-    "gram": {"reference": _ALL, "cpu": _ALL, "triton": _NONE},
-    "gram_topk": {"reference": _ALL, "cpu": _ALL, "triton": _NONE},
+    "lm_logsumexp": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,)), "cuda": frozenset((SOFTCAP,))},
+    "matmat": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U, SOFTCAP)),
+               "cuda": frozenset((SOFTCAP,))},
+    "quad": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((PER_TOKEN_U, SOFTCAP))},
+    "gram": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,))},
+    "gram_topk": {"reference": _ALL, "cpu": _ALL, "triton": frozenset((SOFTCAP,))},
 }
 # Backends that read a half-precision W as it is (the Triton kernels convert
 # each tile they load; the reference casts one V-chunk at a time). The others
@@ -84,16 +96,7 @@ _OPS = {
 _NATIVE_W_BACKENDS = ("reference", "triton")
 
 
-def _backend_fn(backend: str, op: str):
-    def call(*args, softcap=None):
-        fn = getattr(importlib.import_module(f"fisherfast.ops.softmax_fisher_{backend}"), op)
-        return fn(*args) if softcap is None else fn(*args, softcap=softcap)
-
-    call.backend = backend
-    return call
-
-
-_IMPLS = {op: {name: _backend_fn(name, op) for name in names} for op, names in _OPS.items()}
+_IMPLS = {op: {name: _backends.lazy_impl("softmax_fisher", name, op) for name in names} for op, names in _OPS.items()}
 
 
 def capabilities(op: str) -> dict[str, frozenset[str]]:

@@ -38,7 +38,7 @@ def _cuda_launch_shape(V: int, B: int) -> tuple[int, int]:
     return rows, splits
 
 
-def _stats(a, W, U, b):
+def _stats(a, W, U, b, softcap=None):
     ext = _backends.cuda_extension()
     B, d = a.shape
     V = W.shape[0]
@@ -47,20 +47,20 @@ def _stats(a, W, U, b):
     M = torch.empty(splits, B, dtype=W.dtype, device=W.device)
     L = torch.empty_like(M)
     S = torch.empty(splits, B, max(k, 1), dtype=W.dtype, device=W.device)
-    ext.softmax_fisher_stats(_dl(a), _dl(W), _dl(b), _dl(U), _dl(M), _dl(L), _dl(S), rows,
+    ext.softmax_fisher_stats(_dl(a), _dl(W), _dl(b), _dl(U), _dl(M), _dl(L), _dl(S), rows, softcap or 0.0,
                              torch.cuda.current_stream(W.device).cuda_stream)
     m, log_l, ybar = merge_splits(M, L, S[:, :, :k])
     return m, log_l, ybar, (rows, splits)
 
 
-def lm_logsumexp(a, W, b, chunk):
-    m, log_l, _, _ = _stats(a, W, None, b)
+def lm_logsumexp(a, W, b, chunk, softcap=None):
+    m, log_l, _, _ = _stats(a, W, None, b, softcap)
     lse = m + log_l
     raise_nonfinite_normalizer(lse, False)
     return lse
 
 
-def matmat(a, W, U, b, logits, chunk):
+def matmat(a, W, U, b, logits, chunk, softcap=None):
     """Two passes (stats, then the centered Wᵀ accumulation) per column block
     of U; G U = A − μ tᵀ summed over the splits."""
     ext = _backends.cuda_extension()
@@ -69,7 +69,7 @@ def matmat(a, W, U, b, logits, chunk):
     for Uj in U.split(ext.softmax_fisher_max_k, dim=1):
         Uj = Uj.contiguous()
         k = Uj.shape[1]
-        m, log_l, ybar, (rows, _) = _stats(a, W, Uj, b)
+        m, log_l, ybar, (rows, _) = _stats(a, W, Uj, b, softcap)
         raise_nonfinite_normalizer(m + log_l, False)
         f64 = dict(dtype=torch.float64, device=W.device)
         acc, mu, t = torch.zeros(B, d, k, **f64), torch.zeros(B, d, **f64), torch.zeros(B, k, **f64)
@@ -80,7 +80,7 @@ def matmat(a, W, U, b, logits, chunk):
             T = torch.zeros(splits, B, k, dtype=W.dtype, device=W.device)
             ext.softmax_fisher_matmat_pass2(_dl(a), _dl(W[v0:v1]), _dl(None if b is None else b[v0:v1]), _dl(Uj),
                                             _dl(m.contiguous()), _dl(log_l.contiguous()), _dl(ybar.contiguous()),
-                                            _dl(A), _dl(Mu), _dl(T), rows,
+                                            _dl(A), _dl(Mu), _dl(T), rows, softcap or 0.0,
                                             torch.cuda.current_stream(W.device).cuda_stream)
             acc += A.sum(dim=0, dtype=torch.float64)
             mu += Mu.sum(dim=0, dtype=torch.float64)

@@ -19,10 +19,11 @@ import math
 from typing import Optional
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
 from fisherfast.ops._checks import cast_checked, check_same_device, check_tensor, compute_dtype
-from fisherfast.ops.fwht import _DTYPE_NAMES, fwht
+from fisherfast.ops.fwht import fwht
 
 
 class SRHTPlan:
@@ -88,11 +89,8 @@ def srht_cpu(x: torch.Tensor, signs: torch.Tensor, idx: torch.Tensor) -> torch.T
     """Fused C++ kernel (csrc/cpu/fwht.cpp): per row and sign block, pad and
     sign into a per-thread scratch row of N, transform there, gather; memory
     (R, m) plus one row of N per thread."""
-    n_blocks, n = signs.shape
     out = x.new_empty(x.shape[0], idx.shape[0])
-    _backends.cpu_extension().srht(x.data_ptr(), signs.data_ptr(), idx.data_ptr(), out.data_ptr(), x.shape[0],
-                                   x.shape[1], n, n_blocks, idx.shape[0], _DTYPE_NAMES[x.dtype],
-                                   torch.get_num_threads())
+    _backends.cpu_extension().srht(*map(to_dlpack, (x, signs, idx, out)), torch.get_num_threads())
     return out
 
 

@@ -302,3 +302,31 @@ def test_half_precision_overflow_raises(backend, inplace):
     # In range: sixteen entries of 1e3 give 1.6e4, returned exactly.
     y = fwht(torch.full((2, 16), 1e3, dtype=torch.float16, device=backend.device), backend=backend.name)
     assert float(y[0, 0]) == 16e3 and bool(torch.isfinite(y).all())
+
+
+def test_cpu_entry_points_take_checked_dlpack_views():
+    """fwht/srht cross into C++ as DLPack views (like the other ops): the
+    extension checks each view and names it, before any work."""
+    from torch.utils.dlpack import to_dlpack as dl
+
+    from fisherfast.ops import _backends
+
+    if not _backends.available_backends()["cpu"].available:
+        pytest.skip("the C++ extension is not built")
+    ext = _backends.cpu_extension()
+    x = torch.randn(3, 8)
+    y = torch.empty(3, 8)
+    ext.fwht(dl(x), dl(y), 1.0, 1)
+    assert torch.allclose(y, fwht(x, backend="reference"))
+    for args, message in (((x.data_ptr(), dl(y), 1.0, 1), "src must be a DLPack capsule"),
+                          ((dl(x.int()), dl(y), 1.0, 1), "src must be float32 or float64"),
+                          ((dl(x), dl(torch.empty(3, 4)), 1.0, 1), "dst dimension 1 must be 8"),
+                          ((dl(x), dl(y.double()), 1.0, 1), "dst must be float32"),
+                          ((dl(x[:, :6].contiguous()), dl(y[:, :6].contiguous()), 1.0, 1), "power of two")):
+        with pytest.raises(ValueError, match=message):
+            ext.fwht(*args)
+    signs, idx = torch.ones(1, 8), torch.tensor([0, 5])
+    with pytest.raises(ValueError, match="idx must be int64"):
+        ext.srht(dl(x), dl(signs), dl(idx.int()), dl(torch.empty(3, 2)), 1)
+    with pytest.raises(ValueError, match="out dimension 1 must be 2"):
+        ext.srht(dl(x), dl(signs), dl(idx), dl(torch.empty(3, 3)), 1)

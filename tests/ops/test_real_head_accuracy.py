@@ -126,3 +126,18 @@ def smollm2_head():
 def test_smollm2_head_with_real_head_inputs(smollm2_head, name, chunk):
     W, a, lse, G, U = smollm2_head
     check_ops(a, W, lse, G, U, name, chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_peaky_shared_mean_head_on_the_gpu(big_peaky_head, name):
+    """The GPU kernels at V = 262,144 (splits of ≤ SPLIT_ROWS rows, float64
+    partial sums, IEEE float32 tl.dot); the same error model and tolerances."""
+    from fisherfast.ops import available_backends
+
+    if not available_backends()[name].available:
+        pytest.skip(available_backends()[name].reason)
+    W, a, lse, G, U = big_peaky_head
+    ops = ("lse", "matmat") if name == "cuda" else ("lse", "gram", "matmat", "quad")
+    check_ops(a.cuda(), W.cuda(), lse, G, U.cuda(), name, None, ops=ops)

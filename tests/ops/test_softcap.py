@@ -6,7 +6,8 @@ capped logits a ↦ c·tanh((W a + b)/c) from torch.func.jacrev.
 Error model: float32 inputs, logits of size ≤ ~10, V = 300 in chunks of 64;
 every output is a p-weighted covariance summed over ≤ 64 rows per chunk in
 float32 and across chunks in float64, so the relative error is a few ε₃₂·√64
-≈ 1e-6; FP32_TOL = 1e-5 leaves a margin of ten. float64 inputs: 1e-12.
+≈ 1e-6; FP32_TOL = 1e-5 leaves a margin of ten. float64 inputs: 1e-12
+(Triton: float32 arithmetic whatever the input, so FP32_TOL).
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def run_quietly(fn):
 def test_softcap_ops_match_the_capped_jacobian_oracle(backend, dtype):
     a, W, b, U = make(dtype=dtype)
     lse, G, p = capped_oracle(a, W, b)
-    tol = FP32_TOL if dtype == torch.float32 else 1e-12
+    # Triton computes in float32 whatever the input dtype (its tl.dot and tiles).
+    tol = FP32_TOL if dtype == torch.float32 or backend.name == "triton" else 1e-12
     dev = backend.device
     a, W, b, U = (x.to(dev) for x in (a, W, b, U))
     Ub = torch.randn(a.shape[0], *U.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(dev)
