@@ -181,4 +181,9 @@ def test_sketch_of_offloaded_model_matches_in_memory(pair, tmp_path):
     want = sketch_model(model, None, ids, spec=spec, batch_size=2, progress=False)
     got = sketch_model(offloaded, None, ids, spec=spec, batch_size=2, progress=False)
     assert got.count == want.count
-    torch.testing.assert_close(got.as_tensor(), want.as_tensor(), rtol=1e-6, atol=1e-9)
+    # The sketch's features are float32 (docs/design.md §7): the float64 head inputs of the two
+    # placements differ in their last bits (summation order), which can move a feature by one
+    # float32 unit (6e-8 relative); a signed sum over the few rows here then differs by a few
+    # units of its largest term, so compare at 1e-6 of the largest entry (|sum| ≤ rows · max|φ|).
+    want_t = want.as_tensor()
+    torch.testing.assert_close(got.as_tensor(), want_t, rtol=1e-6, atol=1e-6 * float(want_t.abs().max()))
