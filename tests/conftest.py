@@ -61,7 +61,7 @@ def backend(request) -> Backend:
 from tiny_models import TINY_ARCHS, float64_everywhere, tiny_causal_lm  # noqa: E402,F401
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _float64_models_in_float64(request):
     """Every test that runs models (all but tests/ops, whose kernels never meet
     transformers and whose torch.compile tests must trace plain torch): a
@@ -69,7 +69,7 @@ def _float64_models_in_float64(request):
     downcasts skipped, ``tiny_models.float64_everywhere``), so float64 forwards
     are float64 oracles for SplitModel, which computes float64 models in
     float64 (issue 18 item 4)."""
-    if "ops" in request.node.path.parent.parts[-1:]:
+    if request.path.parent.name == "ops":  # module scope: set up before the module's other fixtures
         yield
         return
     with float64_everywhere():

@@ -15,19 +15,13 @@ import os
 import pytest
 import torch
 
+from bench_scripts import load_bench  # tests/
+
 pytestmark = pytest.mark.slow
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_geodesic.py")
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_geodesic", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_bench_runs_and_its_rows_are_recomputable(tmp_path, monkeypatch):
-    bench = load_bench()
+    bench = load_bench("bench_geodesic.py")
     import sys
 
     for module in (bench, sys.modules["_harness"]):  # write into tmp_path, not the checkout's bench/results

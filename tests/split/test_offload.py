@@ -138,13 +138,9 @@ def test_every_metric_mode_of_offloaded_model_matches(pair, mode, options):
 def test_offloaded_exact_metric_peaks_below_in_memory_run():
     """bench/bench_offload.py's measurement (fresh processes, Linux peak RSS): with half the
     upper blocks on disk the exact metric's peak resident set stays below the in-memory run's."""
-    import importlib.util
-    import pathlib
+    from bench_scripts import load_bench
 
-    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "bench_offload.py"
-    spec = importlib.util.spec_from_file_location("bench_offload", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_offload.py")
     memory, offload = bench.measure(d=512)
     assert memory["trace"] == pytest.approx(offload["trace"], rel=1e-6)
     assert offload["rss_before_mb"] < memory["rss_before_mb"]

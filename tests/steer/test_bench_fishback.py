@@ -5,32 +5,19 @@ the per-prompt runs, the KL recomputed through the model's own forward with a
 plain hook, and the benchmark data's token filtering."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import statistics
-import sys
 
 import pytest
 import torch
 
+from bench_scripts import load_bench  # noqa: E402  (tests/)
 from fisherfast.split import SplitModel
 from fisherfast.steer import steering
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def load_bench(name, file=None):
-    path = os.path.join(ROOT, "bench", file or f"bench_{name}.py")
-    spec = importlib.util.spec_from_file_location(name if file else f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-_data = load_bench("steer_data", "steer_data.py")   # the benchmark data (bench/, not the library)
+_data = load_bench("steer_data.py")   # the benchmark data (bench/, not the library)
 BEHAVIOURS, MORPHOLOGY_CONCEPTS = _data.BEHAVIOURS, _data.MORPHOLOGY_CONCEPTS
 concept_scores, single_token_ids = _data.concept_scores, _data.single_token_ids
 
@@ -40,7 +27,7 @@ def quick(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        bench = load_bench("fishback")
+        bench = load_bench("bench_fishback.py")
         out = tmp_path_factory.mktemp("fishback") / "fishback.json"
         returned = bench.main(["--quick", "--out", str(out)])
     finally:
@@ -147,7 +134,7 @@ def test_quick_run_does_not_overwrite_the_full_results(name, tmp_path, monkeypat
     """Review: --quick wrote bench/results/{name}.json, the full run's file."""
     import sys
 
-    bench = load_bench(name)
+    bench = load_bench(f"bench_{name}.py")
     monkeypatch.setattr(sys.modules["_harness"], "RESULTS_DIR", str(tmp_path))  # where default_results_path writes
     full = tmp_path / f"{name}.json"
     full.write_text('{"full": true}')

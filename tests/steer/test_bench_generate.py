@@ -4,22 +4,18 @@ with a plain hook that recomputes the whole sequence at each step (no cache,
 no ``steering``): the oracle the bench's own "tokens equal" check relies on."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_scripts import load_bench  # tests/
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(ROOT, "bench", "bench_generate.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_generate.py")
     out = tmp_path_factory.mktemp("generate") / "generate.json"
     result = bench.main(["--quick", "--batch", "3", "--out", str(out)])
     with open(out) as f:

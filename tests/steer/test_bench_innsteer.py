@@ -5,23 +5,19 @@ probabilities from the model's own forward, and the steered continuations
 regenerated token by token with a plain hook (no ``generate``)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import statistics
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_scripts import load_bench  # tests/
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("bench_innsteer", os.path.join(ROOT, "bench", "bench_innsteer.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_innsteer.py")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,5 +1,5 @@
 """calibrate on the embedded SmolLM2 (slow): the sentiment behaviour of
-fisherfast.steer.benchmarks (b = p(T)/(p(T)+p(S)), T negative words, S positive
+bench/steer_data.py (b = p(T)/(p(T)+p(S)), T negative words, S positive
 ones), a CAA vector at layer 12 from its 12 training pairs, calibrated on 5 of
 its held-out prompts and checked on the other 5.
 
@@ -45,7 +45,10 @@ def behaviour_b(model, concept, ids, layer=None, vec=None):
 def test_calibrated_strength_reaches_the_target_on_held_out_prompts_within_the_budget():
     from fisherfast.models import load_default
     from fisherfast.steer import caa_direction, calibrate
-    from fisherfast.steer.benchmarks import BEHAVIOURS, concept_scores
+    from bench_scripts import load_bench
+
+    data = load_bench("steer_data.py")   # the benchmark data (bench/, not the library)
+    BEHAVIOURS, concept_scores = data.BEHAVIOURS, data.concept_scores
 
     model, tokenizer = load_default()
     behaviour = BEHAVIOURS["sentiment"]
