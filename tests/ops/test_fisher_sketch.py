@@ -156,6 +156,10 @@ def test_op_fake_checks_shapes():
             torch.randn(4, 40), torch.randint(0, 40, (4,)), None, *tensors, None]
     torch.library.opcheck(torch.ops.fisherfast.fisher_sketch_update_.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+    with_mean_and_cap = [torch.zeros(4, 32, dtype=torch.float64), torch.zeros(4, 32, dtype=torch.float64),
+                         *args[2:3], 2.0 * torch.tanh(args[3]), *args[4:], 2.0]  # first-moment row, softcap c = 2
+    torch.library.opcheck(torch.ops.fisherfast.fisher_sketch_update_.default, with_mean_and_cap,
+                          test_utils=("test_schema", "test_faketensor"))
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args]
         torch.ops.fisherfast.fisher_sketch_update_.default(*fake)
