@@ -1,5 +1,5 @@
 """What the FisherSketch backends share (docs/design.md §7): label sampling by
-inverse CDF, the closed-form one-hot features, and the staged GPU pipeline
+inverse CDF, the closed-form one-hot features, the soft-cap slope, and the staged GPU pipeline
 (prepare → FWHT → features) that the triton and cuda backends run with their
 own prepare and features kernels."""
 from __future__ import annotations
@@ -9,16 +9,7 @@ import torch
 from fisherfast.ops.fwht import fwht
 from fisherfast.ops.srht import parity
 
-N_KINDS = 3  # rows of the state buffers: joint, activation, error
-MEAN_ROW = 3  # the optional fourth row: the first moment φ = u^a u^e / √m
-
-
-def check_kinds(n_rows: int) -> bool:
-    """Whether state buffers of ``n_rows`` rows hold the first moment (4 rows) or not (3)."""
-    if n_rows not in (N_KINDS, N_KINDS + 1):
-        raise ValueError(f"the state buffers must have {N_KINDS} rows (joint, activation, error) or "
-                         f"{N_KINDS + 1} (and the first moment), got {n_rows}")
-    return n_rows == N_KINDS + 1
+N_KINDS = 3  # rows of the state buffers: joint, activation, error (a fourth: the first moment)
 
 
 def softcap_slope(logits: torch.Tensor, softcap: float) -> torch.Tensor:
