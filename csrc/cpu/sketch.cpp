@@ -1,5 +1,5 @@
 // Fused FisherSketch update on the CPU (docs/design.md §7): per row of logits,
-// softmax → signs → FWHT → gather → one-hot correction → feature products →
+// softmax → signs (→ soft-cap slope) → FWHT → gather → one-hot correction → feature products →
 // float64 accumulation. Rows run in parallel (OpenMP); each thread owns the
 // transform scratch of one row (2·n_blocks·N floats per side) and its own
 // float64 partial sums, reduced in thread order at the end. The caller
@@ -25,7 +25,7 @@ namespace {
 
 namespace py = pybind11;
 
-constexpr int kKinds = 3;
+constexpr int kKinds = 3;  // joint, activation, error; a fourth row (the first moment) when the state has it
 
 // exp(x) for x ≤ 0 (softmax after the max shift), Cephes-style: x = n ln2 + r,
 // |r| ≤ ln2/2, degree-6 polynomial, 2^n by exponent bits; < 1 ulp on [−87, 0]
@@ -51,8 +51,16 @@ __attribute__((always_inline)) inline float exp_nonpositive(float x) {
 
 struct Scratch {
   float *a_r, *a_s, *e_r, *e_s;  // transform buffers of one row
-  double* acc;                   // (2·kKinds, m): Σψ then Σψ²
+  double* acc;                   // (2·kinds, m): Σψ then Σψ²
+  std::int64_t kinds;            // kKinds, or kKinds + 1 with the first moment φ = u^a u^e / √m
+  float softcap;                 // c > 0 of a capped head (logits z′ = c·tanh(z/c)), or 0 for none
 };
+
+// s = 1 − tanh²(z/c) = (1 − t)(1 + t), t = z′/c clamped to [−1, 1] (a −inf mask gives 0).
+__attribute__((always_inline)) inline float softcap_slope(float z_capped, float inv_c) {
+  const float t = std::min(1.0f, std::max(-1.0f, z_capped * inv_c));
+  return (1.0f - t) * (1.0f + t);
+}
 
 // Signs then FWHT of every block: buf = ⊕_b H_N D_b x̃ (x zero-padded to N).
 __attribute__((always_inline)) inline void signed_transform(const float* x, std::int64_t n_in,
@@ -109,6 +117,17 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void sketch_row(
       }
     }
   }
+  float s_y = 1.0f;  // soft-cap: e = s ⊙ (p − e_y), so block 0 holds D (s ⊙ q) and the one-hot part is s_y e_y
+  if (s.softcap > 0.0f) {
+    const float inv_c = 1.0f / s.softcap;
+#pragma omp simd
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float slope = softcap_slope(z[k], inv_c);
+      er[k] *= slope;
+      es[k] *= slope;
+    }
+    s_y = softcap_slope(z[y], inv_c);
+  }
   for (std::int64_t b = 1; b < re.n_blocks; ++b)  // further sign blocks share q
     for (std::int64_t k = 0; k < K; ++k) er[b * re.N + k] = std::fabs(er[k]) * re.signs[b * re.N + k];
   for (std::int64_t b = 1; b < se.n_blocks; ++b)
@@ -125,11 +144,12 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void sketch_row(
   const float inv_Z = static_cast<float>(1.0 / Z);
   const double inv_root_m = 1.0 / std::sqrt(static_cast<double>(m));
   double* sum = s.acc;
-  double* sq = sum + kKinds * m;
+  double* sq = sum + s.kinds * m;
+  const bool mean = s.kinds > kKinds;
   for (std::int64_t j = 0; j < m; ++j) {
     const float u_a = s.a_r[ra.idx[j]], v_a = s.a_s[sa.idx[j]];
-    const float u_e = er[re.idx[j]] * inv_Z - onehot_feature(re, re.idx[j], y);
-    const float v_e = es[se.idx[j]] * inv_Z - onehot_feature(se, se.idx[j], y);
+    const float u_e = er[re.idx[j]] * inv_Z - s_y * onehot_feature(re, re.idx[j], y);
+    const float v_e = es[se.idx[j]] * inv_Z - s_y * onehot_feature(se, se.idx[j], y);
     const SketchFeatures f = sketch_features(u_a, v_a, u_e, v_e, inv_root_m);
     sum[j] += f.joint;
     sum[m + j] += f.act;
@@ -137,6 +157,11 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void sketch_row(
     sq[j] += f.joint * f.joint;
     sq[m + j] += f.act * f.act;
     sq[2 * m + j] += f.err * f.err;
+    if (mean) {
+      const double phi = double(u_a) * double(u_e) * inv_root_m;
+      sum[3 * m + j] += phi;
+      sq[3 * m + j] += phi * phi;
+    }
   }
 }
 
@@ -158,9 +183,11 @@ std::int64_t scratch_floats(const SketchPlanView& ra, const SketchPlanView& sa, 
 void fisher_sketch_update(py::handle sums_h, py::handle sumsqs_h, py::handle a_h, py::handle z_h, py::handle y_h,
                           py::handle u_h, py::handle ra_s, py::handle ra_i, py::handle sa_s, py::handle sa_i,
                           py::handle re_s, py::handle re_i, py::handle se_s, py::handle se_i, py::handle scratch_h,
-                          py::handle acc_h, int threads) {
+                          py::handle acc_h, int threads, double softcap) {
   const char* fn = "fisher_sketch_update";
   if (threads < 1) throw std::invalid_argument("fisher_sketch_update: threads must be >= 1");
+  if (!(softcap >= 0.0) || std::isinf(softcap))
+    throw std::invalid_argument("fisher_sketch_update: softcap must be a finite c > 0, or 0 for none");
   const View vsums = view(fn, "sums", sums_h), vsumsqs = view(fn, "sumsqs", sumsqs_h);
   const View va = view(fn, "a", a_h), vz = view(fn, "logits", z_h);
   const View vy = view(fn, "y", y_h, true), vu = view(fn, "u", u_h, true);
@@ -171,9 +198,10 @@ void fisher_sketch_update(py::handle sums_h, py::handle sumsqs_h, py::handle a_h
   const std::int64_t K = vz.size(1);
   expect(fn, vy, DType::i64, Device::cpu, {rows});
   expect(fn, vu, DType::f64, Device::cpu, {rows});
-  expect(fn, vsums, DType::f64, Device::cpu, {kKinds, -1});
-  const std::int64_t m = vsums.size(1);
-  expect(fn, vsumsqs, DType::f64, Device::cpu, {kKinds, m});
+  expect(fn, vsums, DType::f64, Device::cpu, {-1, -1});
+  const std::int64_t kinds = vsums.size(0), m = vsums.size(1);
+  if (kinds != kKinds && kinds != kKinds + 1) bad(fn, vsums, "must have 3 rows, or 4 with the first moment");
+  expect(fn, vsumsqs, DType::f64, Device::cpu, {kinds, m});
   const SketchPlanView ra = plan_view(fn, view(fn, "ra_signs", ra_s), view(fn, "ra_idx", ra_i), m, d);
   const SketchPlanView sa = plan_view(fn, view(fn, "sa_signs", sa_s), view(fn, "sa_idx", sa_i), m, d);
   const SketchPlanView re = plan_view(fn, view(fn, "re_signs", re_s), view(fn, "re_idx", re_i), m, K);
@@ -181,7 +209,7 @@ void fisher_sketch_update(py::handle sums_h, py::handle sumsqs_h, py::handle a_h
   const std::int64_t per_thread = scratch_floats(ra, sa, re, se);
   const View vscratch = view(fn, "scratch", scratch_h), vacc = view(fn, "acc", acc_h);
   expect(fn, vscratch, DType::f32, Device::cpu, {threads, per_thread});
-  expect(fn, vacc, DType::f64, Device::cpu, {threads, 2 * kKinds, m});
+  expect(fn, vacc, DType::f64, Device::cpu, {threads, 2 * kinds, m});
   const float* a = va.ptr<const float>();
   const float* z = vz.ptr<const float>();
   const std::int64_t* y = vy.ptr<const std::int64_t>();
@@ -203,17 +231,19 @@ void fisher_sketch_update(py::handle sums_h, py::handle sumsqs_h, py::handle a_h
     s.a_s = s.a_r + ra.n_blocks * ra.N;
     s.e_r = s.a_s + sa.n_blocks * sa.N;
     s.e_s = s.e_r + re.n_blocks * re.N;
-    s.acc = acc + t * 2 * kKinds * m;
-    std::fill(s.acc, s.acc + 2 * kKinds * m, 0.0);
+    s.acc = acc + t * 2 * kinds * m;
+    s.kinds = kinds;
+    s.softcap = static_cast<float>(softcap);
+    std::fill(s.acc, s.acc + 2 * kinds * m, 0.0);
 #pragma omp for schedule(static)
     for (std::int64_t r = 0; r < rows; ++r)
       sketch_row(a + r * d, z + r * K, y ? y[r] : -1, u ? u[r] : 0.0, d, K, m, ra, sa, re, se, s);
   }
   for (int t = 0; t < threads; ++t) {  // thread order: deterministic for a fixed thread count
-    const double* part = acc + t * 2 * kKinds * m;
-    for (std::int64_t j = 0; j < kKinds * m; ++j) {
+    const double* part = acc + t * 2 * kinds * m;
+    for (std::int64_t j = 0; j < kinds * m; ++j) {
       sums[j] += part[j];
-      sumsqs[j] += part[kKinds * m + j];
+      sumsqs[j] += part[kinds * m + j];
     }
   }
 }
@@ -232,11 +262,13 @@ void bind_sketch(pybind11::module_& m) {
   m.def("fisher_sketch_update", &fisher_sketch_update, py::arg("sums"), py::arg("sumsqs"), py::arg("a"),
         py::arg("logits"), py::arg("y"), py::arg("u"), py::arg("ra_signs"), py::arg("ra_idx"), py::arg("sa_signs"),
         py::arg("sa_idx"), py::arg("re_signs"), py::arg("re_idx"), py::arg("se_signs"), py::arg("se_idx"),
-        py::arg("scratch"), py::arg("acc"), py::arg("threads"),
-        "Fused FisherSketch update of float64 sums/sumsqs (3, m) from a (rows, d) and logits (rows, K), "
-        "float32; labels y (int64) or uniforms u (float64) for y ∼ p (the other None); plans as signs (n_blocks, N) "
-        "float32 and idx (m,) int64. Scratch: (threads, Σ n_blocks·N over the four plans) float32 and "
-        "(threads, 6, m) float64. Tensors are DLPack capsules.");
+        py::arg("scratch"), py::arg("acc"), py::arg("threads"), py::arg("softcap") = 0.0,
+        "Fused FisherSketch update of float64 sums/sumsqs (3, m) — or (4, m), the fourth row the first moment "
+        "u^a u^e/√m — from a (rows, d) and logits (rows, K), float32; labels y (int64) or uniforms u (float64) "
+        "for y ∼ p (the other None); plans as signs (n_blocks, N) float32 and idx (m,) int64. Scratch: (threads, "
+        "Σ n_blocks·N over the four plans) float32 and (threads, 2·rows of sums, m) float64. softcap c > 0: the "
+        "logits are capped z′ = c·tanh(z/c) and the error is (1 − (z′/c)²) ⊙ (p − e_y); 0 for none. "
+        "Tensors are DLPack capsules.");
   m.def("fisher_sketch_max_threads", &max_threads, "OpenMP threads a fisher_sketch_update call may use.");
 }
 

@@ -7,7 +7,10 @@
 //   fisher_sketch_features  one thread per feature j, looping over the rows:
 //                           gather, u^e = (H D q)[idx]/Z − (H D e_y)[idx] (closed
 //                           form), ψ products, float64 sums in registers, one
-//                           add per owned coordinate (no atomics, deterministic).
+//                           add per owned coordinate (no atomics, deterministic);
+//                           the first moment φ = u^a u^e/√m too when sums has
+//                           four rows. A soft-cap slope is applied between the
+//                           two by the op layer (fisher_sketch_common.apply_softcap).
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
@@ -82,11 +85,11 @@ __global__ void features_kernel(double* __restrict__ sums, double* __restrict__ 
                                 const std::int64_t* __restrict__ y, SketchPlanView ra, SketchPlanView sa,
                                 SketchPlanView re, SketchPlanView se, std::int64_t len_ar, std::int64_t len_as,
                                 std::int64_t len_er, std::int64_t len_es, std::int64_t rows, std::int64_t m,
-                                double inv_root_m) {
+                                double inv_root_m, int kinds) {
   const std::int64_t j = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (j >= m) return;
   const std::int64_t i_ra = ra.idx[j], i_sa = sa.idx[j], i_re = re.idx[j], i_se = se.idx[j];
-  double s[3] = {0.0, 0.0, 0.0}, q[3] = {0.0, 0.0, 0.0};
+  double s[4] = {0.0, 0.0, 0.0, 0.0}, q[4] = {0.0, 0.0, 0.0, 0.0};
   for (std::int64_t r = 0; r < rows; ++r) {
     const float inv_Z = 1.0f / Z[r];
     const std::int64_t y_r = y[r];
@@ -100,8 +103,11 @@ __global__ void features_kernel(double* __restrict__ sums, double* __restrict__ 
     q[0] += f.joint * f.joint;
     q[1] += f.act * f.act;
     q[2] += f.err * f.err;
+    const double phi = double(u_a) * double(u_e) * inv_root_m;  // the first moment (stored when kinds == 4)
+    s[3] += phi;
+    q[3] += phi * phi;
   }
-  for (int k = 0; k < 3; ++k) {
+  for (int k = 0; k < kinds; ++k) {
     sums[k * m + j] += s[k];
     sumsqs[k * m + j] += q[k];
   }
@@ -148,9 +154,10 @@ void features(py::handle sums_h, py::handle sumsqs_h, py::handle a_r_h, py::hand
   const View a_r = view(fn, "a_r", a_r_h), a_s = view(fn, "a_s", a_s_h), er = view(fn, "er", er_h);
   const View es = view(fn, "es", es_h), Z = view(fn, "Z", Z_h), y = view(fn, "y", y_h);
   const View vra = view(fn, "ra_idx", ra_i), vsa = view(fn, "sa_idx", sa_i);
-  expect(fn, sums, DType::f64, Device::cuda, {3, -1});
-  const std::int64_t m = sums.size(1);
-  expect(fn, sumsqs, DType::f64, Device::cuda, {3, m});
+  expect(fn, sums, DType::f64, Device::cuda, {-1, -1});
+  const std::int64_t kinds = sums.size(0), m = sums.size(1);
+  if (kinds != 3 && kinds != 4) bad(fn, sums, "must have 3 rows, or 4 with the first moment");
+  expect(fn, sumsqs, DType::f64, Device::cuda, {kinds, m});
   expect(fn, Z, DType::f32, Device::cuda, {-1});
   const std::int64_t rows = Z.size(0);
   for (const View* v : {&a_r, &a_s, &er, &es}) expect(fn, *v, DType::f32, Device::cuda, {rows, -1});
@@ -168,7 +175,7 @@ void features(py::handle sums_h, py::handle sumsqs_h, py::handle a_r_h, py::hand
   features_kernel<<<blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       sums.ptr<double>(), sumsqs.ptr<double>(), a_r.ptr<const float>(), a_s.ptr<const float>(), er.ptr<const float>(),
       es.ptr<const float>(), Z.ptr<const float>(), y.ptr<const std::int64_t>(), ra, sa, re, se, a_r.size(1),
-      a_s.size(1), er.size(1), es.size(1), rows, m, 1.0 / std::sqrt(static_cast<double>(m)));
+      a_s.size(1), er.size(1), es.size(1), rows, m, 1.0 / std::sqrt(static_cast<double>(m)), static_cast<int>(kinds));
   check(cudaGetLastError(), "fisher_sketch_features");
 }
 
@@ -184,7 +191,7 @@ void bind_sketch_cuda(pybind11::module_& m) {
         pybind11::arg("ra_idx"), pybind11::arg("sa_idx"), pybind11::arg("re_idx"), pybind11::arg("se_idx"),
         pybind11::arg("re_signs"), pybind11::arg("se_signs"), pybind11::arg("stream"),
         "Gather the transformed buffers, subtract the closed-form one-hot, add Σψ and Σψ² (float64) into "
-        "sums/sumsqs (3, m). On stream.");
+        "sums/sumsqs (3, m), or (4, m) with the first moment u^a u^e/√m in the fourth row. On stream.");
 }
 
 }  // namespace fisherfast

@@ -10,7 +10,7 @@ from fisherfast.ops import _backends
 from fisherfast.ops.fisher_sketch_common import staged
 
 
-def update(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
+def update(sums, sumsqs, a, logits, y, u, *plan_tensors, softcap=None) -> None:
     ext = _backends.cuda_extension()
     stream = torch.cuda.current_stream(a.device).cuda_stream
     dl = lambda x: to_dlpack(x)  # noqa: E731  (the C++ side's typed views)
@@ -23,4 +23,4 @@ def update(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
                                    stream)
 
     with torch.cuda.device(a.device):
-        staged("cuda", prepare, features, sums, sumsqs, a, logits, y, u, *plan_tensors)
+        staged("cuda", prepare, features, sums, sumsqs, a, logits, y, u, *plan_tensors, softcap=softcap)

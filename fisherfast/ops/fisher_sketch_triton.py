@@ -9,8 +9,10 @@ Two kernels around the FWHT (fisherfast.ops.fwht, triton backend):
 - ``_features_kernel`` (one program per BLOCK_M features): for every row, the
   four gathered projections, u^e = (H D q)[idx]/Z − (H D e_y)[idx] with the
   one-hot part in closed form, the three features ψ and their float64
-  accumulation in registers; each program adds its own slice of sums/sumsqs
-  (no atomics, deterministic).
+  accumulation in registers (and the first moment φ = u^a u^e/√m when sums
+  has a fourth row); each program adds its own slice of sums/sumsqs (no
+  atomics, deterministic). A soft-cap slope is applied between the two
+  (``fisher_sketch_common.apply_softcap``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import math
 import triton
 import triton.language as tl
 
-from fisherfast.ops.fisher_sketch_common import staged
+from fisherfast.ops.fisher_sketch_common import N_KINDS, staged
 
 BLOCK_K = 1024
 BLOCK_M = 128
@@ -67,7 +69,8 @@ def _onehot(signs, idx, y, log2_n):
 
 @triton.jit
 def _features_kernel(ar, as_, er, es, Z, y, ra_idx, sa_idx, re_idx, se_idx, re_signs, se_signs, len_ar, len_as,
-                     len_er, len_es, log2_re, log2_se, rows, m, sums, sumsqs, inv_root_m, BLOCK: tl.constexpr):
+                     len_er, len_es, log2_re, log2_se, rows, m, sums, sumsqs, inv_root_m, BLOCK: tl.constexpr,
+                     MEAN: tl.constexpr):
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = j < m
     i_ra = tl.load(ra_idx + j, mask=mask, other=0)
@@ -80,6 +83,8 @@ def _features_kernel(ar, as_, er, es, Z, y, ra_idx, sa_idx, re_idx, se_idx, re_s
     q_joint = tl.zeros([BLOCK], tl.float64)
     q_act = tl.zeros([BLOCK], tl.float64)
     q_err = tl.zeros([BLOCK], tl.float64)
+    s_mean = tl.zeros([BLOCK], tl.float64)
+    q_mean = tl.zeros([BLOCK], tl.float64)
     for r in range(rows):
         r64 = tl.full([BLOCK], r, tl.int64)
         y_r = tl.load(y + r64)
@@ -98,12 +103,19 @@ def _features_kernel(ar, as_, er, es, Z, y, ra_idx, sa_idx, re_idx, se_idx, re_s
         q_joint += joint * joint
         q_act += act * act
         q_err += err * err
+        if MEAN:  # the first moment φ = u^a u^e / √m
+            phi = u_a.to(tl.float64) * u_e.to(tl.float64) * inv_root_m
+            s_mean += phi
+            q_mean += phi * phi
     tl.store(sums + j, tl.load(sums + j, mask=mask, other=0.0) + s_joint, mask=mask)
     tl.store(sums + m + j, tl.load(sums + m + j, mask=mask, other=0.0) + s_act, mask=mask)
     tl.store(sums + 2 * m + j, tl.load(sums + 2 * m + j, mask=mask, other=0.0) + s_err, mask=mask)
     tl.store(sumsqs + j, tl.load(sumsqs + j, mask=mask, other=0.0) + q_joint, mask=mask)
     tl.store(sumsqs + m + j, tl.load(sumsqs + m + j, mask=mask, other=0.0) + q_act, mask=mask)
     tl.store(sumsqs + 2 * m + j, tl.load(sumsqs + 2 * m + j, mask=mask, other=0.0) + q_err, mask=mask)
+    if MEAN:
+        tl.store(sums + 3 * m + j, tl.load(sums + 3 * m + j, mask=mask, other=0.0) + s_mean, mask=mask)
+        tl.store(sumsqs + 3 * m + j, tl.load(sumsqs + 3 * m + j, mask=mask, other=0.0) + q_mean, mask=mask)
 
 
 def prepare_triton(logits, re_signs, se_signs, er, es, Z) -> None:
@@ -114,15 +126,16 @@ def prepare_triton(logits, re_signs, se_signs, er, es, Z) -> None:
 
 
 def features_triton(sums, sumsqs, a_r, a_s, er, es, Z, y, ra_idx, sa_idx, re_idx, se_idx, re_signs, se_signs) -> None:
-    """Gather, one-hot correction, ψ products; adds Σψ, Σψ² over the rows into sums, sumsqs (3, m)."""
+    """Gather, one-hot correction, ψ products; adds Σψ, Σψ² over the rows into sums, sumsqs (3, m),
+    or (4, m) with the first moment φ = u^a u^e / √m in the fourth row."""
     m = ra_idx.shape[0]
     _features_kernel[(triton.cdiv(m, BLOCK_M),)](
         a_r, a_s, er, es, Z, y, ra_idx, sa_idx, re_idx, se_idx, re_signs, se_signs, a_r.shape[1], a_s.shape[1],
         er.shape[1], es.shape[1], re_signs.shape[1].bit_length() - 1, se_signs.shape[1].bit_length() - 1, Z.shape[0],
-        m, sums, sumsqs, 1.0 / math.sqrt(m), BLOCK=BLOCK_M)
+        m, sums, sumsqs, 1.0 / math.sqrt(m), BLOCK=BLOCK_M, MEAN=sums.shape[0] > N_KINDS)
 
 
-def update(sums, sumsqs, a, logits, y, u, *plan_tensors) -> None:
+def update(sums, sumsqs, a, logits, y, u, *plan_tensors, softcap=None) -> None:
     """The backend's op (signature as ``fisher_sketch_reference.update``): the
     staged pipeline with these kernels and the triton fwht."""
-    staged("triton", prepare_triton, features_triton, sums, sumsqs, a, logits, y, u, *plan_tensors)
+    staged("triton", prepare_triton, features_triton, sums, sumsqs, a, logits, y, u, *plan_tensors, softcap=softcap)

@@ -8,19 +8,17 @@ model's own, ``fisherfast.split.Head``: z = s(W a + b), then the final
 soft-cap c·tanh(z/c) where the model has one (Gemma-2/3). A linear logit
 scale s (Cohere, Granite) is folded into the head input, a' = s a and
 b' = s b, so z = W a' + b' exactly and the sketched g = e ⊗ a' is exactly
-the gradient of the loss with respect to W. Without soft-cap the fused op
-``fisher_sketch_update`` takes W and b' and forms the logits chunk by chunk;
-with it, the rows' logits ``head.logits(a)`` are taken here in chunks of
-``chunk_rows``. The sketcher forms e = p − e_y with p = softmax(z) over the
-full vocabulary (K = V). Memory beyond the model's own forward (which,
+the gradient of the loss with respect to W. The fused op
+``fisher_sketch_update`` takes W and b' and forms the logits chunk by chunk
+(capping them with ``softcap=c`` where the head has a soft-cap). The sketcher
+forms e = p − e_y with p = softmax(z) over the full vocabulary (K = V). Memory beyond the model's own forward (which,
 without its head, holds B·T·d per layer, never B·T·V) is the selected rows'
 a (rows × d) plus one chunk of logits (default 64 MB).
 
-With soft-capping, p is the model's own distribution exactly, and e = p − e_y
-is the error in the coordinates of the model's final (capped) logits: the
-gradient of the loss with respect to W is (J_cap e) ⊗ a' with
-J_cap = diag(1 − tanh²(z_lin/c)); sketching it in W's coordinates needs the
-sketch op to take the cap (``softcap=``), which it does not yet.
+With soft-capping, p = softmax(c·tanh(z/c)) is the model's own distribution
+and the sketched error is e = J_cap (p − e_y), J_cap = diag(1 − tanh²(z/c)),
+so g = e ⊗ a' is exactly the gradient of the loss with respect to W (the op's
+``softcap=``), streamed over the vocabulary like the rest.
 
 Labels:
 
@@ -42,7 +40,6 @@ N_V = 2^⌈log₂V⌉ and 2⌈m/N_d⌉ of size N_d).
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -56,7 +53,6 @@ from fisherfast.split import Head, final_head_inputs, output_head
 from fisherfast.split.positions import check_positions
 
 POSITIONS = ("all", "last")
-LOGITS_CHUNK_BYTES = 64 << 20  # float32 logits rows held at once when the head has post-processing
 
 
 def _token_lists(tokenizer, data, max_length: int | None) -> list[list[int]]:
@@ -157,23 +153,14 @@ def sketch_batch(model, head: Head, sketchers: dict, batch: list[list[int]], lab
         a_rows, next_token = a[torch.arange(len(batch), device=device), lengths - 1], None
     del a
     b_scaled = head.b if head.b is None or head.scale == 1.0 else head.b * head.scale
-    folded = dataclasses.replace(head, b=b_scaled, scale=1.0)  # the head of a' = s a
-    if head.softcap is None:
-        chunks = [slice(0, a_rows.shape[0])]  # the op forms z = W a' + b' chunk by chunk itself
-    else:
-        step = chunk_rows or max(1, LOGITS_CHUNK_BYTES // (4 * head.W.shape[0]))
-        chunks = [slice(s, s + step) for s in range(0, a_rows.shape[0], step)]
+    # the op forms z = W a' + b' (and c·tanh(z/c)) chunk by chunk itself
+    head_kwargs = dict(W=head.W, b=b_scaled, softcap=head.softcap, chunk_rows=chunk_rows)
     for name, sketcher in sketchers.items():
         y = None if sample else next_token if labels[name] is None else torch.tensor(labels[name], device=device)
-        for rows in chunks:
-            if head.softcap is None:
-                head_kwargs = dict(W=head.W, b=b_scaled, chunk_rows=chunk_rows)
-            else:  # a' = s a already: the capped logits c·tanh((W a' + b')/c)
-                head_kwargs = dict(logits=folded.logits(a_rows[rows]))
-            if sample:
-                sketcher.update(a_rows[rows], sample=True, **head_kwargs)
-            else:
-                sketcher.update(a_rows[rows], y=y[rows], **head_kwargs)
+        if sample:
+            sketcher.update(a_rows, sample=True, **head_kwargs)
+        else:
+            sketcher.update(a_rows, y=y, **head_kwargs)
     return int(lengths.sum())
 
 

@@ -10,8 +10,13 @@ The first moment, in the same pass: φ_j(g) = (r_jᵃ·a)(r_jᵉ·e)/√m with t
 same plans rᵃ, rᵉ, so E[φ(g)·φ(g′)] = g·g′ and mean φ is a random projection
 of the mean head gradient ḡ = (1/n) Σ e ⊗ a (its cosines estimate
 cos(ḡ_i, ḡ_j), the peer's "mean gradient cosine" restricted to the head).
-The fused op accumulates the three second-moment kinds; the first moment
-costs one more SRHT of p per row here (the op does two).
+The fused op accumulates the three second-moment kinds and the first moment
+(a fourth row of its state buffers) from the same projections.
+
+Soft-capped heads (Gemma-2/3, ``softcap=c``): p = softmax(c·tanh(z/c)) and
+e = (1 − tanh²(z/c)) ⊙ (p − e_y), the gradient of −log p_y with respect to the
+linear logits z = W a + b, so g = e ⊗ a is exactly the gradient with respect
+to W (``fisher_sketch_update``).
 """
 from __future__ import annotations
 
@@ -21,8 +26,6 @@ import torch
 
 from fisherfast.ops import fisher_sketch_update, srht, srht_onehot
 from fisherfast.ops._checks import check_finite, check_tensor
-from fisherfast.ops.fisher_sketch import LOGITS_CHUNK_BYTES
-from fisherfast.ops.fisher_sketch_common import sample_labels
 from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import KINDS, MEAN, SketchState
 
@@ -79,17 +82,19 @@ class FisherSketcher:
             self._allocate(self.device)
 
     def _allocate(self, device: torch.device) -> None:
-        self._sums = torch.zeros(len(KINDS), self.spec.m, dtype=torch.float64, device=device)
+        rows = len(KINDS) + (1 if self.mean else 0)  # the op's fourth row: the first moment Σφ, Σφ²
+        self._sums = torch.zeros(rows, self.spec.m, dtype=torch.float64, device=device)
         self._sumsqs = torch.zeros_like(self._sums)
-        self._mean_sum = torch.zeros(self.spec.m, dtype=torch.float64, device=device)  # first moment: Σφ, Σφ²
-        self._mean_sumsq = torch.zeros_like(self._mean_sum)
 
     def update(self, a: torch.Tensor, *, logits: torch.Tensor | None = None, W: torch.Tensor | None = None,
                b: torch.Tensor | None = None, y: torch.Tensor | None = None, sample: bool = False,
-               chunk_rows: int | None = None) -> None:
+               softcap: float | None = None, chunk_rows: int | None = None) -> None:
         """Add a batch: a (B, d) and logits (B, K) or the head (W (K, d), b (K,));
         labels y (B,) for the empirical Fisher, or ``sample=True`` to draw
         y ∼ softmax(logits) (true Fisher) from this sketcher's seeded generator.
+        ``softcap=c`` for a soft-capped head: the logits given are the capped
+        c·tanh(z/c) (with W, b the op caps them), and the error is the exact
+        gradient with respect to the linear logits (module docstring).
 
         A logit of −inf is a mask: that class has probability zero (e = p − e_y
         is 0 there and y ∼ p never draws it). Raises ValueError for NaN or +inf
@@ -102,6 +107,9 @@ class FisherSketcher:
             raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
         if sample == (y is not None):
             raise ValueError("give labels y, or sample=True to draw y ∼ p (not both)")
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                    or not math.isfinite(softcap) or softcap <= 0):
+            raise ValueError(f"softcap must be a positive finite float or None, got {softcap!r}")
         check_finite("a", a)  # one NaN row would make every later sum NaN
         if isinstance(logits, torch.Tensor):
             check_masked_logits(logits, y)
@@ -114,38 +122,9 @@ class FisherSketcher:
         if a.device != self.device:
             raise ValueError(f"a is on {a.device} but the sketcher's state is on {self.device}")
         u = torch.rand(a.shape[0], generator=self._generator, dtype=torch.float64).to(a.device) if sample else None
-        if not self.mean:
-            fisher_sketch_update(self._sums, self._sumsqs, a, self.spec.plans(), logits=logits, W=W, b=b, y=y, u=u,
-                                 chunk_rows=chunk_rows, backend=self.backend)
-        else:
-            self._update_with_mean(a, logits, W, b, y, u, chunk_rows)
+        fisher_sketch_update(self._sums, self._sumsqs, a, self.spec.plans(), logits=logits, W=W, b=b, y=y, u=u,
+                             softcap=softcap, chunk_rows=chunk_rows, backend=self.backend)
         self.count += a.shape[0]
-
-    def _update_with_mean(self, a, logits, W, b, y, u, chunk_rows) -> None:
-        """Chunks of rows: logits (formed here from W, b as the op would), y ∼ p drawn here
-        (``sample_labels``, the op's inverse CDF), then the fused op for the three second-moment
-        kinds and the first moment φ = (rᵃ·a)(rᵉ·e)/√m beside it."""
-        plans = self.spec.plans()
-        ra, _, re, _ = plans
-        if chunk_rows is None:  # the op's own policy: 64 MB of float32 logits or transform scratch
-            chunk_rows = max(1, LOGITS_CHUNK_BYTES // (4 * max(self.spec.K, 2 * re.n_blocks * re.N)))
-        root_m = math.sqrt(self.spec.m)
-        for start in range(0, a.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            a_rows = a[rows]
-            if logits is not None:
-                z = logits[rows]
-            else:
-                z = a_rows.to(W.dtype) @ W.T if b is None else torch.addmm(b, a_rows.to(W.dtype), W.T)
-            p = torch.softmax(z.float(), dim=-1)
-            y_rows = y[rows] if u is None else sample_labels(p, u[rows])
-            fisher_sketch_update(self._sums, self._sumsqs, a_rows, plans, logits=z, y=y_rows,
-                                 chunk_rows=a_rows.shape[0], backend=self.backend)
-            u_a = srht(a_rows.float(), ra, backend=self.backend)
-            u_e = srht(p, re, backend=self.backend) - srht_onehot(y_rows, re)
-            phi = u_a.double() * u_e.double() / root_m
-            self._mean_sum += phi.sum(0)
-            self._mean_sumsq += phi.square().sum(0)
 
     @property
     def state(self) -> SketchState:
@@ -155,7 +134,7 @@ class FisherSketcher:
         sums = {k: self._sums[i].clone() for i, k in enumerate(KINDS)}
         sumsqs = {k: self._sumsqs[i].clone() for i, k in enumerate(KINDS)}
         if self.mean:
-            sums[MEAN], sumsqs[MEAN] = self._mean_sum.clone(), self._mean_sumsq.clone()
+            sums[MEAN], sumsqs[MEAN] = self._sums[len(KINDS)].clone(), self._sumsqs[len(KINDS)].clone()
         return SketchState(self.spec, self.count, sums, sumsqs)
 
 

@@ -156,6 +156,10 @@ def test_op_fake_checks_shapes():
             torch.randn(4, 40), torch.randint(0, 40, (4,)), None, *tensors, None]
     torch.library.opcheck(torch.ops.fisherfast.fisher_sketch_update_.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+    with_mean_and_cap = [torch.zeros(4, 32, dtype=torch.float64), torch.zeros(4, 32, dtype=torch.float64),
+                         *args[2:3], 2.0 * torch.tanh(args[3]), *args[4:], 2.0]  # first-moment row, softcap c = 2
+    torch.library.opcheck(torch.ops.fisherfast.fisher_sketch_update_.default, with_mean_and_cap,
+                          test_utils=("test_schema", "test_faketensor"))
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args]
         torch.ops.fisherfast.fisher_sketch_update_.default(*fake)
@@ -191,3 +195,66 @@ def test_cpu_entry_point_checks_its_tensor_views():
             _C.fisher_sketch_update(*head, *tensors, scratch, acc, 1)
     _C.fisher_sketch_update(dl(sums), dl(sums.clone()), a, z, y, None, *tensors, scratch, acc, 1)
     assert bool(sums.abs().sum() > 0)
+
+
+def autograd_oracle(a, W, b, y, softcap, plans):
+    """(Σ, Σ²) per kind (joint, activation, error, first moment) from the float64 per-sample gradients
+    g = ∂CE(c·tanh((W a + b)/c), y)/∂W (K, d) and e = ∂CE/∂z (K,) by torch.func.jacrev of the capped
+    cross-entropy — the chain rule through the cap done by autograd, not by the formula under test."""
+    m = plans[0].m
+    Ra, Sa, Re, Se = (dense_features(p) for p in plans)
+    a, W, b = a.double(), W.double(), b.double()
+
+    def loss_z(z, y_i):  # cross-entropy of the capped logits, as a function of the linear logits z
+        return torch.nn.functional.cross_entropy((softcap * torch.tanh(z / softcap))[None], y_i[None])
+
+    def loss_W(W_, a_i, y_i):
+        return loss_z(W_ @ a_i + b, y_i)
+
+    g = torch.stack([torch.func.jacrev(loss_W)(W, a_i, y_i) for a_i, y_i in zip(a, y)])  # (B, K, d)
+    e = torch.stack([torch.func.jacrev(loss_z)(W @ a_i + b, y_i) for a_i, y_i in zip(a, y)])  # (B, K)
+    r_g = torch.einsum("jk,bkd,jd->bj", Re, g, Ra)  # r_j·g with r_j = rᵉ_j ⊗ rᵃ_j
+    s_g = torch.einsum("jk,bkd,jd->bj", Se, g, Sa)
+    psi = torch.stack([r_g * s_g / math.sqrt(m), (a @ Ra.T) * (a @ Sa.T) / math.sqrt(m),
+                       (e @ Re.T) * (e @ Se.T) / math.sqrt(m), r_g / math.sqrt(m)])  # (4, B, m)
+    return psi.sum(1), psi.square().sum(1)
+
+
+@pytest.mark.parametrize("d,K,m", [(16, 64, 48), (7, 3, 40), (33, 100, 256)])
+def test_softcap_and_first_moment_match_autograd(backend, d, K, m):
+    # Logits of scale 6 against the cap c = 4 keep tanh well inside its curved part (s from 0.01 to 1).
+    # Error model: the op's features are float32 (the capped logits rounded once, s = 1 − (z′/c)² to
+    # ~1e-7 absolute, the FWHT sums of ≤ 256 terms) against float64 autograd; the W path adds the
+    # float32 GEMM (d ≤ 33 terms): ~1e-6 relative per feature, within the 2e-5 of assert_close_sums.
+    torch.manual_seed(d * K)
+    c, B = 4.0, 9
+    plans = make_plans(d, K, m, seed=3)
+    a, W, b = torch.randn(B, d), 6 * torch.randn(K, d) / math.sqrt(d), torch.randn(K)
+    y = torch.randint(0, K, (B,))
+    expected = autograd_oracle(a, W, b, y, c, plans)
+    for kw in (dict(W=W, b=b), dict(logits=c * torch.tanh((a.double() @ W.double().T + b.double()) / c))):
+        sums = torch.zeros(4, m, dtype=torch.float64, device=backend.device)
+        sumsqs = torch.zeros_like(sums)
+        moved = {k: v.float().to(backend.device) for k, v in kw.items()}
+        fisher_sketch_update(sums, sumsqs, a.to(backend.device), plans, y=y.to(backend.device), softcap=c,
+                             backend=backend.name, **moved)
+        assert_close_sums((sums.cpu(), sumsqs.cpu()), expected)
+    # Without the cap's slope the error would be p − e_y: far from the oracle, so the test can fail.
+    sums = torch.zeros(4, m, dtype=torch.float64)
+    fisher_sketch_update(sums, torch.zeros_like(sums), a, plans, logits=c * torch.tanh((a @ W.T + b) / c), y=y)
+    assert float((sums[2] - expected[0][2]).abs().max()) > 0.1 * float(expected[0][2].abs().max())
+
+
+def test_softcap_bad_inputs_raise_before_work():
+    d, K, m = 4, 8, 16
+    plans = make_plans(d, K, m)
+    sums, sumsqs = torch.zeros(4, m, dtype=torch.float64), torch.zeros(4, m, dtype=torch.float64)
+    a, y = torch.randn(2, d), torch.tensor([0, 1])
+    for bad in (0.0, -1.0, float("inf"), True, "4"):
+        with pytest.raises(ValueError, match="softcap"):
+            fisher_sketch_update(sums, sumsqs, a, plans, logits=torch.zeros(2, K), y=y, softcap=bad)
+    with pytest.raises(ValueError, match="capped logits"):
+        fisher_sketch_update(sums, sumsqs, a, plans, logits=torch.full((2, K), 5.0), y=y, softcap=4.0)
+    with pytest.raises(ValueError, match="sumsqs"):
+        fisher_sketch_update(sums, sumsqs[:3], a, plans, logits=torch.zeros(2, K), y=y)
+    assert not sums.any() and not sumsqs.any()

@@ -5,6 +5,7 @@ head input a is captured by a plain forward hook on the final norm, the logits
 are the model's own ``.logits`` (with Gemma3's soft-capping where set), and the
 labels are picked by hand; these rows go through FisherSketcher directly."""
 import pytest
+import scipy.linalg
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -59,14 +60,15 @@ def own_forward(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 def manual_state(model, rows_per_batch, spec, sample=False):
     """rows_per_batch: list (one per update) of lists of (token ids, position, label)."""
     sketcher = FisherSketcher(spec, generator_seed=spec.seed)
+    softcap = getattr(model.config, "final_logit_softcapping", None)  # the logits below are the capped ones
     for rows in rows_per_batch:
         forwards = [own_forward(model, ids) for ids, _, _ in rows]
         a = torch.stack([f[0][t] for f, (_, t, _) in zip(forwards, rows)])
         logits = torch.stack([f[1][t] for f, (_, t, _) in zip(forwards, rows)])
         if sample:
-            sketcher.update(a, logits=logits, sample=True)
+            sketcher.update(a, logits=logits, sample=True, softcap=softcap)
         else:
-            sketcher.update(a, logits=logits, y=torch.tensor([y for _, _, y in rows]))
+            sketcher.update(a, logits=logits, y=torch.tensor([y for _, _, y in rows]), softcap=softcap)
     return sketcher.state
 
 
@@ -89,7 +91,7 @@ def test_next_token_state_equals_manual_features(arch, tokenizer, tiny_model):
     spec = SketchSpec(d=16, K=V, m=64, seed=3)
     calls = []
     handle = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
-    try:  # chunk_rows=5: the softcap path forms logits 5 rows at a time
+    try:  # chunk_rows=5: the op forms (and caps) logits 5 rows at a time
         state = sketch_model(model, tokenizer, TEXTS, spec=spec, batch_size=4, progress=False, chunk_rows=5)
     finally:
         handle.remove()
@@ -264,3 +266,44 @@ def test_token_ids_outside_the_vocabulary_and_bad_seeds_are_named(tiny_model):
     with pytest.raises(ValueError, match="sample_seed must be a non-negative int"):
         sketch_model(model, None, [[2, 3, 4]], spec=spec, sample=True, labels=None, sample_seed=-1, progress=False)
     assert sketch_model(model, None, [[2, 3, V - 1]], spec=spec, progress=False).count == 2  # the last id is fine
+
+
+def test_softcapped_sketch_equals_features_of_autograd_head_gradients(tokenizer, tiny_model):
+    """Gemma3 with final_logit_softcapping: every kind (first moment included) equals the features
+    of the per-position gradient g = ∂CE(model logits_t, y_t)/∂W of the LM head weight, by autograd
+    through the model's own forward (its own cap), float64 features from dense ±1 matrices. Error
+    model: the model runs in float32 (autograd g and a to ~1e-6 relative), the sketch's features are
+    float32: ≲ 1e-5 of the largest entry, within assert_states_close's 1e-5·max + 1e-4 relative."""
+    def dense_features(plan):  # (m, n_in) float64: row j = D_b H_N e_i restricted to the input
+        H = torch.from_numpy(scipy.linalg.hadamard(plan.N)).double()
+        return (plan.signs.double()[plan.idx // plan.N] * H[plan.idx % plan.N])[:, : plan.n_in]
+
+    model = tiny_model("gemma3_softcap")
+    spec = SketchSpec(d=16, K=V, m=64, seed=4)
+    ids = tokenizer(TEXTS[:3])["input_ids"]
+    state = sketch_model(model, tokenizer, TEXTS[:3], spec=spec, batch_size=2, progress=False)
+    Ra, Sa, Re, Se = (dense_features(p) for p in spec.plans())
+    head = model.get_output_embeddings()
+    tied = head.weight
+    head.weight = W = torch.nn.Parameter(tied.detach().clone())  # untied: W.grad is the head's gradient alone
+    psi = []
+    for x in ids:
+        for t in range(len(x) - 1):
+            a, _ = own_forward(model, x)
+            W.grad = None
+            logits = model(input_ids=torch.tensor([x])).logits[0, t]
+            torch.nn.functional.cross_entropy(logits[None], torch.tensor([x[t + 1]])).backward()
+            g, a = W.grad.double(), a[t].double()
+            e = g @ a / (a @ a)  # g = e ⊗ a exactly: the error in the linear logits' coordinates
+            r_g, s_g = torch.einsum("jk,kd,jd->j", Re, g, Ra), torch.einsum("jk,kd,jd->j", Se, g, Sa)
+            root_m = spec.m ** 0.5
+            psi.append(torch.stack([r_g * s_g / root_m, (Ra @ a) * (Sa @ a) / root_m, (Re @ e) * (Se @ e) / root_m,
+                                    r_g / root_m]))
+    head.weight = tied
+    model.zero_grad()
+    psi = torch.stack(psi, 1)  # (4, n, m)
+    expected = SketchState(spec, psi.shape[1], dict(zip(("joint", "activation", "error", "mean"), psi.sum(1))),
+                           dict(zip(("joint", "activation", "error", "mean"), psi.square().sum(1))))
+    assert_states_close(state, expected)
+    torch.testing.assert_close(state.sums["mean"], expected.sums["mean"], rtol=1e-4,
+                               atol=1e-5 * float(expected.sums["mean"].abs().max()))

@@ -160,7 +160,9 @@ def test_sketch_model_is_the_sketcher_fed_the_models_own_logits(model_type):
         finally:
             handle.remove()
         a = out["a"][0] * own_scale(model)
-        sketcher.update(a[:-1], logits=logits[:-1], y=torch.tensor(ids[1:]))
+        # the model's own (capped) logits; softcap= makes the error the gradient w.r.t. the linear logits
+        sketcher.update(a[:-1], logits=logits[:-1], y=torch.tensor(ids[1:]),
+                        softcap=getattr(model.config, "final_logit_softcapping", None))
     expected = sketcher.state
     assert state.count == expected.count == 7
     for kind in ("joint", "activation", "error"):
