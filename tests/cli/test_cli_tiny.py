@@ -210,7 +210,14 @@ def test_sketch_of_prompt_answer_pairs_and_dataset_mistakes(work, run_cli, tiny_
     usage = [
         (["--dataset", "qa.jsonl"], "--dataset needs --text-field, or --prompt-field with --answer-field"),
         (["--dataset", "qa.jsonl", "--prompt-field", "q"], "--prompt-field needs --answer-field"),
-        (["--texts", "texts.txt", "--text-field", "text"], "--text-field apply to --dataset, not --texts"),
+        (["--texts", "texts.txt", "--text-field", "text"], "--text-field applies only to --dataset, not --texts"),
+        (["--texts", "texts.txt", "--prompt-field", "q", "--answer-field", "a"],
+         "--prompt-field, --answer-field apply only to --dataset, not --texts"),
+        # the corpus's fields are checked on its first row before the model loads (no_model)
+        (["--dataset", "qa.jsonl", "--text-field", "nofield"], "qa.jsonl has no field 'nofield'; its fields are"),
+        (["--dataset", "qa.jsonl", "--prompt-field", "q", "--answer-field", "nofield"], "has no field 'nofield'"),
+        (["--dataset", "qa.jsonl", "--prompt-field", "nofield", "--answer-field", "a"], "has no field 'nofield'"),
+        (["--dataset", "texts.txt", "--text-field", "text"], "--dataset texts.txt: path: expected a file ending"),
         (["--dataset", "missing.jsonl", "--text-field", "text"], "--dataset missing.jsonl: no such file or folder"),
     ]
     for extra, message in usage:
