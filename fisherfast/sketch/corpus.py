@@ -74,8 +74,11 @@ def _open(path, text_field, prompt_field, answer_field) -> tuple[list[str], dict
         import datasets
     except ImportError as err:
         raise ImportError("reading corpus files needs the datasets package: pip install 'fisherfast[data]'") from err
-    rows = iter(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
-    first = next(rows, None)
+    try:
+        rows = iter(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
+        first = next(rows, None)
+    except StopIteration:  # an empty file: datasets finds no first row to infer the columns from
+        rows, first = iter(()), None
     missing = [f for f in fields if first is not None and f not in first]
     if missing:
         raise ValueError(f"{os.fspath(path)} has no field {missing[0]!r}; its fields are {sorted(first)}")

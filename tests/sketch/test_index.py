@@ -113,6 +113,11 @@ def test_zero_fisher_domain_ranks_last_and_bad_queries(domains):
         index.add("short", torch.ones(5))
     with pytest.raises(ValueError, match="name"):
         index.add(" padded", states["near"])
+    broken = SketchState(SPEC, 3, {k: v.clone() for k, v in states["near"].sums.items()}, states["near"].sumsqs)
+    broken.sums["error"][0] = math.nan  # a NaN row would read as a kind the domain lacks
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        index.add("broken", broken)
+    assert "broken" not in index.names
     with pytest.raises(ValueError, match="empty"):
         SignatureIndex(SPEC).query(states["t"])
 
