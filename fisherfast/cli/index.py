@@ -4,7 +4,7 @@ FisherSketch states (docs/design.md §7; ``fisherfast.sketch.SignatureIndex``).
     fisherfast index add INDEX STATE...     append states from `fisherfast sketch` (or merge
                                             other index files); creates INDEX when absent
     fisherfast index query INDEX TARGET     the --k domains best aligned with TARGET's state
-    fisherfast index list INDEX             spec, size and the domains with their counts
+    fisherfast index list INDEX             spec, size and the domains: counts, what each holds
 
 Every file is checked before any work: a mistake is one line on stderr and exit
 status 2, and INDEX is never touched then. The index file is rewritten
@@ -46,16 +46,16 @@ def register(sub) -> None:
     add.add_argument("--no-variances", action="store_true",
                      help="a new index without the sampling variances (half the size; error bars from the "
                           "random projections only)")
-    add.set_defaults(run=run_add)
+    add.set_defaults(run=run_add, command="index add")  # errors name the action
     query = add_command(actions, "query", "the domains best aligned with a target state")
     query.add_argument("index", metavar="INDEX", help="the index (.safetensors)")
     query.add_argument("target", metavar="TARGET", help="the target's state from `fisherfast sketch` (a domain's "
                                                         "or a single prompt's)")
     query.add_argument("--k", type=positive_int, default=5, help="how many domains to report")
-    query.set_defaults(run=run_query)
+    query.set_defaults(run=run_query, command="index query")  # errors name the action
     show = add_command(actions, "list", "the index's spec, size and domains")
     show.add_argument("index", metavar="INDEX", help="the index (.safetensors)")
-    show.set_defaults(run=run_list)
+    show.set_defaults(run=run_list, command="index list")  # errors name the action
 
 
 def _load_index(path: str):
@@ -76,30 +76,40 @@ def _load_state(path: str):
         raise UsageError(f"cannot load {path}: {err}") from None
 
 
+def _good_name(name: str) -> bool:
+    """A domain name SignatureIndex accepts (non-empty, no surrounding spaces)."""
+    return bool(name.strip()) and name == name.strip()
+
+
 def run_add(args) -> int:
     from fisherfast.sketch import SignatureIndex
 
     out = check_output(args.index, INDEX, force=True, option="INDEX")  # extension, folder, not a foreign file
     if args.name is not None and len(args.states) != 1:
         raise UsageError("--name names one STATE; give one STATE, or let the file names name them")
+    if args.name is not None and not _good_name(args.name):
+        raise UsageError(f"--name: expected a non-empty name without surrounding spaces, got {args.name!r}")
     sources = []
     for path in args.states:  # every input is read and checked before the index is touched
         if _is_index_file(path):
-            sources.append((path, _load_index(path)))
-        else:
-            name = args.name if args.name is not None else os.path.splitext(os.path.basename(path))[0]
-            sources.append((name, _load_state(path)))
+            sources.append((path, path, _load_index(path)))
+            continue
+        name = args.name if args.name is not None else os.path.splitext(os.path.basename(path))[0]
+        if not _good_name(name):
+            raise UsageError(f"STATE {path}: its file name gives the domain name {name!r}; expected a non-empty "
+                             f"name without surrounding spaces (give --name)")
+        sources.append((path, name, _load_state(path)))
     exists = os.path.exists(out)
     index = _load_index(args.index) if exists else None
     if index is not None and args.no_variances:
         raise UsageError(f"--no-variances applies to a new index; {args.index} exists "
                          f"({'with' if index.variances else 'without'} variances)")
     if index is None:
-        first = sources[0][1]
+        first = sources[0][2]
         index = SignatureIndex(first.spec, variances=not args.no_variances)
     added = 0
     try:
-        for name, item in sources:
+        for path, name, item in sources:
             if isinstance(item, SignatureIndex):
                 index = index.merge(item)
                 added += len(item)
@@ -107,7 +117,7 @@ def run_add(args) -> int:
                 index.add(name, item)
                 added += 1
     except ValueError as err:  # another spec, a repeated name, an empty state
-        raise UsageError(f"{name}: {err}") from None
+        raise UsageError(f"STATE {path}: {err}") from None
     written = write_output(out, index.save, "signature index")
     if written:
         print(f"{'added' if exists else 'created with'} {added} domain{'s' * (added != 1)}: {args.index} holds "
@@ -139,6 +149,11 @@ def run_query(args) -> int:
     for h in hits:
         if h.undefined:
             print(f"{h.name}: A undefined, ranked last: {h.undefined}")
+    for h in hits:  # what a row lacks is its own ("—"): the other rows keep all their columns
+        holds = _holds(index, h.name)
+        if holds != "all kinds, with variances":
+            print(f"{h.name} holds {holds}" + ("" if index.has_variances(h.name) else
+                                                "; its ± is the projection part only"))
     from fisherfast.cli._report import COLUMN_NOTES
     from fisherfast.cli.select import G_NOTE
 
@@ -150,9 +165,18 @@ def run_query(args) -> int:
 
 def run_list(args) -> int:
     index = _load_index(args.index)
-    print(f"{args.index}: {len(index)} domains under {index.spec}, {index.nbytes:,} bytes"
+    print(f"{args.index}: {len(index)} domain{'s' * (len(index) != 1)} under {index.spec}, {index.nbytes:,} bytes"
           f"{'' if index.variances else ' (no variances)'}")
     width = max((len(n) for n in index.names), default=0)
     for name, count in zip(index.names, index.counts):
-        print(f"  {name:<{width}}  n = {count}")
+        print(f"  {name:<{width}}  n = {count}  ({_holds(index, name)})")
     return 0
+
+
+def _holds(index, name: str) -> str:
+    """What a domain holds, in words: its kinds and whether it has its sampling variances."""
+    kinds = index.kinds(name)
+    if kinds == ("joint",) and not index.has_variances(name):
+        return "a bare signature (A only)"
+    what = "all kinds" if len(kinds) == 4 else "kinds " + ", ".join(kinds)
+    return what + (", with variances" if index.has_variances(name) else ", no variances")

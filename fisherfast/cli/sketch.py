@@ -62,12 +62,14 @@ def _spec(d: int, K: int, m: int, seed: int):
 
 
 def _dataset_fields(args) -> dict:
-    """The --dataset column options as sketch_corpus keywords, or a UsageError."""
+    """The --dataset column options as sketch_corpus keywords, or a UsageError (also for a
+    corpus without those fields: checked on its first row, before any model loads)."""
     fields = {"text_field": args.text_field, "prompt_field": args.prompt_field, "answer_field": args.answer_field}
     if args.texts is not None:
         given = [f"--{k.replace('_', '-')}" for k, v in fields.items() if v is not None]
         if given:
-            raise UsageError(f"{', '.join(given)} apply to --dataset, not --texts")
+            raise UsageError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only to --dataset, "
+                             f"not --texts")
         return {}
     if (args.text_field is None) == (args.prompt_field is None):
         raise UsageError("--dataset needs --text-field, or --prompt-field with --answer-field")
@@ -75,6 +77,12 @@ def _dataset_fields(args) -> dict:
         raise UsageError("--prompt-field needs --answer-field (or --sample), and --answer-field needs --prompt-field")
     if not os.path.exists(args.dataset):
         raise UsageError(f"--dataset {args.dataset}: no such file or folder")
+    from fisherfast.sketch.corpus import check_corpus
+
+    try:  # the suffix and the fields, from the first row: before any model loads
+        check_corpus(args.dataset, **{k: v for k, v in fields.items() if v is not None})
+    except (OSError, ValueError, TypeError, ImportError) as err:
+        raise UsageError(f"--dataset {args.dataset}: {err}") from None
     return fields
 
 

@@ -1,7 +1,8 @@
 """FisherSketch over a real corpus: local Hugging Face ``datasets`` files,
 streamed, sharded across torch.distributed ranks (docs/design.md §7).
 
-``read_corpus(path, text_field=...)`` yields texts; ``read_corpus(path,
+``read_corpus(path, text_field=...)`` yields texts (``check_corpus`` checks
+the path and fields first, reading one row); ``read_corpus(path,
 prompt_field=..., answer_field=...)`` yields (prompt, answer) pairs for a
 verbalizer task (the answer is one token: the label at the prompt's last
 position). Files are read with ``datasets.load_dataset(builder,
@@ -59,6 +60,39 @@ def _data_files(path) -> tuple[str, list[str]]:
     return BUILDERS[suffix], [path]
 
 
+def _open(path, text_field, prompt_field, answer_field) -> tuple[list[str], dict | None, Iterator[dict]]:
+    """The fields to read, the first row (None for an empty corpus) and the rows after it."""
+    if (text_field is None) == (prompt_field is None and answer_field is None):
+        raise ValueError("give text_field, or prompt_field and answer_field (not both)")
+    if text_field is None and (prompt_field is None or answer_field is None):
+        raise ValueError("a verbalizer corpus needs both prompt_field and answer_field")
+    fields = [text_field] if text_field is not None else [prompt_field, answer_field]
+    if not all(isinstance(f, str) and f for f in fields):
+        raise TypeError(f"field names must be non-empty strings, got {fields}")
+    builder, files = _data_files(path)
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("reading corpus files needs the datasets package: pip install 'fisherfast[data]'") from err
+    try:
+        rows = iter(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
+        first = next(rows, None)
+    except StopIteration:  # an empty file: datasets finds no first row to infer the columns from
+        rows, first = iter(()), None
+    missing = [f for f in fields if first is not None and f not in first]
+    if missing:
+        raise ValueError(f"{os.fspath(path)} has no field {missing[0]!r}; its fields are {sorted(first)}")
+    return fields, first, rows
+
+
+def check_corpus(path: str | os.PathLike, *, text_field: str | None = None, prompt_field: str | None = None,
+                 answer_field: str | None = None) -> None:
+    """Check what ``read_corpus`` checks before its first item (the field choice, the path, its
+    suffix and that its first row has the fields), reading one row: a caller checks a corpus
+    before loading a model. Raises as ``read_corpus``."""
+    _open(path, text_field, prompt_field, answer_field)
+
+
 def read_corpus(path: str | os.PathLike, *, text_field: str | None = None, prompt_field: str | None = None,
                 answer_field: str | None = None) -> Iterator[str | tuple[str, str]]:
     """Stream a local datasets file (or folder) as texts or (prompt, answer) pairs.
@@ -77,25 +111,9 @@ def read_corpus(path: str | os.PathLike, *, text_field: str | None = None, promp
     (``pip install 'fisherfast[data]'``). A row whose field is not a string
     raises TypeError naming the row.
     """
-    if (text_field is None) == (prompt_field is None and answer_field is None):
-        raise ValueError("give text_field, or prompt_field and answer_field (not both)")
-    if text_field is None and (prompt_field is None or answer_field is None):
-        raise ValueError("a verbalizer corpus needs both prompt_field and answer_field")
-    fields = [text_field] if text_field is not None else [prompt_field, answer_field]
-    if not all(isinstance(f, str) and f for f in fields):
-        raise TypeError(f"field names must be non-empty strings, got {fields}")
-    builder, files = _data_files(path)
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError("reading corpus files needs the datasets package: pip install 'fisherfast[data]'") from err
-    rows = iter(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
-    first = next(rows, None)
+    fields, first, rows = _open(path, text_field, prompt_field, answer_field)
     if first is None:
         return iter(())
-    missing = [f for f in fields if f not in first]
-    if missing:
-        raise ValueError(f"{os.fspath(path)} has no field {missing[0]!r}; its fields are {sorted(first)}")
     return _values(itertools.chain([first], rows), fields, os.fspath(path))
 
 

@@ -6,7 +6,9 @@ of the joint, activation, error and first-moment ("mean") sketches and, when
 added from a state, the sampling variance of each coordinate of μ,
 Var μ_f = s_f² / n (float32), from which the sampling part of the error bars
 comes. A domain added from a bare joint signature has only its joint row
-(the others are NaN) and gets the projection part of the error bar only.
+(the others are NaN) and gets the projection part of the error bar only. The
+NaN rows are each domain's availability (``kinds``, ``has_variances``), saved
+with it: every domain is scored with what it holds, whatever the others hold.
 
 ``query(target, k)`` computes the alignment A of the target with every
 domain at once (one matrix-vector product over the joint matrix, N·m
@@ -24,6 +26,7 @@ the names in the metadata, checked on load; written atomically.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -75,7 +78,8 @@ class SignatureIndex:
         signature tensor (m,) (e.g. ``state.signature()``).
 
         Raises ValueError for a duplicate or empty name, another spec, an empty
-        state, a signature of another length or with NaN/Inf; TypeError otherwise."""
+        state, a state or signature with NaN/Inf, a signature of another length;
+        TypeError otherwise."""
         _check_name(name)
         if name in self._positions:
             raise ValueError(f"the index already holds a domain named {name!r}")
@@ -86,6 +90,8 @@ class SignatureIndex:
                 raise ValueError(f"{name!r} was sketched under {item.spec}; the index holds {self.spec}")
             if item.count == 0:
                 raise ValueError(f"the state of {name!r} holds no samples")
+            if not all(bool(torch.isfinite(t).all()) for t in item.sums.values()):
+                raise ValueError(f"the state of {name!r} contains NaN or Inf (a NaN row means a kind it lacks)")
             rows = {f"mu.{k}": (item.sums[k].double().cpu() / item.count).float() if k in item.sums else nan
                     for k in ALL_KINDS}
             if self.variances:
@@ -160,14 +166,26 @@ class SignatureIndex:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.matrices().values())
 
+    def kinds(self, name: str) -> tuple[str, ...]:
+        """The kinds whose μ a domain holds (its stored availability: a kind it lacks is a NaN
+        row in the file): all four from a state, three from a state without the first moment,
+        ("joint",) from a bare signature. KeyError for an unknown name."""
+        i, mats = self._positions[name], self.matrices()
+        return tuple(k for k in ALL_KINDS if not bool(torch.isnan(mats[f"mu.{k}"][i]).any()))
+
+    def has_variances(self, name: str) -> bool:
+        """Whether a domain holds Var μ (the sampling part of its error bars): False for a bare
+        signature, a state of one sample or an index built with ``variances=False``."""
+        i = self._positions[name]
+        return self.variances and self._counts[i] > 1 and not bool(torch.isnan(self.matrices()["var.joint"][i]).any())
+
     def state(self, name: str) -> SketchState | None:
         """The state rebuilt from a domain's μ and Var μ (None without them: a bare
         signature, ``variances=False``, or a count below 2)."""
-        i = self._positions[name]
-        n, mats = self._counts[i], self.matrices()
-        if not self.variances or n < 2 or bool(torch.isnan(mats["var.joint"][i]).any()):
+        if not self.has_variances(name):
             return None
-        kinds = ALL_KINDS if not bool(torch.isnan(mats[f"mu.{MEAN}"][i]).any()) else KINDS
+        i, kinds = self._positions[name], self.kinds(name)
+        n, mats = self._counts[i], self.matrices()
         mu = {k: mats[f"mu.{k}"][i].double() for k in kinds}
         var = {k: mats[f"var.{k}"][i].double() for k in kinds}
         return SketchState(self.spec, n, {k: n * mu[k] for k in kinds},
@@ -210,10 +228,12 @@ class SignatureIndex:
         domain or of a single prompt, or a joint signature (m,)), best first.
 
         Each hit is a SourceScore as from ``rank_sources``: A, S_a, S_e, ρ, G (the
-        first-moment cosine), each ± its standard error. When the target or a hit
-        has no state to rebuild (a bare signature, ``variances=False``, n < 2),
-        the error bars are the projection part only, and a kind that the target
-        or a hit lacks (a bare joint signature holds only A) is NaN.
+        first-moment cosine), each ± its standard error. Each hit is scored on its
+        own, with what it and the target hold, so adding a domain never changes
+        another's scores: when the target or that hit has no state to rebuild (a
+        bare signature, ``variances=False``, n < 2) its error bars are the
+        projection part only, and a kind that the target or that hit lacks (a bare
+        joint signature holds only A; a version-1 state no G) is NaN in its row.
 
         Raises ValueError for an empty index, k < 1, another spec or a zero target."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -224,14 +244,15 @@ class SignatureIndex:
         # largest first, undefined (NaN) last in insertion order: a stable sort of −A with NaN → +inf
         order = torch.sort(torch.nan_to_num(-A, nan=math.inf), stable=True).indices[:k]
         hits = [self._names[j] for j in order.tolist()]
+        # each hit is scored with what it and the target hold, independently of the other hits
         states = {name: self.state(name) for name in hits}
-        if isinstance(target, SketchState) and target.count > 1 and all(s is not None for s in states.values()):
-            if not all(s.has_mean for s in states.values()) and target.has_mean:
-                target = target.without_mean()
-            if not target.has_mean:
-                states = {n: s.without_mean() if s.has_mean else s for n, s in states.items()}
-            return rank_sources(target.to("cpu"), states)
-        return self._signature_scores(target, hits)
+        full = {n: s for n, s in states.items() if s is not None} if (
+            isinstance(target, SketchState) and target.count > 1) else {}
+        scores = rank_sources(target.to("cpu"), full) if full else []
+        scores += [score for name in hits if name not in full for score in self._signature_scores(target, [name])]
+        scores.sort(key=lambda s: hits.index(s.name))  # the index's order, then as rank_sources orders:
+        scores.sort(key=lambda s: (bool(s.undefined), -s.A if not s.undefined else 0.0))  # stable
+        return [dataclasses.replace(s, rank=r) for r, s in enumerate(scores, start=1)]
 
     def _signature_scores(self, target, hits: list[str]) -> list[SourceScore]:
         """Scores from signatures alone: each kind that the target and every hit hold, ± the

@@ -41,7 +41,8 @@ class SourceScore:
         count: the candidate's sample count.
         undefined: why A is undefined (NaN; such candidates rank last), or "".
         G, G_stderr: the first moment's cosine cos(ḡ_target, ḡ_j) of the mean head
-            gradients, beside A (NaN when a state lacks the first moment: version 1).
+            gradients, beside A (NaN when the target or this candidate lacks the first
+            moment: a version-1 file).
     """
 
     name: str
@@ -94,14 +95,18 @@ def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
     everything = [target, *states]  # row 0 is the target
     joint, act, err = (alignment(everything, kind=kind) for kind in ("joint", "activation", "error"))
     rho, rho_se = joint.A / (act.A * err.A), coupling_stderr(everything)  # ρ as ``marginals`` defines it
-    first = alignment(everything, kind="mean") if all(s.has_mean for s in everything) else None
+    # G for each candidate that holds the first moment (as the target must): per candidate, so one
+    # state without it (a version-1 file) leaves the others' G as they are
+    with_mean = [j for j, s in enumerate(states, start=1) if s.has_mean] if target.has_mean else []
+    first = alignment([target] + [states[j - 1] for j in with_mean], kind="mean") if with_mean else None
+    column = {j: c for c, j in enumerate(with_mean, start=1)}  # candidate j → its row in ``first``
     scores = [dict(name=name, A=float(joint.A[0, j]), A_stderr=float(joint.stderr[0, j]), S_a=float(act.A[0, j]),
                    S_a_stderr=float(act.stderr[0, j]), S_e=float(err.A[0, j]), S_e_stderr=float(err.stderr[0, j]),
                    rho=float(rho[0, j]), rho_stderr=float(rho_se[0, j]), count=state.count,
                    undefined="" if math.isfinite(float(joint.A[0, j])) else
                    "the candidate's joint sketch is zero (zero head Fisher), so A = 0/0",
-                   G=math.nan if first is None else float(first.A[0, j]),
-                   G_stderr=math.nan if first is None else float(first.stderr[0, j]))
+                   G=float(first.A[0, column[j]]) if j in column else math.nan,
+                   G_stderr=float(first.stderr[0, column[j]]) if j in column else math.nan)
               for j, (name, state) in enumerate(zip(names, states), start=1)]
     scores.sort(key=lambda s: (bool(s["undefined"]), -s["A"] if not s["undefined"] else 0.0))  # stable
     return [SourceScore(rank=r, **s) for r, s in enumerate(scores, start=1)]

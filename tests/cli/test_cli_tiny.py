@@ -210,7 +210,14 @@ def test_sketch_of_prompt_answer_pairs_and_dataset_mistakes(work, run_cli, tiny_
     usage = [
         (["--dataset", "qa.jsonl"], "--dataset needs --text-field, or --prompt-field with --answer-field"),
         (["--dataset", "qa.jsonl", "--prompt-field", "q"], "--prompt-field needs --answer-field"),
-        (["--texts", "texts.txt", "--text-field", "text"], "--text-field apply to --dataset, not --texts"),
+        (["--texts", "texts.txt", "--text-field", "text"], "--text-field applies only to --dataset, not --texts"),
+        (["--texts", "texts.txt", "--prompt-field", "q", "--answer-field", "a"],
+         "--prompt-field, --answer-field apply only to --dataset, not --texts"),
+        # the corpus's fields are checked on its first row before the model loads (no_model)
+        (["--dataset", "qa.jsonl", "--text-field", "nofield"], "qa.jsonl has no field 'nofield'; its fields are"),
+        (["--dataset", "qa.jsonl", "--prompt-field", "q", "--answer-field", "nofield"], "has no field 'nofield'"),
+        (["--dataset", "qa.jsonl", "--prompt-field", "nofield", "--answer-field", "a"], "has no field 'nofield'"),
+        (["--dataset", "texts.txt", "--text-field", "text"], "--dataset texts.txt: path: expected a file ending"),
         (["--dataset", "missing.jsonl", "--text-field", "text"], "--dataset missing.jsonl: no such file or folder"),
     ]
     for extra, message in usage:
@@ -291,6 +298,21 @@ def test_index_add_list_query_on_the_tiny_model(work, run_cli, tiny_model_dir):
     for r, h in zip(rows, want):
         assert r[3].strip() == f"{h.A:.3f} ± {h.A_stderr:.3f}" and r[7].strip() == f"{h.G:.3f} ± {h.G_stderr:.3f}"
     assert "G    cosine of the mean head gradients" in result.out
+    one = run_cli("index", "list", "j.safetensors")
+    assert "j.safetensors: 1 domain under" in one.out and "  (all kinds, with variances)" in one.out
+    # a bare signature beside them: its row lacks S_a…G ("—") and says so; the others' rows are unchanged
+    mixed = SignatureIndex.load("i.safetensors")
+    mixed.add("sig", SketchState.load("c.safetensors").signature())
+    mixed.save("m.safetensors")
+    shown = run_cli("index", "query", "m.safetensors", "t.safetensors", "--k", "5")
+    assert shown.code == 0, shown.err
+    cells = {r[2].strip(): [c.strip() for c in r[3:8]] for r in (line.split("|") for line in shown.out.splitlines()
+                                                                if line.startswith("| ") and line[2].isdigit())}
+    before = {r[2].strip(): [c.strip() for c in r[3:8]] for r in rows}
+    assert all(cells[name] == before[name] for name in before) and "—" not in str(before)
+    assert cells["sig"][0] != "—" and cells["sig"][1:] == ["—"] * 4
+    assert "sig holds a bare signature (A only); its ± is the projection part only" in shown.out
+    assert "(a bare signature (A only))" in run_cli("index", "list", "m.safetensors").out
 
 
 def test_align_kind_mean_prints_the_first_moment_cosines(work, run_cli, tiny_model_dir):

@@ -102,7 +102,17 @@ CASES = {
                             "is not a fisherfast.sketch.index file"),
     "index-query-k-0": (["index", "query", "i.safetensors", "t.safetensors", "--k", "0"],
                         "--k: expected an integer ≥ 1"),
-    "index-list-missing": (["index", "list", "none.safetensors"], "cannot load the index none.safetensors"),
+    "index-list-missing": (["index", "list", "none.safetensors"],
+                           "fisherfast index list: error: cannot load the index none.safetensors"),
+    "index-add-names-the-action": (["index", "add", "i.safetensors", "none.safetensors"],
+                                   "fisherfast index add: error: cannot load none.safetensors"),
+    "index-query-names-the-action": (["index", "query", "none.safetensors", "t.safetensors"],
+                                     "fisherfast index query: error: cannot load the index none.safetensors"),
+    "index-add-name-spaces": (["index", "add", "i.safetensors", "texts.txt", "--name", " x"],
+                              "fisherfast index add: error: --name: expected a non-empty name without surrounding "
+                              "spaces, got ' x'"),
+    "index-add-file-name-spaces": (["index", "add", "i.safetensors", " x.safetensors"],
+                                   "STATE  x.safetensors: its file name gives the domain name ' x'"),
 }
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import transformers
 
 from fisherfast.sketch import SketchSpec, SketchState, read_corpus, sketch_corpus, sketch_model
-from fisherfast.sketch.corpus import init_distributed_from_env, shard
+from fisherfast.sketch.corpus import check_corpus, init_distributed_from_env, shard
 from _distributed import leave, run_workers  # noqa: E402  (tests/)
 from test_model import TEXTS, V, WORDS, assert_states_close, tiny_tokenizer
 
@@ -67,6 +67,28 @@ def test_read_corpus_formats_and_fields(tmp_path):
     with pytest.raises(ValueError, match="expected a file ending"):
         read_corpus(tmp_path / "c.csv", text_field="text")
     assert list(shard(iter(range(7)), 1, 3)) == [1, 4]
+
+
+def test_check_corpus_raises_what_read_corpus_raises(tmp_path):
+    """check_corpus (the CLI's check before a model loads) accepts what read_corpus reads and
+    rejects, with read_corpus' message, each field choice, path and field it rejects."""
+    for fmt, path in write_files(tmp_path).items():
+        assert check_corpus(path, text_field="text") is None, fmt
+        assert check_corpus(path, prompt_field="prompt", answer_field="answer") is None, fmt
+        for kwargs in (dict(text_field="txt"), dict(prompt_field="prompt", answer_field="nofield"),
+                       dict(prompt_field="nofield", answer_field="answer")):
+            with pytest.raises(ValueError, match="no field") as checked:
+                check_corpus(path, **kwargs)
+            with pytest.raises(ValueError) as read:
+                read_corpus(path, **kwargs)
+            assert str(checked.value) == str(read.value)
+    with pytest.raises(ValueError, match="both prompt_field and answer_field"):
+        check_corpus(tmp_path / "c.jsonl", prompt_field="prompt")
+    with pytest.raises(FileNotFoundError, match="no corpus"):
+        check_corpus(tmp_path / "none.jsonl", text_field="text")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert check_corpus(tmp_path / "empty.jsonl", text_field="text") is None  # no rows: nothing to sketch, no error
+    assert list(read_corpus(tmp_path / "empty.jsonl", text_field="text")) == []  # was a StopIteration traceback
     assert not init_distributed_from_env() or dist.is_initialized()  # outside torchrun: nothing to do
 
 

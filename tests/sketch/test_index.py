@@ -113,6 +113,11 @@ def test_zero_fisher_domain_ranks_last_and_bad_queries(domains):
         index.add("short", torch.ones(5))
     with pytest.raises(ValueError, match="name"):
         index.add(" padded", states["near"])
+    broken = SketchState(SPEC, 3, {k: v.clone() for k, v in states["near"].sums.items()}, states["near"].sumsqs)
+    broken.sums["error"][0] = math.nan  # a NaN row would read as a kind the domain lacks
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        index.add("broken", broken)
+    assert "broken" not in index.names
     with pytest.raises(ValueError, match="empty"):
         SignatureIndex(SPEC).query(states["t"])
 
@@ -163,3 +168,48 @@ def test_save_load_merge(domains, tmp_path):
     assert small.nbytes == index.nbytes // 2
     hits = small.query(states["t"], k=2)
     assert hits[0].A == pytest.approx(index.query(states["t"], k=1)[0].A, rel=1e-5)
+
+
+def test_each_domain_keeps_its_own_scores(domains, tmp_path):
+    """Adding a bare signature or a state without the first moment (a version-1 file) changes
+    nothing for the other domains: every score and error bar is as in an index without it (same
+    float32 rows, so equal to float64 round-off), also after save/load; the new domain alone lacks
+    what it does not hold (S_a, S_e, ρ, G and the sampling part of its error bar; or G)."""
+    _, states = domains
+    full = {n: states[n] for n in ("near", "mid", "far")}
+    before = {h.name: h for h in build(full).query(states["t"], k=3)}
+    index = build(full)
+    index.add("sig", states["farther"].signature())
+    index.add("old", states["away"].without_mean())
+    path = tmp_path / "mixed.safetensors"
+    index.save(path)
+    for idx in (index, SignatureIndex.load(path)):
+        got = {h.name: h for h in idx.query(states["t"], k=5)}
+        assert sorted(got) == ["far", "mid", "near", "old", "sig"]
+        fields = ("A", "A_stderr", "S_a", "S_a_stderr", "S_e", "S_e_stderr", "rho", "rho_stderr", "G", "G_stderr")
+        for name, want in before.items():
+            for field in fields:
+                assert getattr(got[name], field) == pytest.approx(getattr(want, field), rel=1e-9), (name, field)
+        sig = got["sig"]
+        assert math.isfinite(sig.A) and all(math.isnan(getattr(sig, f)) for f in fields[2:])
+        projection = alignment([states["t"].signature(), states["farther"].signature()]).stderr[0, 1]
+        assert sig.A_stderr == pytest.approx(float(projection), rel=1e-4)  # projection part only
+        old = got["old"]
+        assert math.isnan(old.G) and math.isnan(old.G_stderr)
+        want = rank_sources(states["t"].without_mean(), {"away": states["away"].without_mean()})[0]
+        for field in fields[:8]:
+            assert getattr(old, field) == pytest.approx(getattr(want, field), rel=1e-4, abs=1e-5), field
+        assert idx.kinds("sig") == ("joint",) and not idx.has_variances("sig")
+        assert idx.kinds("old") == ("joint", "activation", "error") and idx.has_variances("old")
+        assert idx.kinds("near") == ("joint", "activation", "error", "mean") and idx.has_variances("near")
+
+
+def test_rank_sources_gives_g_per_candidate(domains):
+    """One candidate without the first moment leaves the others' G as without it."""
+    _, states = domains
+    alone = rank_sources(states["t"], {"near": states["near"]})[0]
+    mixed = {s.name: s for s in rank_sources(states["t"], {"near": states["near"],
+                                                           "old": states["far"].without_mean()})}
+    assert mixed["near"].G == pytest.approx(alone.G, rel=1e-12) and math.isfinite(alone.G)
+    assert mixed["near"].G_stderr == pytest.approx(alone.G_stderr, rel=1e-12)
+    assert math.isnan(mixed["old"].G) and math.isfinite(mixed["old"].S_a)
