@@ -17,7 +17,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import cast_checked, check_tensor, compute_dtype
+from fisherfast.checks import cast_checked, check_tensor, compute_dtype
 
 
 def _check_fwht_input(x: torch.Tensor) -> None:

@@ -52,8 +52,8 @@ from typing import Optional
 import torch
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import (cast_checked, check_finite, check_same_device, check_same_dtype, check_tensor,
-                                    compute_dtype)
+from fisherfast.checks import (cast_checked, check_finite, check_same_device, check_same_dtype, check_tensor,
+                               compute_dtype)
 from fisherfast.ops.softmax_fisher_common import check_softcap, raise_nonfinite_result
 
 

@@ -1,7 +1,7 @@
 """What every softmax-Fisher backend shares (docs/design.md §3): the V-chunk
 policy, the merge of per-split partial normalizers, and the errors raised for
 a non-finite normalizer or a non-finite result (the overflow check of a
-half-precision result is ``_checks.cast_checked``, shared by every op).
+half-precision result is ``fisherfast.checks.cast_checked``, shared by every op).
 Imported by the public op file and by each backend module; it imports none
 of them."""
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import cast_checked, check_same_device, check_tensor, compute_dtype
+from fisherfast.checks import cast_checked, check_same_device, check_tensor, compute_dtype
 from fisherfast.ops.fwht import fwht
 
 

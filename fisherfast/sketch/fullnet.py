@@ -32,7 +32,7 @@ import os
 import torch
 from torch import nn
 
-from fisherfast._persist import atomic_write
+from fisherfast.persist import atomic_write
 from fisherfast.ops import srht
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 from fisherfast.sketch.state import check_sum_buffers, read_state_file

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from fisherfast._persist import atomic_write, read_versioned
+from fisherfast.persist import atomic_write, read_versioned
 from fisherfast.sketch.select import SourceScore, rank_sources
 from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import ALL_KINDS, KINDS, MEAN, SketchState

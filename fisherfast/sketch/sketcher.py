@@ -20,7 +20,7 @@ import math
 import torch
 
 from fisherfast.ops import fisher_sketch_update, srht, srht_onehot
-from fisherfast.ops._checks import check_finite, check_tensor
+from fisherfast.checks import check_finite, check_tensor
 from fisherfast.ops.fisher_sketch import LOGITS_CHUNK_BYTES
 from fisherfast.ops.fisher_sketch_common import sample_labels
 from fisherfast.sketch.spec import SketchSpec

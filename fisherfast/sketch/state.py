@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from fisherfast._persist import atomic_write, read_versioned
+from fisherfast.persist import atomic_write, read_versioned
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 
 KINDS = ("joint", "activation", "error")  # the second-moment sketches (the fused op's three rows)
@@ -26,7 +26,7 @@ STATE_VERSION = 2  # the file version written
 def read_state_file(path: str | os.PathLike, fmt: str,
                     versions: tuple[int, ...] = (SKETCH_VERSION,)) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a sketch file of format ``fmt`` at one of ``versions``
-    (``fisherfast._persist.read_versioned``; an unknown version names the newest)."""
+    (``fisherfast.persist.read_versioned``; an unknown version names the newest)."""
     version = _file_version(path)
     return read_versioned(path, fmt, version if version in versions else max(versions), "sketch state")
 

@@ -49,7 +49,7 @@ from typing import Any, Mapping
 
 import torch
 
-from fisherfast._persist import atomic_write, read_versioned
+from fisherfast.persist import atomic_write, read_versioned
 
 FORMAT = "fisherfast.steering_vectors"
 VERSION = 1

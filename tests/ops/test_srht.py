@@ -117,7 +117,7 @@ def test_rejects_bad_inputs(backend):
     plan = SRHTPlan(10, 4)
     with pytest.raises(ValueError, match=r"x.shape\[-1\] must equal plan.n_in = 10, got 12"):
         srht(torch.randn(3, 12, device=backend.device), plan, backend=backend.name)
-    with pytest.raises(TypeError, match="x must be a floating tensor"):
+    with pytest.raises(TypeError, match="x: expected a floating tensor"):
         srht(torch.ones(3, 10, dtype=torch.int64, device=backend.device), plan, backend=backend.name)
 
 
