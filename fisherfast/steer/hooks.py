@@ -32,17 +32,19 @@ import contextlib
 import functools
 import inspect
 import threading
+import warnings
 import weakref
 from typing import Mapping, Sequence
 
 import torch
 
+from fisherfast.checks import expected
 from fisherfast.split import architecture
 from fisherfast.steer.vectors import SteeringVectors
 
 EDIT_MODES = ("add", "replace")
 POSITION_CHOICES = ("prompt_last", "from_prompt_last", "all")
-POSITION_ALIASES = {"last": "from_prompt_last"}
+DEPRECATED_POSITIONS = {"last": "from_prompt_last"}  # old spelling → name; warns, goes in the next version
 # generate() options whose forward calls are not a continuation of the prompt, refused before generation
 REFUSED_GENERATE_OPTIONS = {
     "custom_generate": "a custom decoding loop (custom_generate)",
@@ -55,14 +57,16 @@ CACHE_KWARGS = ("past_key_values", "cache_params", "layer_past")
 
 def _check_positions(positions):
     if isinstance(positions, str):
-        name = POSITION_ALIASES.get(positions, positions)
+        name = DEPRECATED_POSITIONS.get(positions, positions)
+        if name != positions:
+            warnings.warn(f"positions={positions!r} is deprecated and goes in the next version; use {name!r}",
+                          DeprecationWarning, stacklevel=3)
         if name in POSITION_CHOICES:
             return name
     elif isinstance(positions, Sequence) and positions and all(
             isinstance(p, int) and not isinstance(p, bool) for p in positions):
         return tuple(positions)
-    raise ValueError(f"positions must be one of {POSITION_CHOICES} (or 'last', an alias of 'from_prompt_last'), "
-                     f"or a non-empty list of ints, got {positions!r}")
+    raise ValueError(expected("positions", f"one of {POSITION_CHOICES} or a non-empty list of ints", positions))
 
 
 def _check_prompt_length(prompt_length):
@@ -419,7 +423,7 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
 
     - ``"prompt_last"``: k = n − 1 only (the prompt's last token; generated
       tokens see it through the cache or through attention).
-    - ``"from_prompt_last"`` (default; ``"last"`` is its alias): every k ≥ n − 1,
+    - ``"from_prompt_last"`` (default; ``"last"``, its old alias, warns): every k ≥ n − 1,
       the prompt's last token and each generated token (the usual CAA / ActAdd
       way; what a llama.cpp control vector does after the prompt).
     - ``"all"``: every token, prompt included (what llama.cpp control vectors do).
