@@ -29,6 +29,12 @@ def test_top_level_names_are_the_subpackages_objects():
 @pytest.mark.parametrize("package, old, new_home, new", [
     ("fisherfast.metric", "work_dtype", "fisherfast.checks", "compute_dtype"),
     ("fisherfast.metric", "DEFAULT_K", "fisherfast.metric.pullback", "DEFAULT_K"),
+    ("fisherfast.geodesic", "ConceptSchema", "fisherfast.concepts", "ConceptSchema"),
+    ("fisherfast.geodesic", "WEEKDAYS", "fisherfast.geodesic.tasks", "WEEKDAYS"),
+    ("fisherfast.geodesic", "DEFAULT_EPS_FRACTION", "fisherfast.geodesic.metrics", "DEFAULT_EPS_FRACTION"),
+    ("fisherfast.steer", "model_identity", "fisherfast.steer.vectors", "model_identity"),
+    ("fisherfast.sketch", "init_distributed_from_env", "fisherfast.sketch.corpus", "init_distributed_from_env"),
+    ("fisherfast.sketch", "KINDS", "fisherfast.sketch.state", "KINDS"),
 ])
 def test_old_names_warn_and_still_work(package, old, new_home, new):
     import importlib
@@ -44,4 +50,11 @@ def test_current_names_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         from fisherfast.checks import compute_dtype  # noqa: F401
-        from fisherfast.metric import METRIC_MODES, pullback_fisher  # noqa: F401
+        import fisherfast.geodesic
+        import fisherfast.metric
+        import fisherfast.sketch
+        import fisherfast.steer
+
+        for package in (fisherfast.geodesic, fisherfast.metric, fisherfast.sketch, fisherfast.steer):
+            for name in package.__all__:
+                getattr(package, name)
