@@ -52,8 +52,8 @@ from typing import Optional
 import torch
 
 from fisherfast.ops import _backends
-from fisherfast.checks import (cast_checked, check_finite, check_same_device, check_same_dtype, check_tensor,
-                               compute_dtype)
+from fisherfast.checks import (cast_checked, check_finite, check_int, check_real, check_same_device, check_same_dtype,
+                               check_tensor, compute_dtype)
 from fisherfast.ops.softmax_fisher_common import check_softcap, raise_nonfinite_result
 
 
@@ -131,8 +131,7 @@ def _select(op: str, device: torch.device, backend: str | None, needs: frozenset
 # ---------------------------------------------------------------------------
 
 def _check_chunk(chunk):
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    check_int("chunk", chunk, minimum=1, optional=True)
 
 
 def _check_head(a, W, b, logits, *, allow_logits: bool, ndim=(1, 2)):
@@ -193,8 +192,7 @@ def _check_reduce(reduce, B: int, logits):
 
 
 def _check_tail_tol(tail_tol):
-    if isinstance(tail_tol, bool) or not isinstance(tail_tol, (int, float)) or not 0.0 < float(tail_tol) < 1.0:
-        raise ValueError(f"tail_tol must be a float in (0, 1), got {tail_tol!r}")
+    check_real("tail_tol", tail_tol, minimum=0.0, maximum=1.0, min_open=True, max_open=True)
 
 
 def _prepare(a, W, b, logits, U, backend: str):

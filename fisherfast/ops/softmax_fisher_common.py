@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from fisherfast.checks import check_real
+
 # Chunk policy: the per-chunk temporaries hold about CHUNK_ELEMENTS elements
 # (4 MiB in float32), and a chunk has at least MIN_CHUNK rows, so each chunk
 # is GEMM work enough to hide the fixed cost of its calls; ``chunk=`` overrides.
@@ -53,8 +55,7 @@ def check_softcap(softcap) -> None:
     """softcap: None, or a positive finite float c (logits become c·tanh(z/c))."""
     if softcap is None:
         return
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0.0 < float(softcap) < math.inf):
-        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+    check_real("softcap", softcap, minimum=0.0, min_open=True, optional=True)
 
 
 def cap_logits(Z: torch.Tensor, softcap: float | None):

@@ -22,7 +22,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
-from fisherfast.checks import cast_checked, check_same_device, check_tensor, compute_dtype
+from fisherfast.checks import cast_checked, check_int, check_same_device, check_tensor, compute_dtype
 from fisherfast.ops.fwht import fwht
 
 
@@ -42,11 +42,8 @@ class SRHTPlan:
     """
 
     def __init__(self, n_in: int, m: int, seed: int = 0):
-        for name, value in (("n_in", n_in), ("m", m)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        n_in, m = check_int("n_in", n_in, minimum=1), check_int("m", m, minimum=1)
+        seed = check_int("seed", seed, minimum=0)
         self.n_in, self.m, self.seed = n_in, m, seed
         self.N = 1 << (n_in - 1).bit_length()
         self.n_blocks = math.ceil(m / self.N)

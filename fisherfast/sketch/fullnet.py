@@ -32,6 +32,7 @@ import os
 import torch
 from torch import nn
 
+from fisherfast.checks import check_int
 from fisherfast.persist import atomic_write
 from fisherfast.ops import srht
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
@@ -94,10 +95,7 @@ class FullNetworkSketcher:
     def __init__(self, model: nn.Module, *, m: int = 4096, seed: int = 0, layers: list[str] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"m must be a positive int, got {m!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        m, seed = check_int("m", m, minimum=1), check_int("seed", seed, minimum=0)
         found = dict(linear_layers(model))
         if layers is None:
             names = list(found)
@@ -202,8 +200,7 @@ class FullNetworkState:
         ms = {spec.m for spec in specs.values()}
         if len(ms) != 1:
             raise ValueError(f"every layer's spec must share one m, got {sorted(ms)}")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        count = check_int("count", count, minimum=0)
         m = ms.pop()
         self.specs, self.count = dict(specs), count
         self.sum = torch.zeros(m, dtype=torch.float64) if sum is None else sum

@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from fisherfast.checks import check_int
 from fisherfast.persist import atomic_write, read_versioned
 from fisherfast.sketch.select import SourceScore, rank_sources
 from fisherfast.sketch.spec import SketchSpec
@@ -216,8 +217,7 @@ class SignatureIndex:
         or a hit lacks (a bare joint signature holds only A) is NaN.
 
         Raises ValueError for an empty index, k < 1, another spec or a zero target."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = check_int("k", k, minimum=1)
         if not self._names:
             raise ValueError("the index is empty")
         A = self.scores(target)

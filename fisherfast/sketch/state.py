@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from fisherfast.checks import check_int
 from fisherfast.persist import atomic_write, read_versioned
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 
@@ -77,8 +78,7 @@ class SketchState:
                  device=None, mean: bool = True):
         if not isinstance(spec, SketchSpec):
             raise TypeError(f"spec must be a SketchSpec, got {type(spec).__name__}")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        count = check_int("count", count, minimum=0)
         self.spec, self.count = spec, count
         kinds = ALL_KINDS if mean else KINDS
         self.sums = self._buffers("sums", sums, device, kinds)

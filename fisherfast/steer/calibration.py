@@ -34,6 +34,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from fisherfast.checks import check_int, check_real
+
 MODES = ("median", "every")
 GRID_RATIO = 1.2
 GRID_POINTS = 60        # geometric grid from max_scale·1.2⁻⁵⁹ ≈ 2e-5·max_scale to max_scale
@@ -229,8 +231,7 @@ def calibrate(model, vector: torch.Tensor, layer: int, prompts, concept, target:
 
     arch = architecture(model)
     L, (V, d) = arch.num_layers, arch.head.weight.shape
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= L:
-        raise ValueError(f"layer must be an int in [0, {L}], got {layer!r}")
+    check_int("layer", layer, minimum=0, maximum=L)
     ids = _check_prompts(prompts, V)
     if not isinstance(vector, torch.Tensor) or tuple(vector.shape) not in ((d,), (len(ids), d)) \
             or not vector.is_floating_point() or not bool(torch.isfinite(vector).all()) \
@@ -243,16 +244,11 @@ def calibrate(model, vector: torch.Tensor, layer: int, prompts, concept, target:
     if int(concept.removed_tokens.max()) >= V:
         raise ValueError(f"concept: token id {int(concept.removed_tokens.max())} is outside the vocabulary of {V}")
     for name, x in (("target", target), ("tol", tol)):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1:
-            raise ValueError(f"{name} must be a number in (0, 1), got {x!r}")
-    if kl_budget is not None and (isinstance(kl_budget, bool) or not isinstance(kl_budget, (int, float))
-                                  or not 0 < kl_budget < math.inf):
-        raise ValueError(f"kl_budget must be None or a positive finite number, got {kl_budget!r}")
+        check_real(name, x, minimum=0, maximum=1, min_open=True, max_open=True)
+    check_real("kl_budget", kl_budget, minimum=0, min_open=True, optional=True)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))
-                                  or not 0 < max_scale < math.inf):
-        raise ValueError(f"max_scale must be None or a positive finite number, got {max_scale!r}")
+    check_real("max_scale", max_scale, minimum=0, min_open=True, optional=True)
 
     measure = _Measure(model, layer, vector.detach(), ids, concept)
     if max_scale is None:

@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fisherfast.checks import expected
+from fisherfast.checks import check_int, expected
 from fisherfast.split import architecture
 from fisherfast.steer.vectors import SteeringVectors
 
@@ -89,8 +89,7 @@ def _check_vectors(vectors, L: int, d: int):
         raise ValueError("vectors must be a non-empty mapping {layer: (d,) or (rows, d) tensor} or a SteeringVectors")
     rows, clean = None, {}
     for layer, v in vectors.items():
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= L:
-            raise ValueError(f"vectors: layer must be an int in [0, {L}], got {layer!r}")
+        check_int("vectors: layer", layer, minimum=0, maximum=L)
         if (not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() not in (1, 2)
                 or v.shape[-1] != d or v.shape[0] == 0):
             raise ValueError(f"vectors[{layer}] must be a floating tensor of shape ({d},) or (rows, {d}), got "

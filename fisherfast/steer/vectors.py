@@ -49,6 +49,7 @@ from typing import Any, Mapping
 
 import torch
 
+from fisherfast.checks import check_int, check_real
 from fisherfast.persist import atomic_write, read_versioned
 
 FORMAT = "fisherfast.steering_vectors"
@@ -140,16 +141,14 @@ class SteeringVectors:
 
     def __post_init__(self):
         d = self.hidden_size
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ValueError(f"hidden_size must be an int ≥ 1, got {d!r}")
+        check_int("hidden_size", d, minimum=1)
         for name in ("model", "method"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.vectors, Mapping) or not self.vectors:
             raise ValueError("vectors must be a non-empty mapping {layer: (d,) tensor}")
         for layer in self.vectors:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"vectors: layer must be an int ≥ 0, got {layer!r}")
+            check_int("vectors: layer", layer, minimum=0)
         clean = {}
         for layer in sorted(self.vectors):
             v = self.vectors[layer]
@@ -344,14 +343,10 @@ class SteeringVectors:
                 coefficient that is not a finite number, a pattern without
                 ``{block}``, vectors for another model — before anything is written.
         """
-        import math
-
         if 0 in self.vectors:
             raise ValueError("layer 0 (the embeddings) cannot be exported to lm-eval: it steers block outputs, "
                              "layer ℓ = the output of block ℓ − 1, ℓ ≥ 1")
-        if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)) \
-                or not math.isfinite(coefficient):
-            raise ValueError(f"coefficient must be a finite number, got {coefficient!r}")
+        check_real("coefficient", coefficient)
         if model is not None:
             from fisherfast.split import architecture
 

@@ -126,7 +126,7 @@ def test_bad_inputs():
         FullNetworkSketcher(model, layers=["transformer.wte"])
     with pytest.raises(ValueError, match="no nn.Linear"):
         FullNetworkSketcher(torch.nn.ReLU())
-    with pytest.raises(ValueError, match="m must"):
+    with pytest.raises(ValueError, match="m: expected an int ≥ 1, got 0"):
         FullNetworkSketcher(model, m=0)
     sketcher = FullNetworkSketcher(model, m=8)
     with pytest.raises(RuntimeError, match="capture"):

@@ -113,9 +113,9 @@ def test_bad_inputs():
     v = torch.zeros(D)
     with pytest.raises(ValueError, match="non-empty"):
         SteeringVectors({}, D)
-    with pytest.raises(ValueError, match="layer must be an int ≥ 0"):
+    with pytest.raises(ValueError, match="vectors: layer: expected an int ≥ 0"):
         SteeringVectors({-1: v}, D)
-    with pytest.raises(ValueError, match="layer must be an int ≥ 0"):
+    with pytest.raises(ValueError, match="vectors: layer: expected an int ≥ 0"):
         SteeringVectors({"3": v}, D)
     with pytest.raises(ValueError, match=r"shape \(33,\) \(hidden_size\)"):
         SteeringVectors({2: v}, D + 1)
