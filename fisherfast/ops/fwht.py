@@ -24,7 +24,7 @@ def _check_fwht_input(x: torch.Tensor) -> None:
     check_tensor("x", x, min_ndim=1)
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
-        raise ValueError(f"x.shape[-1] must be a power of two, got {n} (pad to {1 << max(n - 1, 0).bit_length()})")
+        raise ValueError(f"x.shape[-1]: expected a power of two, got {n} (pad to {1 << max(n - 1, 0).bit_length()})")
 
 
 def fwht_reference(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:

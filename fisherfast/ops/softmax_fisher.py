@@ -139,29 +139,29 @@ def _check_head(a, W, b, logits, *, allow_logits: bool, ndim=(1, 2)):
     check_tensor("W", W, ndim=2)
     V, d = W.shape
     if V < 1 or d < 1:
-        raise ValueError(f"W must be non-empty (V×d), got shape {tuple(W.shape)}")
+        raise ValueError(f"W: expected a non-empty (V, d) matrix, got shape {tuple(W.shape)}")
     if b is not None:
         check_tensor("b", b, ndim=1)
         if b.shape[0] != V:
-            raise ValueError(f"b must have shape (V,) = ({V},) to match W, got {tuple(b.shape)}")
+            raise ValueError(f"b: expected shape (V,) = ({V},) to match W, got shape {tuple(b.shape)}")
     if logits is not None:
         if not allow_logits:
             raise ValueError("logits= is not accepted here")
         if a is not None:
             raise ValueError("pass either a or logits=, not both (logits replace a W^T + b)")
         if b is not None:
-            raise ValueError("b must be None when logits= is given (the bias is already in the logits)")
+            raise ValueError("b: expected None when logits= is given (the bias is already in the logits), got a tensor")
         check_tensor("logits", logits, ndim=ndim)
         if logits.shape[-1] != V:
-            raise ValueError(f"logits must have last dimension V = {V} (rows of W), got shape {tuple(logits.shape)}")
+            raise ValueError(f"logits: expected last dimension V = {V} (rows of W), got shape {tuple(logits.shape)}")
         check_same_device(logits=logits, W=W)
         check_same_dtype(logits=logits, W=W)
         return (logits.shape[0] if logits.dim() == 2 else 1), logits.dim() == 1
     if a is None:
-        raise ValueError("a must be a tensor (B,d) or (d,) (or pass logits=)")
+        raise ValueError("a: expected a tensor (B,d) or (d,) (or pass logits=), got None")
     check_tensor("a", a, ndim=ndim)
     if a.shape[-1] != d:
-        raise ValueError(f"a must have last dimension d = {d} (columns of W), got shape {tuple(a.shape)}")
+        raise ValueError(f"a: expected last dimension d = {d} (columns of W), got shape {tuple(a.shape)}")
     check_same_device(a=a, W=W, b=b)
     check_same_dtype(a=a, W=W, b=b)
     return (a.shape[0] if a.dim() == 2 else 1), a.dim() == 1
@@ -171,21 +171,21 @@ def _check_U(U, W, B, one_token: bool):
     check_tensor("U", U, ndim=(2, 3))
     d = W.shape[1]
     if U.dim() == 2 and U.shape[0] != d:
-        raise ValueError(f"U must have shape (d,k) = ({d},k) or (B,d,k), got {tuple(U.shape)}")
+        raise ValueError(f"U: expected shape (d,k) = ({d},k) or (B,d,k), got shape {tuple(U.shape)}")
     if U.dim() == 3:
         if one_token:
-            raise ValueError(f"U must be (d,k) when a is a single token (d,), got {tuple(U.shape)}")
+            raise ValueError(f"U: expected shape (d,k) when a is a single token (d,), got shape {tuple(U.shape)}")
         if U.shape[0] != B or U.shape[1] != d:
-            raise ValueError(f"U must have shape (B,d,k) = ({B},{d},k) or (d,k), got {tuple(U.shape)}")
+            raise ValueError(f"U: expected shape (B,d,k) = ({B},{d},k) or (d,k), got shape {tuple(U.shape)}")
     if U.shape[-1] < 1:
-        raise ValueError(f"U must have at least one column, got shape {tuple(U.shape)}")
+        raise ValueError(f"U: expected at least one column, got shape {tuple(U.shape)}")
     check_same_device(U=U, W=W)
     check_same_dtype(U=U, W=W)
 
 
 def _check_reduce(reduce, B: int, logits):
     if reduce not in ("none", "mean"):
-        raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
+        raise ValueError(f"reduce: expected 'none' or 'mean', got {reduce!r}")
     if reduce == "mean" and B == 0:
         name = "logits" if logits is not None else "a"
         raise ValueError(f"reduce='mean' needs at least one token: {name} has 0 rows (a mean over no tokens)")
