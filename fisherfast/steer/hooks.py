@@ -77,7 +77,7 @@ def _check_prompt_length(prompt_length):
         return prompt_length
     if isinstance(prompt_length, Sequence) and prompt_length and all(ok_int(n) for n in prompt_length):
         return tuple(prompt_length)
-    raise ValueError(f"prompt_length must be None, an int ≥ 1 or a non-empty list of ints ≥ 1 (one per row), "
+    raise ValueError(f"prompt_length: expected None, an int ≥ 1 or a non-empty list of ints ≥ 1 (one per row), "
                      f"got {prompt_length!r}")
 
 
@@ -86,13 +86,13 @@ def _check_vectors(vectors, L: int, d: int):
     if isinstance(vectors, SteeringVectors):
         vectors = vectors.vectors
     if not isinstance(vectors, Mapping) or not vectors:
-        raise ValueError("vectors must be a non-empty mapping {layer: (d,) or (rows, d) tensor} or a SteeringVectors")
+        raise ValueError("vectors: expected a non-empty mapping {layer: (d,) or (rows, d) tensor} or a SteeringVectors")
     rows, clean = None, {}
     for layer, v in vectors.items():
         check_int("vectors: layer", layer, minimum=0, maximum=L)
         if (not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() not in (1, 2)
                 or v.shape[-1] != d or v.shape[0] == 0):
-            raise ValueError(f"vectors[{layer}] must be a floating tensor of shape ({d},) or (rows, {d}), got "
+            raise ValueError(f"vectors[{layer}]: expected a floating tensor of shape ({d},) or (rows, {d}), got "
                              f"{getattr(v, 'shape', type(v).__name__)}")
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"vectors[{layer}] contains NaN or Inf")
@@ -110,7 +110,7 @@ def _check_scale(scale, layers, rows):
     def one(s, name):
         t = torch.as_tensor(s, dtype=torch.float64) if not isinstance(s, torch.Tensor) else s.detach().double()
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] == 0) or not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} must be a finite number or a 1-D sequence of one number per row, got {s!r}")
+            raise ValueError(f"{name}: expected a finite number or a 1-D sequence of one number per row, got {s!r}")
         return t
 
     try:
@@ -123,7 +123,7 @@ def _check_scale(scale, layers, rows):
             t = one(scale, "scale")
             out = dict.fromkeys(layers, t)
     except (TypeError, RuntimeError):
-        raise ValueError(f"scale must be a number, one number per row, or {{layer: that}}, got {scale!r}") from None
+        raise ValueError(f"scale: expected a number, one number per row, or {{layer: that}}, got {scale!r}") from None
     for layer, t in out.items():
         if t.dim() == 1:
             if rows is not None and t.shape[0] != rows:
@@ -495,7 +495,7 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
     L = len(blocks)
     where_spec = _check_positions(positions)
     if mode not in EDIT_MODES:
-        raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
+        raise ValueError(f"mode: expected one of {EDIT_MODES}, got {mode!r}")
     lengths = _check_prompt_length(prompt_length)
     if arch.head is None:
         raise ValueError(f"model: {type(model).__name__} has no output embeddings to read the hidden size from")

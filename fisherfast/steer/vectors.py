@@ -78,7 +78,7 @@ def model_identity(model, name: str | None = None) -> dict:
     from fisherfast.split import architecture
 
     if name is not None and not isinstance(name, str):
-        raise ValueError(f"name must be a str or None, got {type(name).__name__}")
+        raise ValueError(f"name: expected a str or None, got {type(name).__name__}")
     arch = architecture(model)
     if arch.head is None:
         raise ValueError(f"model: {type(model).__name__} has no output head to identify it by")
@@ -144,16 +144,16 @@ class SteeringVectors:
         check_int("hidden_size", d, minimum=1)
         for name in ("model", "method"):
             if not isinstance(getattr(self, name), str):
-                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+                raise TypeError(f"{name}: expected a str, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.vectors, Mapping) or not self.vectors:
-            raise ValueError("vectors must be a non-empty mapping {layer: (d,) tensor}")
+            raise ValueError("vectors: expected a non-empty mapping {layer: (d,) tensor}")
         for layer in self.vectors:
             check_int("vectors: layer", layer, minimum=0)
         clean = {}
         for layer in sorted(self.vectors):
             v = self.vectors[layer]
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != (d,) or not v.is_floating_point():
-                raise ValueError(f"vectors[{layer}] must be a floating tensor of shape ({d},) (hidden_size), got "
+                raise ValueError(f"vectors[{layer}]: expected a floating tensor of shape ({d},) (hidden_size), got "
                                  f"{getattr(v, 'shape', type(v).__name__)}")
             if not bool(torch.isfinite(v).all()):
                 raise ValueError(f"vectors[{layer}] contains NaN or Inf")
@@ -161,11 +161,11 @@ class SteeringVectors:
         try:
             settings = json.loads(json.dumps(dict(self.settings)))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"settings must be a JSON-serializable mapping: {err}") from None
+            raise ValueError(f"settings: expected a JSON-serializable mapping, got one that is not ({err})") from None
         identity = dict(self.identity)
         missing = [k for k in IDENTITY_KEYS if k not in identity]
         if identity and missing:
-            raise ValueError(f"identity must be empty or a model_identity() with {IDENTITY_KEYS}; missing {missing}")
+            raise ValueError(f"identity: expected empty or a model_identity() with {IDENTITY_KEYS}, got one missing {missing}")
         if identity and identity["hidden_size"] != d:
             raise ValueError(f"identity names hidden size {identity['hidden_size']}; the vectors have {d}")
         object.__setattr__(self, "vectors", types.MappingProxyType(clean))
@@ -182,7 +182,7 @@ class SteeringVectors:
         L = identity["layers"]
         bad = [layer for layer in vectors if not isinstance(layer, int) or not 0 <= layer <= L]
         if bad:
-            raise ValueError(f"vectors: layers must be ints in [0, {L}], got {bad}")
+            raise ValueError(f"vectors: expected layers in [0, {L}], got {bad}")
         return cls(dict(vectors), identity["hidden_size"], name or identity["model_type"], method,
                    dict(settings or {}), identity)
 
