@@ -42,7 +42,7 @@ INDEX_VERSION = 1
 
 def _check_name(name) -> str:
     if not isinstance(name, str) or not name.strip() or name != name.strip():
-        raise ValueError(f"name must be a non-empty string without surrounding spaces, got {name!r}")
+        raise ValueError(f"name: expected a non-empty string without surrounding spaces, got {name!r}")
     return name
 
 
@@ -56,9 +56,9 @@ class SignatureIndex:
 
     def __init__(self, spec: SketchSpec, *, variances: bool = True):
         if not isinstance(spec, SketchSpec):
-            raise TypeError(f"spec must be a SketchSpec, got {type(spec).__name__}")
+            raise TypeError(f"spec: expected a SketchSpec, got {type(spec).__name__}")
         if not isinstance(variances, bool):
-            raise TypeError(f"variances must be a bool, got {type(variances).__name__}")
+            raise TypeError(f"variances: expected a bool, got {type(variances).__name__}")
         self.spec, self.variances = spec, variances
         self._names: list[str] = []
         self._positions: dict[str, int] = {}
@@ -103,7 +103,7 @@ class SignatureIndex:
             rows["mu.joint"] = item.detach().float().cpu()
             count = 0  # unknown: a bare signature carries no count
         else:
-            raise TypeError(f"item must be a SketchState or a signature tensor, got {type(item).__name__}")
+            raise TypeError(f"item: expected a SketchState or a signature tensor, got {type(item).__name__}")
         for key, row in rows.items():
             self._rows[key].append(row)
         self._positions[name] = len(self._names)
@@ -195,13 +195,13 @@ class SignatureIndex:
             mu = target.sums["joint"].double().cpu() / target.count
         elif isinstance(target, torch.Tensor):
             if target.dim() != 1 or target.shape[0] != self.spec.m or not target.is_floating_point():
-                raise ValueError(f"target must be a SketchState or a float signature of shape (m = {self.spec.m},), "
+                raise ValueError(f"target: expected a SketchState or a float signature of shape (m = {self.spec.m},), "
                                  f"got {target.dtype} {tuple(target.shape)}")
             if not bool(torch.isfinite(target).all()):
                 raise ValueError("the target signature contains NaN or Inf")
             mu = target.double().cpu()
         else:
-            raise TypeError(f"target must be a SketchState or a signature tensor, got {type(target).__name__}")
+            raise TypeError(f"target: expected a SketchState or a signature tensor, got {type(target).__name__}")
         if not bool(mu.any()):
             raise ValueError("the target's joint signature is zero (zero head Fisher): every alignment is undefined")
         return mu

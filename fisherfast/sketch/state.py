@@ -57,7 +57,7 @@ def check_sum_buffers(path, tensors: dict[str, torch.Tensor], names: set[str], m
 
 def _check_kind(kind: str) -> None:
     if kind not in ALL_KINDS:
-        raise ValueError(f"kind must be one of {ALL_KINDS}, got {kind!r}")
+        raise ValueError(f"kind: expected one of {ALL_KINDS}, got {kind!r}")
 
 
 class SketchState:
@@ -77,7 +77,7 @@ class SketchState:
     def __init__(self, spec: SketchSpec, count: int = 0, sums: dict | None = None, sumsqs: dict | None = None,
                  device=None, mean: bool = True):
         if not isinstance(spec, SketchSpec):
-            raise TypeError(f"spec must be a SketchSpec, got {type(spec).__name__}")
+            raise TypeError(f"spec: expected a SketchSpec, got {type(spec).__name__}")
         count = check_int("count", count, minimum=0)
         self.spec, self.count = spec, count
         kinds = ALL_KINDS if mean else KINDS
@@ -99,7 +99,7 @@ class SketchState:
         if given is None:
             return {kind: torch.zeros(self.spec.m, dtype=torch.float64, device=device) for kind in kinds}
         if not isinstance(given, dict) or set(given) not in (set(KINDS), set(ALL_KINDS)):
-            raise ValueError(f"{name} must be a dict with keys {KINDS} or {ALL_KINDS}")
+            raise ValueError(f"{name}: expected a dict with keys {KINDS} or {ALL_KINDS}")
         for kind, t in given.items():
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or tuple(t.shape) != (self.spec.m,):
                 raise ValueError(f"{name}[{kind!r}] must be a float64 tensor of shape (m = {self.spec.m},)")
@@ -138,7 +138,7 @@ class SketchState:
         if not isinstance(buffers, torch.Tensor) or buffers.dim() != 2 \
                 or tuple(buffers.shape) not in ((2 * len(KINDS), spec.m), (2 * len(ALL_KINDS), spec.m)) \
                 or buffers.dtype != torch.float64:
-            raise ValueError(f"buffers must be a float64 tensor of shape (6 or 8, m = {spec.m})")
+            raise ValueError(f"buffers: expected a float64 tensor of shape (6 or 8, m = {spec.m})")
         kinds = KINDS if buffers.shape[0] == 2 * len(KINDS) else ALL_KINDS
         n = len(kinds)
         return cls(spec, count, {k: buffers[i].clone() for i, k in enumerate(kinds)},
