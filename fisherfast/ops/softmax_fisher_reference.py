@@ -31,10 +31,6 @@ import math
 
 import torch
 
-import math
-
-import torch
-
 from fisherfast.checks import compute_dtype
 from fisherfast.ops.softmax_fisher_common import (cap_logits, chunk_size, raise_nonfinite_normalizer,
                                                   reduction_chunk)
