@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import RESULTS_DIR, markdown_table, write_results  # noqa: E402
 
-from fisherfast.geodesic import (ConceptHellingerMetric, DensityMetric, chord_path, concept_distributions,  # noqa: E402
+from fisherfast.concepts import concept_distributions  # noqa: E402
+from fisherfast.geodesic import (ConceptHellingerMetric, DensityMetric, chord_path,  # noqa: E402
                                  evaluate_path, gaga_out, gaga_phate, get_task, lbfgs_path, latent_path, spline_path)
 from fisherfast.models import load_default  # noqa: E402
 from fisherfast.split import SplitModel  # noqa: E402

@@ -21,7 +21,7 @@ At one layer (default 12):
 3. On the held-out prompts (never seen in 1–2): b with the calibrated δ
    (steering success: mean b, fraction with b > 0.5), and fluency: a 20-token
    greedy continuation generated with δ added at the prompt's last position and
-   every generated token (``fisherfast.steer.steering``, positions="last"; δ is
+   every generated token (``fisherfast.steer.steering``, positions="from_prompt_last"; δ is
    the one computed at the prompt's last activation — INNSteer and FishBack
    would give another δ at each new token), scored by its perplexity under the
    unsteered model, exp(mean NLL of the 20 tokens given the prompt).

@@ -26,7 +26,7 @@ Two more tables on the same context (``metric_products.json``):
 4,096 (SmolLM2-, TinyLlama- and Llama-2-7B-shaped; 2 upper blocks, V = 8,192,
 a 32-token prompt): the exact build against one matrix-free product, with the
 head's share of each, i.e. how many products the exact build is worth; this
-sets ``fisherfast.metric.AUTO_EXACT_MAX_D``.
+sets ``fisherfast.metric.pullback.AUTO_EXACT_MAX_D``.
 
     python bench/bench_metric.py [--layer 15] [--repeat 3] [--skip-jacrev] [--auto [--auto-dims 576 2048 4096]]
 """

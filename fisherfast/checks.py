@@ -1,5 +1,5 @@
-"""Argument checks with one message style, shared by the method modules
-(concepts, metric, steer, geodesic).
+"""Argument checks with one message style: the one validation module of the
+package (ops, split, sketch, concepts, metric, steer, geodesic, cli).
 
 Every check runs before any work, never modifies its input, and names the
 argument in one form:
@@ -13,6 +13,12 @@ the value in its canonical type (``int``, ``float``, the tensor itself), so a
 caller writes ``k = check_int("k", k, minimum=1)``.
 
 ``expected(name, what, got)`` builds the message for checks written in place.
+
+Tensor checks of the ops (``check_tensor``, ``check_same_device``,
+``check_same_dtype``) and the half-precision rule live here too:
+``compute_dtype`` (float16 / bfloat16 are computed in float32) and
+``cast_checked`` (a result cast back to half precision never overflows
+silently).
 """
 from __future__ import annotations
 
@@ -22,7 +28,11 @@ import numbers
 import torch
 
 __all__ = ["expected", "check_int", "check_real", "check_choice", "check_finite", "check_vector", "check_points",
-           "check_contexts"]
+           "check_contexts", "check_tensor", "check_same_device", "check_same_dtype", "compute_dtype",
+           "cast_checked", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def expected(name: str, what: str, got, *, raw: bool = False) -> str:
@@ -104,6 +114,73 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: expected finite values, got NaN or Inf")
     return x
+
+
+def check_tensor(name: str, x, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int | None = None,
+                 float_only: bool = True) -> torch.Tensor:
+    """``x`` if it is a tensor (of a ``FLOAT_DTYPES`` dtype unless ``float_only=False``)
+    with ``ndim`` dimensions (an int or a tuple of allowed counts) and at least ``min_ndim``.
+
+    Raises:
+        TypeError: not a tensor, or not floating when ``float_only``.
+        ValueError: another number of dimensions.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(expected(name, "a torch.Tensor", type(x)))
+    if float_only and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(expected(name, "a floating tensor (float16/bfloat16/float32/float64)", x.dtype))
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if x.dim() not in allowed:
+            raise ValueError(expected(name, f"{' or '.join(map(str, allowed))} dimensions", f"shape {tuple(x.shape)}",
+                                      raw=True))
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(expected(name, f"at least {min_ndim} dimension(s)", f"shape {tuple(x.shape)}", raw=True))
+    return x
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """The one device of the given tensors (None entries skipped); ValueError listing them otherwise."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(device != first for device in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(expected(", ".join(devices), "one device", listing, raw=True))
+    return first
+
+
+def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    """The one dtype of the given tensors (None entries skipped); TypeError listing them otherwise."""
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    first = next(iter(dtypes.values()))
+    if any(d != first for d in dtypes.values()):
+        listing = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
+        raise TypeError(expected(", ".join(dtypes), "one dtype", listing, raw=True))
+    return first
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a computation on ``dtype`` inputs runs in: float32 for half
+    precision (float16, bfloat16), the dtype itself otherwise (float32, float64)."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def cast_checked(out: torch.Tensor, dtype: torch.dtype, op: str) -> torch.Tensor:
+    """``out`` (computed in ``compute_dtype(dtype)``) cast to the input dtype ``dtype``.
+
+    Rule for half-precision inputs: a value that is finite in the compute dtype
+    but overflows float16/bfloat16 (|x| > 65504 for float16) is an error,
+    never a silent Inf: OverflowError naming the op and the largest value,
+    asking for float32 inputs. Values non-finite already in the compute dtype
+    pass through (the ops that forbid them raise before this)."""
+    cast = out.to(dtype)
+    if dtype in HALF_DTYPES and cast.numel():
+        overflow = torch.isfinite(out) & ~torch.isfinite(cast)
+        if bool(overflow.any()):
+            largest = float(out[overflow].abs().max())
+            raise OverflowError(f"{op}: the result (largest |value| {largest:.4g}) overflows {dtype} "
+                                f"(max {torch.finfo(dtype).max:.6g}); pass float32 inputs to get it in float32")
+    return cast
 
 
 def check_vector(name: str, v, d: int | None = None) -> torch.Tensor:

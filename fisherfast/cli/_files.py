@@ -4,7 +4,7 @@
 of output, the folder must exist and be writable, and an existing file is
 replaced only with ``--force`` and only if it is an output of the same kind
 (a FisherSketch file for a sketch, an image of that format for a plot).
-``write_output`` then writes through ``fisherfast._persist.atomic_write``
+``write_output`` then writes through ``fisherfast.persist.atomic_write``
 (temporary file in the same folder, umask mode, rename); if that still fails
 (disk full, folder removed meanwhile), it saves the computed result to a
 fallback path — the same folder, then the working directory, then the
@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from fisherfast._persist import atomic_write
+from fisherfast.persist import atomic_write
 from fisherfast.cli._args import UsageError
 
 

@@ -113,7 +113,8 @@ def _notices(args, texts: list[str], tokenizer) -> None:
 
 
 def run(args) -> int:
-    from fisherfast.sketch import init_distributed_from_env, sketch_corpus
+    from fisherfast.sketch import sketch_corpus
+    from fisherfast.sketch.corpus import init_distributed_from_env
 
     out = check_output(args.out, SKETCH, force=args.force)
     fields = _dataset_fields(args)

@@ -15,30 +15,24 @@
   PR/d, rank at 90/99% of the trace, relative spectral deviation.
 - ``spectrum_survey``, ``survey_table``, ``plot_spectra`` (``survey.py``).
 """
+from fisherfast.deprecation import moved_names
 from fisherfast.metric.diagnostics import MetricDiagnostics, spectrum_diagnostics
 from fisherfast.metric.operator import (DampedMetric, DenseMetric, LowRankMetric, MatrixFreeMetric, MetricReport,
                                         PullbackMetric)
-from fisherfast.metric.pullback import (AUTO_EXACT_MAX_D, DEFAULT_K, DEFAULT_N_SAMPLES, DEFAULT_TAIL_TOL,
-                                        DEFAULT_TRACE_PROBES, METRIC_MODES, MODE_OPTIONS, auto_mode,
-                                        check_mode_options, pullback_fisher, work_dtype)
+from fisherfast.metric.pullback import METRIC_MODES, MODE_OPTIONS, auto_mode, check_mode_options, pullback_fisher
 from fisherfast.metric.survey import SpectrumSurvey, plot_spectra, spectrum_survey, survey_table
 
 __all__ = ["pullback_fisher", "PullbackMetric", "DenseMetric", "LowRankMetric", "MatrixFreeMetric", "DampedMetric",
            "MetricReport", "MetricDiagnostics", "spectrum_diagnostics", "SpectrumSurvey", "spectrum_survey",
-           "survey_table", "plot_spectra", "auto_mode", "check_mode_options", "work_dtype", "METRIC_MODES",
-           "MODE_OPTIONS", "AUTO_EXACT_MAX_D", "DEFAULT_K", "DEFAULT_TRACE_PROBES", "DEFAULT_TAIL_TOL",
-           "DEFAULT_N_SAMPLES"]
+           "survey_table", "plot_spectra", "auto_mode", "check_mode_options", "METRIC_MODES",
+           "MODE_OPTIONS"]
 
-
-def __getattr__(name):
-    """Old names, kept for one version with a DeprecationWarning."""
-    import warnings
-
-    if name == "MODES":
-        warnings.warn("fisherfast.metric.MODES is deprecated; use METRIC_MODES", DeprecationWarning, stacklevel=2)
-        return METRIC_MODES
-    if name == "concept_schema":
-        from fisherfast.concepts.schema import concept_schema
-
-        return concept_schema   # warns when called
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_P = "fisherfast.metric.pullback"
+__getattr__ = moved_names(__name__, {
+    "MODES": (_P, "METRIC_MODES", "use METRIC_MODES"),
+    "work_dtype": ("fisherfast.checks", "compute_dtype", "use fisherfast.checks.compute_dtype"),
+    "concept_schema": ("fisherfast.concepts.schema", "concept_schema", "use fisherfast.concepts.ConceptSchema"),
+    **{name: (_P, name, f"the constant stays in {_P}")
+       for name in ("AUTO_EXACT_MAX_D", "DEFAULT_K", "DEFAULT_TRACE_PROBES", "DEFAULT_TAIL_TOL",
+                    "DEFAULT_N_SAMPLES")},
+})

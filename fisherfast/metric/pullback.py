@@ -28,7 +28,7 @@ import torch
 from fisherfast.metric import distributed as _dist
 from fisherfast.metric.operator import (DenseMetric, LowRankMetric, MatrixFreeMetric, MetricReport,
                                         PullbackMetric)
-from fisherfast.checks import check_choice, check_int, check_real, expected
+from fisherfast.checks import check_choice, check_int, check_real, compute_dtype, expected
 from fisherfast.concepts import ConceptSchema, hellinger_rows
 from fisherfast.metric.points import paired_points
 
@@ -230,7 +230,7 @@ class _Run:
     def __init__(self, split, points, chunk, progress, mode, group, rank, world):
         self.split, self.points, self.chunk, self.progress, self.mode = split, points, chunk, progress, mode
         self.group, self.rank, self.world = group, rank, world
-        self.dtype = work_dtype(split.W.dtype)
+        self.dtype = compute_dtype(split.W.dtype)
         self.device = split.W.device
         self.mine = list(range(rank, len(points), world))   # this rank's point indices
 
@@ -261,11 +261,6 @@ class _Run:
         ordered = [r for _, r in records] if self.world == 1 else \
             _dist.gather_in_order(records, self.group, len(self.points))
         return G, ordered
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision models (bfloat16, float16), else the model's dtype."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _vjp(split, ctx, x, C, chunk, dtype):

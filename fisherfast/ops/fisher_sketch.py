@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import check_same_device, check_tensor
+from fisherfast.checks import check_same_device, check_tensor
 from fisherfast.ops.fisher_sketch_common import N_KINDS
 from fisherfast.ops.srht import SRHTPlan
 

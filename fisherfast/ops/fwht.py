@@ -17,14 +17,14 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import cast_checked, check_tensor, compute_dtype
+from fisherfast.checks import cast_checked, check_tensor, compute_dtype
 
 
 def _check_fwht_input(x: torch.Tensor) -> None:
     check_tensor("x", x, min_ndim=1)
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
-        raise ValueError(f"x.shape[-1] must be a power of two, got {n} (pad to {1 << max(n - 1, 0).bit_length()})")
+        raise ValueError(f"x.shape[-1]: expected a power of two, got {n} (pad to {1 << max(n - 1, 0).bit_length()})")
 
 
 def fwht_reference(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:

@@ -52,8 +52,8 @@ from typing import Optional
 import torch
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import (cast_checked, check_finite, check_same_device, check_same_dtype, check_tensor,
-                                    compute_dtype)
+from fisherfast.checks import (cast_checked, check_finite, check_int, check_real, check_same_device, check_same_dtype,
+                               check_tensor, compute_dtype)
 from fisherfast.ops.softmax_fisher_common import check_softcap, raise_nonfinite_result
 
 
@@ -131,8 +131,7 @@ def _select(op: str, device: torch.device, backend: str | None, needs: frozenset
 # ---------------------------------------------------------------------------
 
 def _check_chunk(chunk):
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    check_int("chunk", chunk, minimum=1, optional=True)
 
 
 def _check_head(a, W, b, logits, *, allow_logits: bool, ndim=(1, 2)):
@@ -140,29 +139,29 @@ def _check_head(a, W, b, logits, *, allow_logits: bool, ndim=(1, 2)):
     check_tensor("W", W, ndim=2)
     V, d = W.shape
     if V < 1 or d < 1:
-        raise ValueError(f"W must be non-empty (V×d), got shape {tuple(W.shape)}")
+        raise ValueError(f"W: expected a non-empty (V, d) matrix, got shape {tuple(W.shape)}")
     if b is not None:
         check_tensor("b", b, ndim=1)
         if b.shape[0] != V:
-            raise ValueError(f"b must have shape (V,) = ({V},) to match W, got {tuple(b.shape)}")
+            raise ValueError(f"b: expected shape (V,) = ({V},) to match W, got shape {tuple(b.shape)}")
     if logits is not None:
         if not allow_logits:
             raise ValueError("logits= is not accepted here")
         if a is not None:
             raise ValueError("pass either a or logits=, not both (logits replace a W^T + b)")
         if b is not None:
-            raise ValueError("b must be None when logits= is given (the bias is already in the logits)")
+            raise ValueError("b: expected None when logits= is given (the bias is already in the logits), got a tensor")
         check_tensor("logits", logits, ndim=ndim)
         if logits.shape[-1] != V:
-            raise ValueError(f"logits must have last dimension V = {V} (rows of W), got shape {tuple(logits.shape)}")
+            raise ValueError(f"logits: expected last dimension V = {V} (rows of W), got shape {tuple(logits.shape)}")
         check_same_device(logits=logits, W=W)
         check_same_dtype(logits=logits, W=W)
         return (logits.shape[0] if logits.dim() == 2 else 1), logits.dim() == 1
     if a is None:
-        raise ValueError("a must be a tensor (B,d) or (d,) (or pass logits=)")
+        raise ValueError("a: expected a tensor (B,d) or (d,) (or pass logits=), got None")
     check_tensor("a", a, ndim=ndim)
     if a.shape[-1] != d:
-        raise ValueError(f"a must have last dimension d = {d} (columns of W), got shape {tuple(a.shape)}")
+        raise ValueError(f"a: expected last dimension d = {d} (columns of W), got shape {tuple(a.shape)}")
     check_same_device(a=a, W=W, b=b)
     check_same_dtype(a=a, W=W, b=b)
     return (a.shape[0] if a.dim() == 2 else 1), a.dim() == 1
@@ -172,29 +171,28 @@ def _check_U(U, W, B, one_token: bool):
     check_tensor("U", U, ndim=(2, 3))
     d = W.shape[1]
     if U.dim() == 2 and U.shape[0] != d:
-        raise ValueError(f"U must have shape (d,k) = ({d},k) or (B,d,k), got {tuple(U.shape)}")
+        raise ValueError(f"U: expected shape (d,k) = ({d},k) or (B,d,k), got shape {tuple(U.shape)}")
     if U.dim() == 3:
         if one_token:
-            raise ValueError(f"U must be (d,k) when a is a single token (d,), got {tuple(U.shape)}")
+            raise ValueError(f"U: expected shape (d,k) when a is a single token (d,), got shape {tuple(U.shape)}")
         if U.shape[0] != B or U.shape[1] != d:
-            raise ValueError(f"U must have shape (B,d,k) = ({B},{d},k) or (d,k), got {tuple(U.shape)}")
+            raise ValueError(f"U: expected shape (B,d,k) = ({B},{d},k) or (d,k), got shape {tuple(U.shape)}")
     if U.shape[-1] < 1:
-        raise ValueError(f"U must have at least one column, got shape {tuple(U.shape)}")
+        raise ValueError(f"U: expected at least one column, got shape {tuple(U.shape)}")
     check_same_device(U=U, W=W)
     check_same_dtype(U=U, W=W)
 
 
 def _check_reduce(reduce, B: int, logits):
     if reduce not in ("none", "mean"):
-        raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
+        raise ValueError(f"reduce: expected 'none' or 'mean', got {reduce!r}")
     if reduce == "mean" and B == 0:
         name = "logits" if logits is not None else "a"
         raise ValueError(f"reduce='mean' needs at least one token: {name} has 0 rows (a mean over no tokens)")
 
 
 def _check_tail_tol(tail_tol):
-    if isinstance(tail_tol, bool) or not isinstance(tail_tol, (int, float)) or not 0.0 < float(tail_tol) < 1.0:
-        raise ValueError(f"tail_tol must be a float in (0, 1), got {tail_tol!r}")
+    check_real("tail_tol", tail_tol, minimum=0.0, maximum=1.0, min_open=True, max_open=True)
 
 
 def _prepare(a, W, b, logits, U, backend: str):

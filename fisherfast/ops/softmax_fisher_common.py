@@ -1,7 +1,7 @@
 """What every softmax-Fisher backend shares (docs/design.md §3): the V-chunk
 policy, the merge of per-split partial normalizers, and the errors raised for
 a non-finite normalizer or a non-finite result (the overflow check of a
-half-precision result is ``_checks.cast_checked``, shared by every op).
+half-precision result is ``fisherfast.checks.cast_checked``, shared by every op).
 Imported by the public op file and by each backend module; it imports none
 of them."""
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from fisherfast.checks import check_real
 
 # Chunk policy: the per-chunk temporaries hold about CHUNK_ELEMENTS elements
 # (4 MiB in float32), and a chunk has at least MIN_CHUNK rows, so each chunk
@@ -53,8 +55,7 @@ def check_softcap(softcap) -> None:
     """softcap: None, or a positive finite float c (logits become c·tanh(z/c))."""
     if softcap is None:
         return
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0.0 < float(softcap) < math.inf):
-        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+    check_real("softcap", softcap, minimum=0.0, min_open=True, optional=True)
 
 
 def cap_logits(Z: torch.Tensor, softcap: float | None):

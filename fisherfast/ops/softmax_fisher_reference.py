@@ -31,11 +31,7 @@ import math
 
 import torch
 
-import math
-
-import torch
-
-from fisherfast.ops._checks import compute_dtype
+from fisherfast.checks import compute_dtype
 from fisherfast.ops.softmax_fisher_common import (cap_logits, chunk_size, raise_nonfinite_normalizer,
                                                   reduction_chunk)
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from fisherfast.ops import _backends
-from fisherfast.ops._checks import cast_checked, check_same_device, check_tensor, compute_dtype
+from fisherfast.checks import cast_checked, check_int, check_same_device, check_tensor, compute_dtype
 from fisherfast.ops.fwht import fwht
 
 
@@ -42,11 +42,8 @@ class SRHTPlan:
     """
 
     def __init__(self, n_in: int, m: int, seed: int = 0):
-        for name, value in (("n_in", n_in), ("m", m)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        n_in, m = check_int("n_in", n_in, minimum=1), check_int("m", m, minimum=1)
+        seed = check_int("seed", seed, minimum=0)
         self.n_in, self.m, self.seed = n_in, m, seed
         self.N = 1 << (n_in - 1).bit_length()
         self.n_blocks = math.ceil(m / self.N)
@@ -110,9 +107,9 @@ def _check_op_inputs(x, signs, idx) -> None:
     check_tensor("signs", signs, ndim=2)
     check_tensor("idx", idx, ndim=1, float_only=False)
     if idx.dtype != torch.int64:
-        raise TypeError(f"idx must be int64, got {idx.dtype}")
+        raise TypeError(f"idx: expected int64, got {idx.dtype}")
     if signs.shape[1] < x.shape[-1]:
-        raise ValueError(f"signs must have N ≥ n_in = {x.shape[-1]} columns, got shape {tuple(signs.shape)}")
+        raise ValueError(f"signs: expected N ≥ n_in = {x.shape[-1]} columns, got shape {tuple(signs.shape)}")
     check_same_device(x=x, signs=signs, idx=idx)
 
 
@@ -163,7 +160,7 @@ def srht(x: torch.Tensor, plan: SRHTPlan, *, backend: str | None = None) -> torc
     transform and gather (memory: the output plus one row of N per thread);
     the others materialize the padded (..., ⌈m/N⌉, N) tensor."""
     if not isinstance(plan, SRHTPlan):
-        raise TypeError(f"plan must be an SRHTPlan, got {type(plan).__name__}")
+        raise TypeError(f"plan: expected an SRHTPlan, got {type(plan).__name__}")
     check_tensor("x", x, min_ndim=1)
     if x.shape[-1] != plan.n_in:
         raise ValueError(f"x.shape[-1] must equal plan.n_in = {plan.n_in}, got {x.shape[-1]}")
@@ -183,10 +180,10 @@ def srht_onehot(y: torch.Tensor, plan: SRHTPlan, dtype: torch.dtype = torch.floa
 
     (H_N D_b e_y)[i] = D_b[y] · (−1)^popcount(i & y); no transform is run."""
     if not isinstance(plan, SRHTPlan):
-        raise TypeError(f"plan must be an SRHTPlan, got {type(plan).__name__}")
+        raise TypeError(f"plan: expected an SRHTPlan, got {type(plan).__name__}")
     check_tensor("y", y, float_only=False)
     if y.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"y must be an int32/int64 tensor of labels, got {y.dtype}")
+        raise TypeError(f"y: expected an int32/int64 tensor of labels, got {y.dtype}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= plan.n_in):
         raise ValueError(f"y must hold labels in [0, {plan.n_in}), got range [{int(y.min())}, {int(y.max())}]")
     signs, idx = plan.tensors(y.device, dtype)

@@ -76,9 +76,9 @@ def _items(signatures_or_states) -> tuple[list[str], list]:
     elif all(isinstance(x, torch.Tensor) for x in items):
         shapes = {tuple(x.shape) for x in items}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1 or next(iter(shapes))[0] == 0:
-            raise ValueError(f"signatures must be non-empty 1-D tensors of one length, got shapes {sorted(shapes)}")
+            raise ValueError(f"signatures: expected non-empty 1-D tensors of one length, got shapes {sorted(shapes)}")
         if not all(x.is_floating_point() for x in items):
-            raise TypeError(f"signatures must be real floating tensors, got dtypes {sorted({str(x.dtype) for x in items})}")
+            raise TypeError(f"signatures: expected real floating tensors, got dtypes {sorted({str(x.dtype) for x in items})}")
         bad = [name for name, x in zip(names, items) if not bool(torch.isfinite(x).all())]
         if bad:
             raise ValueError(f"signatures contain NaN or Inf: {bad}")
@@ -166,9 +166,9 @@ def alignment(signatures_or_states, *, kind: str = "joint", debiased: bool = Fal
         TypeError: a mix of states and tensors, or another container.
     """
     if kind not in ALL_KINDS:
-        raise ValueError(f"kind must be one of {ALL_KINDS}, got {kind!r}")
+        raise ValueError(f"kind: expected one of {ALL_KINDS}, got {kind!r}")
     if not isinstance(debiased, bool):
-        raise TypeError(f"debiased must be a bool, got {type(debiased).__name__}")
+        raise TypeError(f"debiased: expected a bool, got {type(debiased).__name__}")
     names, items = _items(signatures_or_states)
     states = isinstance(items[0], SketchState)
     if states and kind not in KINDS:

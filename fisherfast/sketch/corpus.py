@@ -44,7 +44,7 @@ BUILDERS = {".arrow": "arrow", ".parquet": "parquet", ".jsonl": "json", ".json":
 
 def _data_files(path) -> tuple[str, list[str]]:
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike (a corpus file or folder), got {type(path).__name__}")
+        raise TypeError(f"path: expected a str or os.PathLike (a corpus file or folder), got {type(path).__name__}")
     path = os.fspath(path)
     if os.path.isdir(path):  # the files of the first suffix present in BUILDERS' order (save_to_disk: .arrow)
         names = sorted(os.listdir(path))
@@ -221,9 +221,9 @@ def sketch_corpus(model, tokenizer, source, *, spec: SketchSpec | None = None, t
     K, d = head.W.shape
     spec = spec if spec is not None else SketchSpec(d=d, K=K)
     if not isinstance(spec, SketchSpec):
-        raise TypeError(f"spec must be a SketchSpec, got {type(spec).__name__}")
+        raise TypeError(f"spec: expected a SketchSpec, got {type(spec).__name__}")
     if (spec.d, spec.K) != (d, K):
-        raise ValueError(f"spec must have d = {d} (hidden size) and K = {K} (vocabulary), got {spec}")
+        raise ValueError(f"spec: expected d = {d} (hidden size) and K = {K} (vocabulary), got {spec}")
     if tokenizer is None:
         raise ValueError("tokenizer is required")
     if isinstance(source, (str, os.PathLike)):
@@ -233,7 +233,7 @@ def sketch_corpus(model, tokenizer, source, *, spec: SketchSpec | None = None, t
             raise ValueError("field names apply to a path source, not to an iterable of items")
         items = iter(source)
     else:
-        raise TypeError(f"source must be a path or an iterable of texts or (prompt, answer) pairs, "
+        raise TypeError(f"source: expected a path or an iterable of texts or (prompt, answer) pairs, "
                         f"got {type(source).__name__}")
     rank, world = _distributed(group)
     base_seed = spec.seed if sample_seed is None else sample_seed

@@ -51,7 +51,7 @@ def all_reduce_state(state: SketchState | FullNetworkState, group=None) -> Sketc
         ValueError: the ranks' specs differ (raised on every rank).
     """
     if not isinstance(state, (SketchState, FullNetworkState)):
-        raise TypeError(f"state must be a SketchState or FullNetworkState, got {type(state).__name__}")
+        raise TypeError(f"state: expected a SketchState or FullNetworkState, got {type(state).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce_state needs an initialized torch.distributed process group "
                            "(torch.distributed.init_process_group)")

@@ -32,7 +32,8 @@ import os
 import torch
 from torch import nn
 
-from fisherfast._persist import atomic_write
+from fisherfast.checks import check_int
+from fisherfast.persist import atomic_write
 from fisherfast.ops import srht
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 from fisherfast.sketch.state import check_sum_buffers, read_state_file
@@ -93,11 +94,8 @@ class FullNetworkSketcher:
 
     def __init__(self, model: nn.Module, *, m: int = 4096, seed: int = 0, layers: list[str] | None = None):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"m must be a positive int, got {m!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        m, seed = check_int("m", m, minimum=1), check_int("seed", seed, minimum=0)
         found = dict(linear_layers(model))
         if layers is None:
             names = list(found)
@@ -154,10 +152,10 @@ class FullNetworkSketcher:
         if not self._capturing:
             raise RuntimeError("features/update must run inside `with sketcher.capture():`")
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.is_floating_point():
-            raise ValueError(f"losses must be a 1-D floating tensor of per-sample losses, got "
+            raise ValueError(f"losses: expected a 1-D floating tensor of per-sample losses, got "
                              f"{getattr(losses, 'shape', type(losses).__name__)}")
         if not losses.requires_grad:
-            raise ValueError("losses must be computed inside capture() from the model's outputs (no grad graph found)")
+            raise ValueError("losses: expected losses computed inside capture() from the model's outputs, got a tensor with no grad graph")
         records = [(name, a, z) for name, recs in self._records.items() for a, z in recs]
         if not records:
             raise RuntimeError("no hooked layer ran since the last update; run the model inside capture()")
@@ -198,19 +196,18 @@ class FullNetworkState:
                  sumsq: torch.Tensor | None = None):
         if not isinstance(specs, dict) or not specs or not all(
                 isinstance(name, str) and isinstance(spec, SketchSpec) for name, spec in specs.items()):
-            raise TypeError("specs must be a non-empty dict {layer name: SketchSpec}")
+            raise TypeError("specs: expected a non-empty dict {layer name: SketchSpec}")
         ms = {spec.m for spec in specs.values()}
         if len(ms) != 1:
             raise ValueError(f"every layer's spec must share one m, got {sorted(ms)}")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        count = check_int("count", count, minimum=0)
         m = ms.pop()
         self.specs, self.count = dict(specs), count
         self.sum = torch.zeros(m, dtype=torch.float64) if sum is None else sum
         self.sumsq = torch.zeros(m, dtype=torch.float64) if sumsq is None else sumsq
         for name, t in (("sum", self.sum), ("sumsq", self.sumsq)):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or tuple(t.shape) != (m,):
-                raise ValueError(f"{name} must be a float64 tensor of shape (m = {m},)")
+                raise ValueError(f"{name}: expected a float64 tensor of shape (m = {m},)")
 
     @property
     def m(self) -> int:

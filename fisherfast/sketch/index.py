@@ -33,7 +33,8 @@ import os
 
 import torch
 
-from fisherfast._persist import atomic_write, read_versioned
+from fisherfast.checks import check_int
+from fisherfast.persist import atomic_write, read_versioned
 from fisherfast.sketch.select import SourceScore, rank_sources
 from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import ALL_KINDS, KINDS, MEAN, SketchState
@@ -44,7 +45,7 @@ INDEX_VERSION = 1
 
 def _check_name(name) -> str:
     if not isinstance(name, str) or not name.strip() or name != name.strip():
-        raise ValueError(f"name must be a non-empty string without surrounding spaces, got {name!r}")
+        raise ValueError(f"name: expected a non-empty string without surrounding spaces, got {name!r}")
     return name
 
 
@@ -58,9 +59,9 @@ class SignatureIndex:
 
     def __init__(self, spec: SketchSpec, *, variances: bool = True):
         if not isinstance(spec, SketchSpec):
-            raise TypeError(f"spec must be a SketchSpec, got {type(spec).__name__}")
+            raise TypeError(f"spec: expected a SketchSpec, got {type(spec).__name__}")
         if not isinstance(variances, bool):
-            raise TypeError(f"variances must be a bool, got {type(variances).__name__}")
+            raise TypeError(f"variances: expected a bool, got {type(variances).__name__}")
         self.spec, self.variances = spec, variances
         self._names: list[str] = []
         self._positions: dict[str, int] = {}
@@ -108,7 +109,7 @@ class SignatureIndex:
             rows["mu.joint"] = item.detach().float().cpu()
             count = 0  # unknown: a bare signature carries no count
         else:
-            raise TypeError(f"item must be a SketchState or a signature tensor, got {type(item).__name__}")
+            raise TypeError(f"item: expected a SketchState or a signature tensor, got {type(item).__name__}")
         for key, row in rows.items():
             self._rows[key].append(row)
         self._positions[name] = len(self._names)
@@ -212,13 +213,13 @@ class SignatureIndex:
             mu = target.sums["joint"].double().cpu() / target.count
         elif isinstance(target, torch.Tensor):
             if target.dim() != 1 or target.shape[0] != self.spec.m or not target.is_floating_point():
-                raise ValueError(f"target must be a SketchState or a float signature of shape (m = {self.spec.m},), "
+                raise ValueError(f"target: expected a SketchState or a float signature of shape (m = {self.spec.m},), "
                                  f"got {target.dtype} {tuple(target.shape)}")
             if not bool(torch.isfinite(target).all()):
                 raise ValueError("the target signature contains NaN or Inf")
             mu = target.double().cpu()
         else:
-            raise TypeError(f"target must be a SketchState or a signature tensor, got {type(target).__name__}")
+            raise TypeError(f"target: expected a SketchState or a signature tensor, got {type(target).__name__}")
         if not bool(mu.any()):
             raise ValueError("the target's joint signature is zero (zero head Fisher): every alignment is undefined")
         return mu
@@ -236,8 +237,7 @@ class SignatureIndex:
         joint signature holds only A; a version-1 state no G) is NaN in its row.
 
         Raises ValueError for an empty index, k < 1, another spec or a zero target."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = check_int("k", k, minimum=1)
         if not self._names:
             raise ValueError("the index is empty")
         A = self.scores(target)

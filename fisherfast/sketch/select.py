@@ -78,13 +78,13 @@ def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
             whose joint sketch is zero (every alignment undefined).
     """
     if not isinstance(target, SketchState):
-        raise TypeError(f"target must be a SketchState, got {type(target).__name__}")
+        raise TypeError(f"target: expected a SketchState, got {type(target).__name__}")
     if isinstance(candidates, dict):
         names, states = [str(k) for k in candidates], list(candidates.values())
     elif isinstance(candidates, (list, tuple)):
         names, states = [str(i) for i in range(len(candidates))], list(candidates)
     else:
-        raise TypeError("candidates must be a {name: SketchState} dict or a list of SketchStates")
+        raise TypeError("candidates: expected a {name: SketchState} dict or a list of SketchStates")
     if not states:
         raise ValueError("candidates must hold at least one SketchState")
     if not all(isinstance(s, SketchState) for s in states):

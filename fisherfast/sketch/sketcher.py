@@ -25,7 +25,7 @@ import math
 import torch
 
 from fisherfast.ops import fisher_sketch_update, srht, srht_onehot
-from fisherfast.ops._checks import check_finite, check_tensor
+from fisherfast.checks import check_finite, check_tensor
 from fisherfast.sketch.spec import SketchSpec
 from fisherfast.sketch.state import KINDS, MEAN, SketchState
 

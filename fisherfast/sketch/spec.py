@@ -6,15 +6,11 @@ import functools
 import hashlib
 import json
 
+from fisherfast.checks import check_int, expected
 from fisherfast.ops import SRHTPlan
 
 SKETCH_VERSION = 1
 PLAN_NAMES = ("ra", "sa", "re", "se")  # activation side r, s; error side r, s
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int ≥ {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +36,12 @@ class SketchSpec:
     version: int = SKETCH_VERSION
 
     def __post_init__(self):
-        _positive_int("d", self.d)
-        _positive_int("K", self.K, 2)
-        _positive_int("m", self.m)
-        _positive_int("seed", self.seed, 0)
+        check_int("d", self.d, minimum=1)
+        check_int("K", self.K, minimum=2)
+        check_int("m", self.m, minimum=1)
+        check_int("seed", self.seed, minimum=0)
         if self.version != SKETCH_VERSION:
-            raise ValueError(f"version must be {SKETCH_VERSION} (the only sketch construction), got {self.version!r}")
+            raise ValueError(expected("version", f"{SKETCH_VERSION} (the only sketch construction)", self.version))
 
     def plan_seeds(self) -> tuple[int, int, int, int]:
         """The four plan seeds (ra, sa, re, se), independent 56-bit hashes of (version, seed, name)."""

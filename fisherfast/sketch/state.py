@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from fisherfast._persist import atomic_write, read_versioned
+from fisherfast.checks import check_int
+from fisherfast.persist import atomic_write, read_versioned
 from fisherfast.sketch.spec import SKETCH_VERSION, SketchSpec
 
 KINDS = ("joint", "activation", "error")  # the second-moment sketches (the fused op's three rows)
@@ -26,7 +27,7 @@ STATE_VERSION = 2  # the file version written
 def read_state_file(path: str | os.PathLike, fmt: str,
                     versions: tuple[int, ...] = (SKETCH_VERSION,)) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a sketch file of format ``fmt`` at one of ``versions``
-    (``fisherfast._persist.read_versioned``; an unknown version names the newest)."""
+    (``fisherfast.persist.read_versioned``; an unknown version names the newest)."""
     version = _file_version(path)
     return read_versioned(path, fmt, version if version in versions else max(versions), "sketch state")
 
@@ -56,7 +57,7 @@ def check_sum_buffers(path, tensors: dict[str, torch.Tensor], names: set[str], m
 
 def _check_kind(kind: str) -> None:
     if kind not in ALL_KINDS:
-        raise ValueError(f"kind must be one of {ALL_KINDS}, got {kind!r}")
+        raise ValueError(f"kind: expected one of {ALL_KINDS}, got {kind!r}")
 
 
 class SketchState:
@@ -76,9 +77,8 @@ class SketchState:
     def __init__(self, spec: SketchSpec, count: int = 0, sums: dict | None = None, sumsqs: dict | None = None,
                  device=None, mean: bool = True):
         if not isinstance(spec, SketchSpec):
-            raise TypeError(f"spec must be a SketchSpec, got {type(spec).__name__}")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ValueError(f"count must be a non-negative int, got {count!r}")
+            raise TypeError(f"spec: expected a SketchSpec, got {type(spec).__name__}")
+        count = check_int("count", count, minimum=0)
         self.spec, self.count = spec, count
         kinds = ALL_KINDS if mean else KINDS
         self.sums = self._buffers("sums", sums, device, kinds)
@@ -99,7 +99,7 @@ class SketchState:
         if given is None:
             return {kind: torch.zeros(self.spec.m, dtype=torch.float64, device=device) for kind in kinds}
         if not isinstance(given, dict) or set(given) not in (set(KINDS), set(ALL_KINDS)):
-            raise ValueError(f"{name} must be a dict with keys {KINDS} or {ALL_KINDS}")
+            raise ValueError(f"{name}: expected a dict with keys {KINDS} or {ALL_KINDS}")
         for kind, t in given.items():
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or tuple(t.shape) != (self.spec.m,):
                 raise ValueError(f"{name}[{kind!r}] must be a float64 tensor of shape (m = {self.spec.m},)")
@@ -138,7 +138,7 @@ class SketchState:
         if not isinstance(buffers, torch.Tensor) or buffers.dim() != 2 \
                 or tuple(buffers.shape) not in ((2 * len(KINDS), spec.m), (2 * len(ALL_KINDS), spec.m)) \
                 or buffers.dtype != torch.float64:
-            raise ValueError(f"buffers must be a float64 tensor of shape (6 or 8, m = {spec.m})")
+            raise ValueError(f"buffers: expected a float64 tensor of shape (6 or 8, m = {spec.m})")
         kinds = KINDS if buffers.shape[0] == 2 * len(KINDS) else ALL_KINDS
         n = len(kinds)
         return cls(spec, count, {k: buffers[i].clone() for i, k in enumerate(kinds)},

@@ -116,12 +116,12 @@ def verbalizer_tasks(names=None, *, n: int | None = None, offset: int = 0, suffi
     names = list(VERBALIZERS) if names is None else list(names)
     unknown = [name for name in names if name not in VERBALIZERS]
     if unknown:
-        raise ValueError(f"names must be among {sorted(VERBALIZERS)}, got {unknown}")
+        raise ValueError(f"names: expected names among {sorted(VERBALIZERS)}, got {unknown}")
     if not isinstance(offset, int) or not 0 <= offset < len(REVIEWS):
-        raise ValueError(f"offset must be an int in [0, {len(REVIEWS)}), got {offset!r}")
+        raise ValueError(f"offset: expected an int in [0, {len(REVIEWS)}), got {offset!r}")
     stop = len(REVIEWS) if n is None else offset + n
     if n is not None and (not isinstance(n, int) or n < 1 or stop > len(REVIEWS)):
-        raise ValueError(f"n must be an int in [1, {len(REVIEWS) - offset}] for offset {offset}, got {n!r}")
+        raise ValueError(f"n: expected an int in [1, {len(REVIEWS) - offset}] for offset {offset}, got {n!r}")
     reviews = REVIEWS[offset:stop]
     prompts = tuple(TEMPLATE.format(review=text) for text, _ in reviews)
     tasks = []

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch.func import functional_call, jvp as _jvp, vjp as _vjp, vmap
 
+from fisherfast.checks import check_int
 from fisherfast.split.architectures import architecture
 from fisherfast.split.attention import SplitState, selected
 from fisherfast.split.head import Head, head_of
@@ -612,6 +613,4 @@ class SplitModel:
     def _check_chunk(chunk):
         if chunk is None:
             return None
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
-        return chunk
+        return check_int("chunk", chunk, minimum=1)

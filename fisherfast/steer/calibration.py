@@ -34,6 +34,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from fisherfast.checks import check_int, check_real
+
 MODES = ("median", "every")
 GRID_RATIO = 1.2
 GRID_POINTS = 60        # geometric grid from max_scale·1.2⁻⁵⁹ ≈ 2e-5·max_scale to max_scale
@@ -114,12 +116,12 @@ class Calibration:
 
 def _check_prompts(prompts, V: int) -> list[torch.Tensor]:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts must be a non-empty sequence of token-id sequences")
+        raise ValueError("prompts: expected a non-empty sequence of token-id sequences")
     out = []
     for i, p in enumerate(prompts):
         t = torch.as_tensor(p) if not isinstance(p, torch.Tensor) else p
         if t.dim() != 1 or t.numel() == 0 or t.is_floating_point() or t.dtype == torch.bool:
-            raise ValueError(f"prompts[{i}] must be a non-empty 1-D sequence of token ids, got {p!r}")
+            raise ValueError(f"prompts[{i}]: expected a non-empty 1-D sequence of token ids, got {p!r}")
         if int(t.min()) < 0 or int(t.max()) >= V:
             raise ValueError(f"prompts[{i}]: token ids must be in [0, {V}), got {t.tolist()}")
         out.append(t.to(torch.long))
@@ -229,30 +231,24 @@ def calibrate(model, vector: torch.Tensor, layer: int, prompts, concept, target:
 
     arch = architecture(model)
     L, (V, d) = arch.num_layers, arch.head.weight.shape
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= L:
-        raise ValueError(f"layer must be an int in [0, {L}], got {layer!r}")
+    check_int("layer", layer, minimum=0, maximum=L)
     ids = _check_prompts(prompts, V)
     if not isinstance(vector, torch.Tensor) or tuple(vector.shape) not in ((d,), (len(ids), d)) \
             or not vector.is_floating_point() or not bool(torch.isfinite(vector).all()) \
             or not bool(vector.reshape(-1, d).any(-1).all()):
-        raise ValueError(f"vector must be a finite floating tensor of shape ({d},) or (prompts, {d}) = "
+        raise ValueError(f"vector: expected a finite floating tensor of shape ({d},) or (prompts, {d}) = "
                          f"({len(ids)}, {d}) with no zero row, got {getattr(vector, 'shape', type(vector).__name__)}")
     if not isinstance(concept, ConceptScore):
-        raise ValueError(f"concept must be a ConceptScore (p(T), or b = p(T)/(p(T)+p(S)) with a source), got "
+        raise ValueError(f"concept: expected a ConceptScore (p(T), or b = p(T)/(p(T)+p(S)) with a source), got "
                          f"{type(concept).__name__}")
     if int(concept.removed_tokens.max()) >= V:
         raise ValueError(f"concept: token id {int(concept.removed_tokens.max())} is outside the vocabulary of {V}")
     for name, x in (("target", target), ("tol", tol)):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1:
-            raise ValueError(f"{name} must be a number in (0, 1), got {x!r}")
-    if kl_budget is not None and (isinstance(kl_budget, bool) or not isinstance(kl_budget, (int, float))
-                                  or not 0 < kl_budget < math.inf):
-        raise ValueError(f"kl_budget must be None or a positive finite number, got {kl_budget!r}")
+        check_real(name, x, minimum=0, maximum=1, min_open=True, max_open=True)
+    check_real("kl_budget", kl_budget, minimum=0, min_open=True, optional=True)
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))
-                                  or not 0 < max_scale < math.inf):
-        raise ValueError(f"max_scale must be None or a positive finite number, got {max_scale!r}")
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    check_real("max_scale", max_scale, minimum=0, min_open=True, optional=True)
 
     measure = _Measure(model, layer, vector.detach(), ids, concept)
     if max_scale is None:
@@ -341,7 +337,7 @@ def sweep_layers(model, directions, layers, prompts, concept, target: float, **o
         One ``Calibration`` per layer, in the order of ``layers``.
     """
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
-        raise ValueError(f"layers must be a non-empty sequence of ints, got {layers!r}")
+        raise ValueError(f"layers: expected a non-empty sequence of ints, got {layers!r}")
     if isinstance(directions, Mapping):
         missing = [layer for layer in layers if layer not in directions]
         if missing:
@@ -350,5 +346,5 @@ def sweep_layers(model, directions, layers, prompts, concept, target: float, **o
     elif callable(directions):
         get = directions
     else:
-        raise ValueError("directions must be a mapping {layer: (d,) tensor} or a callable layer → (d,) tensor")
+        raise ValueError("directions: expected a mapping {layer: (d,) tensor} or a callable layer → (d,) tensor")
     return [calibrate(model, get(layer), layer, prompts, concept, target, **options) for layer in layers]

@@ -32,17 +32,19 @@ import contextlib
 import functools
 import inspect
 import threading
+import warnings
 import weakref
 from typing import Mapping, Sequence
 
 import torch
 
+from fisherfast.checks import check_int, expected
 from fisherfast.split import architecture
 from fisherfast.steer.vectors import SteeringVectors
 
 EDIT_MODES = ("add", "replace")
 POSITION_CHOICES = ("prompt_last", "from_prompt_last", "all")
-POSITION_ALIASES = {"last": "from_prompt_last"}
+DEPRECATED_POSITIONS = {"last": "from_prompt_last"}  # old spelling → name; warns, goes in the next version
 # generate() options whose forward calls are not a continuation of the prompt, refused before generation
 REFUSED_GENERATE_OPTIONS = {
     "custom_generate": "a custom decoding loop (custom_generate)",
@@ -55,14 +57,16 @@ CACHE_KWARGS = ("past_key_values", "cache_params", "layer_past")
 
 def _check_positions(positions):
     if isinstance(positions, str):
-        name = POSITION_ALIASES.get(positions, positions)
+        name = DEPRECATED_POSITIONS.get(positions, positions)
+        if name != positions:
+            warnings.warn(f"positions={positions!r} is deprecated and goes in the next version; use {name!r}",
+                          DeprecationWarning, stacklevel=3)
         if name in POSITION_CHOICES:
             return name
     elif isinstance(positions, Sequence) and positions and all(
             isinstance(p, int) and not isinstance(p, bool) for p in positions):
         return tuple(positions)
-    raise ValueError(f"positions must be one of {POSITION_CHOICES} (or 'last', an alias of 'from_prompt_last'), "
-                     f"or a non-empty list of ints, got {positions!r}")
+    raise ValueError(expected("positions", f"one of {POSITION_CHOICES} or a non-empty list of ints", positions))
 
 
 def _check_prompt_length(prompt_length):
@@ -73,7 +77,7 @@ def _check_prompt_length(prompt_length):
         return prompt_length
     if isinstance(prompt_length, Sequence) and prompt_length and all(ok_int(n) for n in prompt_length):
         return tuple(prompt_length)
-    raise ValueError(f"prompt_length must be None, an int ≥ 1 or a non-empty list of ints ≥ 1 (one per row), "
+    raise ValueError(f"prompt_length: expected None, an int ≥ 1 or a non-empty list of ints ≥ 1 (one per row), "
                      f"got {prompt_length!r}")
 
 
@@ -82,14 +86,13 @@ def _check_vectors(vectors, L: int, d: int):
     if isinstance(vectors, SteeringVectors):
         vectors = vectors.vectors
     if not isinstance(vectors, Mapping) or not vectors:
-        raise ValueError("vectors must be a non-empty mapping {layer: (d,) or (rows, d) tensor} or a SteeringVectors")
+        raise ValueError("vectors: expected a non-empty mapping {layer: (d,) or (rows, d) tensor} or a SteeringVectors")
     rows, clean = None, {}
     for layer, v in vectors.items():
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= L:
-            raise ValueError(f"vectors: layer must be an int in [0, {L}], got {layer!r}")
+        check_int("vectors: layer", layer, minimum=0, maximum=L)
         if (not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() not in (1, 2)
                 or v.shape[-1] != d or v.shape[0] == 0):
-            raise ValueError(f"vectors[{layer}] must be a floating tensor of shape ({d},) or (rows, {d}), got "
+            raise ValueError(f"vectors[{layer}]: expected a floating tensor of shape ({d},) or (rows, {d}), got "
                              f"{getattr(v, 'shape', type(v).__name__)}")
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"vectors[{layer}] contains NaN or Inf")
@@ -107,7 +110,7 @@ def _check_scale(scale, layers, rows):
     def one(s, name):
         t = torch.as_tensor(s, dtype=torch.float64) if not isinstance(s, torch.Tensor) else s.detach().double()
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] == 0) or not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} must be a finite number or a 1-D sequence of one number per row, got {s!r}")
+            raise ValueError(f"{name}: expected a finite number or a 1-D sequence of one number per row, got {s!r}")
         return t
 
     try:
@@ -120,7 +123,7 @@ def _check_scale(scale, layers, rows):
             t = one(scale, "scale")
             out = dict.fromkeys(layers, t)
     except (TypeError, RuntimeError):
-        raise ValueError(f"scale must be a number, one number per row, or {{layer: that}}, got {scale!r}") from None
+        raise ValueError(f"scale: expected a number, one number per row, or {{layer: that}}, got {scale!r}") from None
     for layer, t in out.items():
         if t.dim() == 1:
             if rows is not None and t.shape[0] != rows:
@@ -419,7 +422,7 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
 
     - ``"prompt_last"``: k = n − 1 only (the prompt's last token; generated
       tokens see it through the cache or through attention).
-    - ``"from_prompt_last"`` (default; ``"last"`` is its alias): every k ≥ n − 1,
+    - ``"from_prompt_last"`` (default; ``"last"``, its old alias, warns): every k ≥ n − 1,
       the prompt's last token and each generated token (the usual CAA / ActAdd
       way; what a llama.cpp control vector does after the prompt).
     - ``"all"``: every token, prompt included (what llama.cpp control vectors do).
@@ -492,7 +495,7 @@ def steering(model, vectors, *, positions="from_prompt_last", mode: str = "add",
     L = len(blocks)
     where_spec = _check_positions(positions)
     if mode not in EDIT_MODES:
-        raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
+        raise ValueError(f"mode: expected one of {EDIT_MODES}, got {mode!r}")
     lengths = _check_prompt_length(prompt_length)
     if arch.head is None:
         raise ValueError(f"model: {type(model).__name__} has no output embeddings to read the hidden size from")

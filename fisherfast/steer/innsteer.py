@@ -52,7 +52,7 @@ import os
 
 import torch
 
-from fisherfast._persist import atomic_write, read_versioned
+from fisherfast.persist import atomic_write, read_versioned
 from fisherfast.checks import check_finite, check_int, check_real, expected
 
 FORMAT = "fisherfast.innsteer"

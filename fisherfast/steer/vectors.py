@@ -49,7 +49,8 @@ from typing import Any, Mapping
 
 import torch
 
-from fisherfast._persist import atomic_write, read_versioned
+from fisherfast.checks import check_int, check_real
+from fisherfast.persist import atomic_write, read_versioned
 
 FORMAT = "fisherfast.steering_vectors"
 VERSION = 1
@@ -77,7 +78,7 @@ def model_identity(model, name: str | None = None) -> dict:
     from fisherfast.split import architecture
 
     if name is not None and not isinstance(name, str):
-        raise ValueError(f"name must be a str or None, got {type(name).__name__}")
+        raise ValueError(f"name: expected a str or None, got {type(name).__name__}")
     arch = architecture(model)
     if arch.head is None:
         raise ValueError(f"model: {type(model).__name__} has no output head to identify it by")
@@ -140,21 +141,19 @@ class SteeringVectors:
 
     def __post_init__(self):
         d = self.hidden_size
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ValueError(f"hidden_size must be an int ≥ 1, got {d!r}")
+        check_int("hidden_size", d, minimum=1)
         for name in ("model", "method"):
             if not isinstance(getattr(self, name), str):
-                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+                raise TypeError(f"{name}: expected a str, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.vectors, Mapping) or not self.vectors:
-            raise ValueError("vectors must be a non-empty mapping {layer: (d,) tensor}")
+            raise ValueError("vectors: expected a non-empty mapping {layer: (d,) tensor}")
         for layer in self.vectors:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"vectors: layer must be an int ≥ 0, got {layer!r}")
+            check_int("vectors: layer", layer, minimum=0)
         clean = {}
         for layer in sorted(self.vectors):
             v = self.vectors[layer]
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != (d,) or not v.is_floating_point():
-                raise ValueError(f"vectors[{layer}] must be a floating tensor of shape ({d},) (hidden_size), got "
+                raise ValueError(f"vectors[{layer}]: expected a floating tensor of shape ({d},) (hidden_size), got "
                                  f"{getattr(v, 'shape', type(v).__name__)}")
             if not bool(torch.isfinite(v).all()):
                 raise ValueError(f"vectors[{layer}] contains NaN or Inf")
@@ -162,11 +161,11 @@ class SteeringVectors:
         try:
             settings = json.loads(json.dumps(dict(self.settings)))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"settings must be a JSON-serializable mapping: {err}") from None
+            raise ValueError(f"settings: expected a JSON-serializable mapping, got one that is not ({err})") from None
         identity = dict(self.identity)
         missing = [k for k in IDENTITY_KEYS if k not in identity]
         if identity and missing:
-            raise ValueError(f"identity must be empty or a model_identity() with {IDENTITY_KEYS}; missing {missing}")
+            raise ValueError(f"identity: expected empty or a model_identity() with {IDENTITY_KEYS}, got one missing {missing}")
         if identity and identity["hidden_size"] != d:
             raise ValueError(f"identity names hidden size {identity['hidden_size']}; the vectors have {d}")
         object.__setattr__(self, "vectors", types.MappingProxyType(clean))
@@ -183,7 +182,7 @@ class SteeringVectors:
         L = identity["layers"]
         bad = [layer for layer in vectors if not isinstance(layer, int) or not 0 <= layer <= L]
         if bad:
-            raise ValueError(f"vectors: layers must be ints in [0, {L}], got {bad}")
+            raise ValueError(f"vectors: expected layers in [0, {L}], got {bad}")
         return cls(dict(vectors), identity["hidden_size"], name or identity["model_type"], method,
                    dict(settings or {}), identity)
 
@@ -344,14 +343,10 @@ class SteeringVectors:
                 coefficient that is not a finite number, a pattern without
                 ``{block}``, vectors for another model — before anything is written.
         """
-        import math
-
         if 0 in self.vectors:
             raise ValueError("layer 0 (the embeddings) cannot be exported to lm-eval: it steers block outputs, "
                              "layer ℓ = the output of block ℓ − 1, ℓ ≥ 1")
-        if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)) \
-                or not math.isfinite(coefficient):
-            raise ValueError(f"coefficient must be a finite number, got {coefficient!r}")
+        check_real("coefficient", coefficient)
         if model is not None:
             from fisherfast.split import architecture
 

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from fisherfast._persist import atomic_write
+from fisherfast.persist import atomic_write
 from fisherfast.cli._args import UsageError
 from fisherfast.cli._files import PLOT, SKETCH, check_output, write_output
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fisherfast.geodesic import (ConceptSchema, bhattacharyya_distance, bhattacharyya_energy, chord_path,
-                                 evaluate_path, hellinger_arc_length, hellinger_distance, legibility)
+from fisherfast.concepts import ConceptSchema
+from fisherfast.geodesic import (bhattacharyya_distance, bhattacharyya_energy, chord_path, evaluate_path,
+                                 hellinger_arc_length, hellinger_distance, legibility)
 from fisherfast.split import SplitModel
 from tiny_models import tiny_causal_lm  # noqa: E402  (tests/)
 

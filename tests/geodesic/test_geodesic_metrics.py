@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from fisherfast.geodesic import (ConceptHellingerMetric, ConceptSchema, EncoderMetric, FlatMetric,
-                                 concept_distributions)
+from fisherfast.concepts import ConceptSchema, concept_distributions
+from fisherfast.geodesic import ConceptHellingerMetric, EncoderMetric, FlatMetric
 from fisherfast.metric import pullback_fisher
 from fisherfast.split import SplitModel
 from tiny_models import tiny_causal_lm  # noqa: E402  (tests/)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fisherfast.geodesic import (WEEKDAYS, ConceptHellingerMetric, chord_path, class_centroids, embedded_energy,
-                                 evaluate_path, lbfgs_path)
+from fisherfast.geodesic import (ConceptHellingerMetric, chord_path, class_centroids, embedded_energy, evaluate_path,
+                                 lbfgs_path)
+from fisherfast.geodesic.tasks import WEEKDAYS
 from fisherfast.metric import pullback_fisher
 from fisherfast.split import SplitModel
 from fisherfast.steer import steering

@@ -15,7 +15,8 @@ import warnings
 import pytest
 import torch
 
-from fisherfast.geodesic import AGES, LETTERS, MONTHS, TASKS, WEEKDAYS, ConceptTask, class_centroids, get_task
+from fisherfast.geodesic import TASKS, ConceptTask, class_centroids, get_task
+from fisherfast.geodesic.tasks import AGES, LETTERS, MONTHS, WEEKDAYS
 from fisherfast.geodesic.taskcheck import check_task, near_chance, steerable_layers
 from fisherfast.split import SplitModel
 from fisherfast.steer import steering

@@ -127,7 +127,7 @@ def test_each_mode_reports_its_own_fields(tiny_lm):
 
 def test_pullback_fisher_names_a_bad_split_and_a_non_finite_h():
     """Review: a model passed as split gave torch's AttributeError ('... has no
-    attribute W'); a NaN h surfaced as "a contains NaN or Inf" from the head op
+    attribute W'); a NaN h surfaced as "a: expected finite values, got NaN or Inf" from the head op
     after the Jacobian was computed."""
     from tiny_models import tiny_causal_lm
     from fisherfast.metric import pullback_fisher

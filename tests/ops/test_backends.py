@@ -147,5 +147,5 @@ def test_fakes_check_shapes_and_dtypes():
             torch.ops.fisherfast.fwht.default(mode.from_tensor(torch.ones(3, 32, dtype=torch.int64)), False, None)
         with pytest.raises(ValueError, match="N ≥ n_in"):
             torch.ops.fisherfast.srht.default(mode.from_tensor(torch.randn(3, 64)), s, i, None)
-        with pytest.raises(TypeError, match="idx must be int64"):
+        with pytest.raises(TypeError, match="idx: expected int64"):
             torch.ops.fisherfast.srht.default(x, s, mode.from_tensor(idx32), None)

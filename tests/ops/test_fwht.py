@@ -258,14 +258,14 @@ def test_rejects_non_power_of_two(backend, n):
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64])
 def test_rejects_non_float_dtypes(dtype):
-    with pytest.raises(TypeError, match="x must be a floating tensor"):
+    with pytest.raises(TypeError, match="x: expected a floating tensor"):
         fwht(torch.zeros(2, 8, dtype=dtype))
 
 
 def test_rejects_non_tensors_and_scalars():
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
         fwht(np.zeros(8))
-    with pytest.raises(ValueError, match="at least 1 dimension"):
+    with pytest.raises(ValueError, match="x: expected at least 1 dimension"):
         fwht(torch.tensor(1.0))
 
 

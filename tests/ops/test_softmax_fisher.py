@@ -299,7 +299,7 @@ def test_truncation_keeps_few_rows_on_peaked_distribution():
 def test_nonfinite_inputs_raise_naming_them(backend):
     a, W, b, U, _ = make(seed=9, device=backend.device)
     be = backend.name
-    with pytest.raises(ValueError, match="a contains NaN"):
+    with pytest.raises(ValueError, match="a: expected finite values, got NaN or Inf"):
         softmax_fisher_matmat(a.clone().fill_(float("nan")), W, U, b, backend=be)
     full = has(backend, "quad", "gram", "gram_topk")
     for bad in (float("nan"), float("inf"), -float("inf")):
@@ -384,24 +384,24 @@ def test_half_precision_overflow_raises(backend):
 def test_bad_input_errors_before_work():
     a, W, b, U, Ub = make()
     cases = [
-        (lambda: softmax_fisher_matmat(a[:, :5], W, U), ValueError, "a must have last dimension d"),
-        (lambda: softmax_fisher_matmat(a, W, U[:5]), ValueError, "U must have shape"),
-        (lambda: softmax_fisher_matmat(a, W, Ub[:2]), ValueError, r"U must have shape \(B,d,k\)"),
+        (lambda: softmax_fisher_matmat(a[:, :5], W, U), ValueError, "a: expected last dimension d"),
+        (lambda: softmax_fisher_matmat(a, W, U[:5]), ValueError, "U: expected shape"),
+        (lambda: softmax_fisher_matmat(a, W, Ub[:2]), ValueError, r"U: expected shape \(B,d,k\)"),
         (lambda: softmax_fisher_matmat(a, W, U.double()), TypeError, "one dtype"),
-        (lambda: softmax_fisher_matmat(a, W, U, b[:7]), ValueError, "b must have shape"),
+        (lambda: softmax_fisher_matmat(a, W, U, b[:7]), ValueError, "b: expected shape"),
         (lambda: softmax_fisher_quad(a, W, U.to("meta")), ValueError, "one device"),
-        (lambda: softmax_fisher_quad(a, W, U.long()), TypeError, "U must be a floating tensor"),
-        (lambda: softmax_fisher_gram_topk(a, W, tail_tol=1.0), ValueError, r"tail_tol must be a float in \(0, 1\)"),
+        (lambda: softmax_fisher_quad(a, W, U.long()), TypeError, "U: expected a floating tensor"),
+        (lambda: softmax_fisher_gram_topk(a, W, tail_tol=1.0), ValueError, r"tail_tol: expected a finite number > 0.0 and < 1.0, got 1.0"),
         (lambda: softmax_fisher_gram_topk(a, W, tail_tol=0.0), ValueError, "tail_tol"),
         (lambda: softmax_fisher_gram_topk(a, W, tail_tol=None), ValueError, "tail_tol"),
         (lambda: softmax_fisher_gram(a, W, tail_tol=0.1), TypeError, "tail_tol"),
-        (lambda: softmax_fisher_gram(a, W, reduce="sum"), ValueError, "reduce must be"),
+        (lambda: softmax_fisher_gram(a, W, reduce="sum"), ValueError, "reduce: expected 'none' or 'mean', got 'sum'"),
         (lambda: softmax_fisher_gram(a, W, logits=a @ W.T), ValueError, "either a or logits"),
-        (lambda: softmax_fisher_gram(None, W, b, logits=a @ W.T), ValueError, "b must be None"),
-        (lambda: softmax_fisher_gram(None, W, logits=(a @ W.T)[:, :9]), ValueError, "logits must have last dimension"),
-        (lambda: softmax_fisher_gram(None, W), ValueError, "a must be a tensor"),
-        (lambda: softmax_fisher_gram(a, W, chunk=0), ValueError, "chunk must be"),
-        (lambda: lm_logsumexp(a, W.T), ValueError, "a must have last dimension"),
+        (lambda: softmax_fisher_gram(None, W, b, logits=a @ W.T), ValueError, "b: expected None"),
+        (lambda: softmax_fisher_gram(None, W, logits=(a @ W.T)[:, :9]), ValueError, "logits: expected last dimension"),
+        (lambda: softmax_fisher_gram(None, W), ValueError, "a: expected a tensor"),
+        (lambda: softmax_fisher_gram(a, W, chunk=0), ValueError, "chunk: expected an int ≥ 1 or None, got 0"),
+        (lambda: lm_logsumexp(a, W.T), ValueError, "a: expected last dimension"),
         (lambda: lm_logsumexp(a, W, backend="nope"), ValueError, "unknown backend"),
         (lambda: softmax_fisher_quad(a, W, U, backend="cuda"), ValueError, "backend 'cuda' cannot run"),
     ]

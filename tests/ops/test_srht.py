@@ -109,7 +109,7 @@ def test_rejects_bad_plans():
     for kwargs in ({"n_in": 0, "m": 4}, {"n_in": 4, "m": 0}, {"n_in": 4.0, "m": 4}, {"n_in": 4, "m": 4, "seed": -1}):
         with pytest.raises(ValueError):
             SRHTPlan(**kwargs)
-    with pytest.raises(TypeError, match="plan must be an SRHTPlan"):
+    with pytest.raises(TypeError, match="plan: expected an SRHTPlan"):
         srht(torch.randn(4), (4, 4, 0))
 
 
@@ -117,7 +117,7 @@ def test_rejects_bad_inputs(backend):
     plan = SRHTPlan(10, 4)
     with pytest.raises(ValueError, match=r"x.shape\[-1\] must equal plan.n_in = 10, got 12"):
         srht(torch.randn(3, 12, device=backend.device), plan, backend=backend.name)
-    with pytest.raises(TypeError, match="x must be a floating tensor"):
+    with pytest.raises(TypeError, match="x: expected a floating tensor"):
         srht(torch.ones(3, 10, dtype=torch.int64, device=backend.device), plan, backend=backend.name)
 
 
@@ -128,13 +128,13 @@ def test_rejects_backend_for_wrong_device():
 
 def test_onehot_rejects_bad_labels():
     plan = SRHTPlan(10, 4)
-    with pytest.raises(TypeError, match="y must be an int32/int64 tensor"):
+    with pytest.raises(TypeError, match="y: expected an int32/int64 tensor"):
         srht_onehot(torch.zeros(3), plan)
     with pytest.raises(ValueError, match=r"labels in \[0, 10\), got range \[0, 10\]"):
         srht_onehot(torch.tensor([0, 10]), plan)
     with pytest.raises(ValueError, match="labels in"):
         srht_onehot(torch.tensor([-1]), plan)
-    with pytest.raises(TypeError, match="plan must be an SRHTPlan"):
+    with pytest.raises(TypeError, match="plan: expected an SRHTPlan"):
         srht_onehot(torch.tensor([1]), None)
 
 

@@ -262,7 +262,7 @@ def test_bad_signatures_and_marginals_of_signatures_are_rejected():
         alignment([torch.ones(0), torch.ones(0)])
     with pytest.raises(TypeError, match="marginals needs SketchStates"):
         marginals([good, good.flip(0)])
-    with pytest.raises(TypeError, match="debiased must be a bool"):
+    with pytest.raises(TypeError, match="debiased: expected a bool"):
         alignment([good, good.flip(0)], debiased="no")
     # the cosine itself (independent oracle: 10 / (√14 √14))
     assert float(alignment([good, good.flip(0)]).A[0, 1]) == pytest.approx(10 / 14, abs=1e-12)

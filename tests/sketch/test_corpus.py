@@ -112,7 +112,7 @@ def test_sketch_corpus_equals_sketch_model(tmp_path, model, tokenizer):
     (["the cat", ("a", "Yes")], {}, TypeError, "only texts or only"),
     ([("the cat", "very big")], {}, ValueError, "exactly one"),
     ([3], {}, TypeError, "texts .str. or .prompt, answer. pairs"),
-    (42, {}, TypeError, "source must be a path"),
+    (42, {}, TypeError, "source: expected a path"),
     (["the cat"], {"text_field": "text"}, ValueError, "field names apply to a path"),
     (["the cat"], {"batch_size": 0}, ValueError, "batch_size"),
     (["the cat"], {"spec": SketchSpec(d=8, K=V)}, ValueError, "d = 16"),
@@ -171,5 +171,5 @@ def test_two_processes_equal_one(tmp_path, model, tokenizer):
 def test_read_corpus_path_of_wrong_type_names_path():
     """Review: read_corpus(None) raised os.fspath's TypeError without naming path."""
     for path in (None, 3):
-        with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        with pytest.raises(TypeError, match="path: expected a str or os.PathLike"):
             read_corpus(path, text_field="text")

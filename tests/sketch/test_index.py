@@ -103,7 +103,7 @@ def test_zero_fisher_domain_ranks_last_and_bad_queries(domains):
     assert hits[-1].name == "zero" and math.isnan(hits[-1].A) and hits[-1].undefined
     with pytest.raises(ValueError, match="target's joint signature is zero"):
         index.query(zero)
-    with pytest.raises(ValueError, match="k must be a positive int"):
+    with pytest.raises(ValueError, match="k: expected an int ≥ 1"):
         index.query(states["t"], k=0)
     with pytest.raises(ValueError, match="already holds"):
         index.add("near", states["near"])

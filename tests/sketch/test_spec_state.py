@@ -200,7 +200,7 @@ def test_sketcher_rejects_non_finite_rows_and_keeps_its_state():
     before = sketcher.state
     bad = a.clone()
     bad[1, 4] = float("nan")
-    with pytest.raises(ValueError, match="a contains NaN or Inf"):
+    with pytest.raises(ValueError, match="a: expected finite values, got NaN or Inf"):
         sketcher.update(bad, W=W, y=y)
     logits = a @ W.T
     logits[0, 0] = float("inf")

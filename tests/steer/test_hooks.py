@@ -20,7 +20,6 @@ PROMPTS = ([3, 14, 15, 9, 2, 6, 7], [5, 8, 13, 21], [11, 4, 1, 6, 18, 2])
 CHOICES = {
     "prompt_last": lambda n, T: {n - 1},
     "from_prompt_last": lambda n, T: set(range(n - 1, T)),
-    "last": lambda n, T: set(range(n - 1, T)),
     "all": lambda n, T: set(range(T)),
     (1, 3): lambda n, T: {1, 3},
     (-2, 8): lambda n, T: {n - 2, 8},  # 8 lies past every prompt: reached while generating
@@ -113,6 +112,16 @@ def test_every_positions_choice_matches_full_recomputation_with_and_without_cach
                 assert got == expected, (layer, choice, use_cache)
             seen.add(tuple(expected))
     assert len(seen) >= 3  # the choices steer differently and change the plain generation
+
+
+def test_last_is_a_deprecated_spelling_of_from_prompt_last(models):
+    model, v, ids = models["llama"], vector(), torch.tensor([PROMPTS[0]])
+    with steering(model, {1: v}, positions="from_prompt_last"):
+        expected = generate(model, ids)[0]
+    with pytest.warns(DeprecationWarning, match="'last' is deprecated.*'from_prompt_last'"):
+        with steering(model, {1: v}, positions="last"):
+            got = generate(model, ids)[0]
+    assert got == expected and expected != generate(model, ids)[0]
 
 
 def test_prompt_length_override_and_inference_modes(models):

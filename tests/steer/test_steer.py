@@ -22,8 +22,9 @@ from fisherfast.metric import pullback_fisher
 from fisherfast.split import SplitModel
 from fisherfast.steer import (ConceptScore, MethodResult, SteeringResult, TargetNotReached, actadd_direction,
                               caa_direction, compare_methods, concept_gradient, cost_ratio, euclidean_direction,
-                              fishback_direction, off_target_kl, probe_direction, scale_to_first_order,
-                              scale_to_target, steer_to_target, steering)
+                              fishback_direction, off_target_kl, probe_direction, scale_to_target, steer_to_target,
+                              steering)
+from fisherfast.steer.directions import scale_to_first_order
 from fisherfast.steer.iterate import evaluate_delta
 
 V, D, LAYERS = 61, 32, 3

@@ -105,7 +105,7 @@ def test_for_model_and_steering_accept_them(tiny_lm):
     with steering(model, {2: delta}):
         b = model(input_ids=ids).logits
     assert torch.equal(a, b) and not torch.equal(a, model(input_ids=ids).logits)
-    with pytest.raises(ValueError, match=r"layers must be ints in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"vectors: expected layers in \[0, 3\]"):
         SteeringVectors.for_model(model, {4: delta})
 
 
@@ -113,9 +113,9 @@ def test_bad_inputs():
     v = torch.zeros(D)
     with pytest.raises(ValueError, match="non-empty"):
         SteeringVectors({}, D)
-    with pytest.raises(ValueError, match="layer must be an int ≥ 0"):
+    with pytest.raises(ValueError, match="vectors: layer: expected an int ≥ 0"):
         SteeringVectors({-1: v}, D)
-    with pytest.raises(ValueError, match="layer must be an int ≥ 0"):
+    with pytest.raises(ValueError, match="vectors: layer: expected an int ≥ 0"):
         SteeringVectors({"3": v}, D)
     with pytest.raises(ValueError, match=r"shape \(33,\) \(hidden_size\)"):
         SteeringVectors({2: v}, D + 1)
@@ -125,7 +125,7 @@ def test_bad_inputs():
         SteeringVectors({2: v}, 0)
     with pytest.raises(ValueError, match="JSON"):
         SteeringVectors({2: v}, D, settings={"x": object()})
-    with pytest.raises(TypeError, match="model must be a str"):
+    with pytest.raises(TypeError, match="model: expected a str"):
         SteeringVectors({2: v}, D, model=None)
     sv = SteeringVectors({2: v}, D)
     with pytest.raises(TypeError):
@@ -242,7 +242,7 @@ def test_model_identity_is_stable_and_tells_models_apart(tiny_lm, tmp_path):
 def test_files_without_identity_still_load(tmp_path):
     sample().save(tmp_path / "v.safetensors")
     assert dict(SteeringVectors.load(tmp_path / "v.safetensors").identity) == {}
-    with pytest.raises(ValueError, match="identity must be empty or a model_identity"):
+    with pytest.raises(ValueError, match="identity: expected empty or a model_identity"):
         SteeringVectors({2: torch.zeros(D)}, D, identity={"model_type": "llama"})
 
 
