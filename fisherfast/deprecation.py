@@ -7,7 +7,8 @@ A package lists its removed or renamed names and serves them from its module
 
 Looking up ``OLD`` imports ``fisherfast.x.y`` (only then: no import cost up
 front), warns "<package>.OLD is deprecated and goes in the next version; <hint>"
-and returns its attribute ``NEW``. Every entry has a line in README's
+and returns its attribute ``NEW`` (the module itself when ``NEW`` is None: a
+submodule that moved). Every entry has a line in README's
 "Changes in this version" table.
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ import warnings
 __all__ = ["moved_names"]
 
 
-def moved_names(package: str, table: dict[str, tuple[str, str, str]]):
-    """A module ``__getattr__`` serving ``table``'s old names (old → (module, attribute, hint))."""
+def moved_names(package: str, table: dict[str, tuple[str, str | None, str]]):
+    """A module ``__getattr__`` serving ``table``'s old names (old → (module, attribute or None, hint))."""
 
     def __getattr__(name: str):
         if name not in table:
@@ -27,6 +28,7 @@ def moved_names(package: str, table: dict[str, tuple[str, str, str]]):
         module, attribute, hint = table[name]
         warnings.warn(f"{package}.{name} is deprecated and goes in the next version; {hint}", DeprecationWarning,
                       stacklevel=2)
-        return getattr(importlib.import_module(module), attribute)
+        target = importlib.import_module(module)
+        return target if attribute is None else getattr(target, attribute)
 
     return __getattr__

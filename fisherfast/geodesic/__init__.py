@@ -31,6 +31,7 @@ __all__ = ["GeodesicMetric", "FlatMetric", "ConceptHellingerMetric", "EncoderMet
 __getattr__ = moved_names(__name__, {
     **{name: ("fisherfast.concepts", name, f"use fisherfast.concepts.{name}")
        for name in ("ConceptSchema", "concept_distributions")},
+    "concepts": ("fisherfast.concepts", None, "the concepts live in fisherfast.concepts"),  # the moved submodule
     **{name: (f"fisherfast.geodesic.{module}", name, f"use fisherfast.geodesic.{module}.{name}")
        for module, names in (("metrics", ("DEFAULT_EPS_FRACTION",)),
                              ("density", ("knn_sq_distance", "kde_log_density")),

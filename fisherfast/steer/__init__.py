@@ -29,4 +29,5 @@ __getattr__ = moved_names(__name__, {
     "scale_to_first_order": ("fisherfast.steer.directions", "scale_to_first_order",
                              "use fisherfast.steer.directions.scale_to_first_order"),
     "model_identity": ("fisherfast.steer.vectors", "model_identity", "use fisherfast.steer.vectors.model_identity"),
+    "concept": ("fisherfast.concepts", None, "the concepts live in fisherfast.concepts"),  # the moved submodule
 })

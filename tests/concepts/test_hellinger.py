@@ -113,3 +113,19 @@ def test_old_names_warn():
         with pytest.warns(DeprecationWarning, match="fisherfast.concepts"):
             module = importlib.import_module(old)
         assert getattr(module, new) is getattr(importlib.import_module("fisherfast.concepts"), new)
+
+
+def test_the_moved_concept_modules_are_attributes_of_their_old_packages_with_a_warning():
+    """``fisherfast.steer.concept`` / ``fisherfast.geodesic.concepts`` as attributes (the old
+    ``__init__`` imported them): the new home, with a DeprecationWarning naming it."""
+    import importlib
+    import sys
+
+    import fisherfast.concepts as home
+
+    for package, old in (("fisherfast.steer", "concept"), ("fisherfast.geodesic", "concepts")):
+        sys.modules.pop(f"{package}.{old}", None)
+        module = importlib.import_module(package)
+        module.__dict__.pop(old, None)   # as before the submodule was ever imported
+        with pytest.warns(DeprecationWarning, match="fisherfast.concepts"):
+            assert getattr(module, old) is home
