@@ -39,19 +39,19 @@ namespace sf = softmax_fisher;
 
 // One token's work, one clone set per dtype.
 #define FF_TOKEN_KERNELS(T, S)                                                                                       \
-  FF_CLONES void lse_##S(const T* z, const T* bias, int64_t C, T* zb, T* m, T* l) {                                   \
+  FF_CLONES void lse_##S(const T* z, const T* bias, int64_t C, T* zb, double* m, double* l) {                                \
     sf::lse_token<T>(z, bias, C, zb, *m, *l);                                                                        \
   }                                                                                                                  \
   FF_CLONES void mm_chunk_##S(const T* z, const T* bias, const T* s, const T* Y, int64_t ysj, int64_t C, int64_t k, \
                               T* X, T* m_c, T* l_c, T* ybar_c, T* t_c) {                                             \
     sf::matmat_token_chunk<T>(z, bias, s, Y, ysj, C, k, X, *m_c, *l_c, ybar_c, t_c);                                 \
   }                                                                                                                  \
-  FF_CLONES void mm_merge_##S(const T* A, int64_t d, int64_t k, T m_c, T l_c, const T* ybar_c, const T* t_c, T* m,    \
-                              T* l, T* mu, T* ybar, T* M) {                                                          \
+  FF_CLONES void mm_merge_##S(const T* A, int64_t d, int64_t k, T m_c, T l_c, const T* ybar_c, const T* t_c,         \
+                              double* m, double* l, double* mu, double* ybar, double* M) {                           \
     sf::matmat_token_merge<T>(A, d, k, m_c, l_c, ybar_c, t_c, *m, *l, mu, ybar, M);                                  \
   }                                                                                                                  \
   FF_CLONES void quad_##S(const T* z, const T* bias, const T* Y, int64_t ysj, int64_t C, int64_t k, T* scratch,       \
-                          double* tot, T* ybar_c, T* m, T* l, T* ybar, T* M) {                                       \
+                          double* tot, T* ybar_c, double* m, double* l, double* ybar, double* M) {                   \
     sf::quad_token<T>(z, bias, Y, ysj, C, k, scratch, tot, ybar_c, *m, *l, ybar, M);                                 \
   }
 
@@ -78,10 +78,12 @@ struct K<double> {
 
 // Z (B,C) with row stride zsb; bias (C) or null; S (B,C) with row stride ssb
 // or null (soft-capping factors); Y_b,j (C) at Y + b·ysb + j·ysj
-// (ysb = 0: U shared by the tokens); X (B,k+1,C), A (B,k+1,d), M (B,d,k) or
-// (B,k,k), mu (B,d), ybar/ybar_c/t_c (B,k), m/l/m_c/l_c (B) contiguous.
+// (ysb = 0: U shared by the tokens); X (B,k+1,C), A (B,k+1,d), ybar_c/t_c
+// (B,k), m_c/l_c (B) contiguous in T; the running state merged across chunks,
+// m/l (B), mu (B,d), ybar (B,k), M (B,d,k) or (B,k,k), contiguous in double
+// (softmax_fisher.h: "Accuracy").
 template <typename T>
-void lse_update(const T* Z, int64_t zsb, const T* bias, int64_t B, int64_t C, T* m, T* l, int threads) {
+void lse_update(const T* Z, int64_t zsb, const T* bias, int64_t B, int64_t C, double* m, double* l, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> zb(C);
@@ -101,7 +103,7 @@ void matmat_chunk(const T* Z, int64_t zsb, const T* bias, const T* S, int64_t ss
 
 template <typename T>
 void matmat_merge(const T* A, int64_t B, int64_t d, int64_t k, const T* m_c, const T* l_c, const T* ybar_c,
-                  const T* t_c, T* m, T* l, T* mu, T* ybar, T* M, int threads) {
+                  const T* t_c, double* m, double* l, double* mu, double* ybar, double* M, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < B; ++b)
     K<T>::mm_merge(A + b * (k + 1) * d, d, k, m_c[b], l_c[b], ybar_c + b * k, t_c + b * k, m + b, l + b, mu + b * d,
@@ -110,7 +112,7 @@ void matmat_merge(const T* A, int64_t B, int64_t d, int64_t k, const T* m_c, con
 
 template <typename T>
 void quad_update(const T* Z, int64_t zsb, const T* bias, const T* Y, int64_t ysb, int64_t ysj, int64_t B, int64_t C,
-                 int64_t k, T* m, T* l, T* ybar, T* M, int threads) {
+                 int64_t k, double* m, double* l, double* ybar, double* M, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> scratch(sf::quad_scratch(C, k)), ybar_c(k);
@@ -164,15 +166,16 @@ void bind_softmax_fisher(py::module_& m) {
         check_threads(fn, threads);
         const ChunkInputs in = chunk_inputs(fn, Z, bias, py::none(), false);
         const View vm = view(fn, "m", mm), vl = view(fn, "l", l);
-        for (const View* v : {&vm, &vl}) expect(fn, *v, in.Z.dtype, Device::cpu, {in.B});
+        for (const View* v : {&vm, &vl}) expect(fn, *v, DType::f64, Device::cpu, {in.B});
         on_dtype(fn, in.Z, [&](auto* t) {
           using T = std::remove_pointer_t<decltype(t)>;
-          lse_update<T>(in.Z.ptr<const T>(), in.Z.stride[0], in.bias.ptr<const T>(), in.B, in.C, vm.ptr<T>(),
-                        vl.ptr<T>(), threads);
+          lse_update<T>(in.Z.ptr<const T>(), in.Z.stride[0], in.bias.ptr<const T>(), in.B, in.C, vm.ptr<double>(),
+                        vl.ptr<double>(), threads);
         });
       },
       py::arg("Z"), py::arg("bias"), py::arg("m"), py::arg("l"), py::arg("threads"),
-      "Merge one chunk of logits Z (B,C) (+ bias (C,)) into the running max m and normalizer l (B,) in place.");
+      "Merge one chunk of logits Z (B,C) (+ bias (C,)) into the running max m and normalizer l (B,) (float64) in "
+      "place.");
   m.def(
       "softmax_fisher_matmat_chunk",
       [](py::handle Z, py::handle bias, py::handle S, py::handle Y, py::handle X, py::handle m_c, py::handle l_c,
@@ -213,20 +216,23 @@ void bind_softmax_fisher(py::module_& m) {
         const View vmc = view(fn, "m_c", m_c), vlc = view(fn, "l_c", l_c), vm = view(fn, "m", mm), vl = view(fn, "l", l);
         const View vyc = view(fn, "ybar_c", ybar_c), vtc = view(fn, "t_c", t_c), vy = view(fn, "ybar", ybar);
         const View vmu = view(fn, "mu", mu), vM = view(fn, "M", M);
-        for (const View* v : {&vmc, &vlc, &vm, &vl}) expect(fn, *v, dt, Device::cpu, {B});
-        for (const View* v : {&vyc, &vtc, &vy}) expect(fn, *v, dt, Device::cpu, {B, k});
-        expect(fn, vmu, dt, Device::cpu, {B, d});
-        expect(fn, vM, dt, Device::cpu, {B, d, k});
+        for (const View* v : {&vmc, &vlc}) expect(fn, *v, dt, Device::cpu, {B});
+        for (const View* v : {&vyc, &vtc}) expect(fn, *v, dt, Device::cpu, {B, k});
+        for (const View* v : {&vm, &vl}) expect(fn, *v, DType::f64, Device::cpu, {B});
+        expect(fn, vy, DType::f64, Device::cpu, {B, k});
+        expect(fn, vmu, DType::f64, Device::cpu, {B, d});
+        expect(fn, vM, DType::f64, Device::cpu, {B, d, k});
         on_dtype(fn, vA, [&](auto* t) {
           using T = std::remove_pointer_t<decltype(t)>;
           matmat_merge<T>(vA.ptr<const T>(), B, d, k, vmc.ptr<const T>(), vlc.ptr<const T>(), vyc.ptr<const T>(),
-                          vtc.ptr<const T>(), vm.ptr<T>(), vl.ptr<T>(), vmu.ptr<T>(), vy.ptr<T>(), vM.ptr<T>(),
-                          threads);
+                          vtc.ptr<const T>(), vm.ptr<double>(), vl.ptr<double>(), vmu.ptr<double>(),
+                          vy.ptr<double>(), vM.ptr<double>(), threads);
         });
       },
       py::arg("A"), py::arg("m_c"), py::arg("l_c"), py::arg("ybar_c"), py::arg("t_c"), py::arg("m"), py::arg("l"),
       py::arg("mu"), py::arg("ybar"), py::arg("M"), py::arg("threads"),
-      "Merge a chunk's A = X W_c (B,k+1,d) into the running m, l (B,), mu (B,d), ybar (B,k), M (B,d,k) in place.");
+      "Merge a chunk's A = X W_c (B,k+1,d) into the running m, l (B,), mu (B,d), ybar (B,k), M (B,d,k) (float64) "
+      "in place.");
   m.def(
       "softmax_fisher_quad_update",
       [](py::handle Z, py::handle bias, py::handle Y, py::handle mm, py::handle l, py::handle ybar, py::handle M,
@@ -235,21 +241,20 @@ void bind_softmax_fisher(py::module_& m) {
         check_threads(fn, threads);
         const ChunkInputs in = chunk_inputs(fn, Z, bias, Y, true);
         const View vm = view(fn, "m", mm), vl = view(fn, "l", l), vy = view(fn, "ybar", ybar), vM = view(fn, "M", M);
-        const DType dt = in.Z.dtype;
-        for (const View* v : {&vm, &vl}) expect(fn, *v, dt, Device::cpu, {in.B});
-        expect(fn, vy, dt, Device::cpu, {in.B, in.k});
-        expect(fn, vM, dt, Device::cpu, {in.B, in.k, in.k});
+        for (const View* v : {&vm, &vl}) expect(fn, *v, DType::f64, Device::cpu, {in.B});
+        expect(fn, vy, DType::f64, Device::cpu, {in.B, in.k});
+        expect(fn, vM, DType::f64, Device::cpu, {in.B, in.k, in.k});
         on_dtype(fn, in.Z, [&](auto* t) {
           using T = std::remove_pointer_t<decltype(t)>;
           quad_update<T>(in.Z.ptr<const T>(), in.Z.stride[0], in.bias.ptr<const T>(), in.Y.ptr<const T>(),
-                         in.Y.stride[0], in.Y.stride[1], in.B, in.C, in.k, vm.ptr<T>(), vl.ptr<T>(), vy.ptr<T>(),
-                         vM.ptr<T>(), threads);
+                         in.Y.stride[0], in.Y.stride[1], in.B, in.C, in.k, vm.ptr<double>(), vl.ptr<double>(),
+                         vy.ptr<double>(), vM.ptr<double>(), threads);
         });
       },
       py::arg("Z"), py::arg("bias"), py::arg("Y"), py::arg("m"), py::arg("l"), py::arg("ybar"), py::arg("M"),
       py::arg("threads"),
       "Merge one chunk (logits Z (B,C), projections Y (B,k,C)) into the running m, l (B,), ybar (B,k) and centered "
-      "moment M (B,k,k) of y = U^T w (in place).");
+      "moment M (B,k,k) of y = U^T w (float64, in place).");
 }
 
 }  // namespace fisherfast

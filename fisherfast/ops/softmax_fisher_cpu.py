@@ -11,7 +11,10 @@ Centered within each chunk, so no cancellation; one read of W per call; the
 chunk buffers are allocated once. Soft-capping: the logit tile is capped in
 torch (z′ = c·tanh(z/c), s = 1 − tanh²(z/c)), the projections are scaled to
 ỹ = s y per token, and the matmat sweep weights the GEMM rows by s. W arrives as a float32/float64 copy (the
-kernels take float32/float64 pointers).
+kernels take float32/float64 pointers). The running state merged across chunks
+(m, l, μ, ȳ and the co-moments) is float64 whatever W's dtype: one rounding
+per merge in float32 cost up to 1.7e-4 of lse with short chunks on a real
+head; the results are rounded to W's dtype once at the end.
 """
 from __future__ import annotations
 
@@ -86,15 +89,19 @@ def _capped_chunks(a, W, U, b, logits, C, softcap):
         yield Wc, Z, (None if Y is None else Y * S[:, None, :]), None, S
 
 
-def _running(B, dt, dev):
-    return torch.full((B,), -math.inf, dtype=dt, device=dev), torch.zeros(B, dtype=dt, device=dev)
+F64 = torch.float64
+
+
+def _running(B, dev):
+    """The running (m, l) per token, float64 (merged across chunks)."""
+    return torch.full((B,), -math.inf, dtype=F64, device=dev), torch.zeros(B, dtype=F64, device=dev)
 
 
 def _moments(a, W, U, b, logits, C, softcap=None):
     """One pass: the normalizer (m, l) per token, μ = Wᵀp (B,d) and, with U,
-    the centered cross-moment Σ_v p_v (w_v − μ)(y_v − ȳ)ᵀ = G U (B,d,k).
-    The GEMM X W_c reduces over the chunk in float32: chunks of at most
-    REDUCTION_BLOCK rows, merged in the running (Chan) statistics."""
+    the centered cross-moment Σ_v p_v (w_v − μ)(y_v − ȳ)ᵀ = G U (B,d,k), all
+    float64. The GEMM X W_c reduces over the chunk in float32: chunks of at
+    most REDUCTION_BLOCK rows, merged in the running (Chan) statistics."""
     ext = _backends.cpu_extension()
     C = reduction_chunk(C, W.dtype)
     B = (logits if logits is not None else a).shape[0]
@@ -102,8 +109,8 @@ def _moments(a, W, U, b, logits, C, softcap=None):
     k = 0 if U is None else U.shape[-1]
     dt, dev = W.dtype, W.device
     new = functools.partial(torch.empty, dtype=dt, device=dev)
-    m, l = _running(B, dt, dev)
-    mu, ybar, M = torch.zeros(B, d, dtype=dt), torch.zeros(B, k, dtype=dt), torch.zeros(B, d, k, dtype=dt)
+    m, l = _running(B, dev)
+    mu, ybar, M = torch.zeros(B, d, dtype=F64), torch.zeros(B, k, dtype=F64), torch.zeros(B, d, k, dtype=F64)
     m_c, l_c, ybar_c, t_c = new(B), new(B), new(B, k), new(B, k)
     X, A = new(B * (k + 1) * C), new(B * (k + 1), d)
     merge_threads = _sweep_threads(B * d * (k + 1))
@@ -127,7 +134,7 @@ def matmat(a, W, U, b, logits, chunk, softcap=None):
     n_proj = k if U.dim() == 2 and softcap is None else B * k
     C = chunk_size(W.shape[0], (0 if logits is not None else B) + n_proj + B * (k + 1), chunk)
     _, l, _, M = _moments(a, W, U, b, logits, C, softcap)
-    return M / l[:, None, None]
+    return (M / l[:, None, None]).to(W.dtype)
 
 
 def quad(a, W, U, b, logits, chunk, softcap=None):
@@ -138,23 +145,22 @@ def quad(a, W, U, b, logits, chunk, softcap=None):
     k = U.shape[-1]
     C = chunk_size(W.shape[0], (0 if logits is not None else B) + (k if U.dim() == 2 and softcap is None else B * k),
                    chunk)
-    dt = W.dtype
-    m, l = _running(B, dt, W.device)
-    ybar, M = torch.zeros(B, k, dtype=dt), torch.zeros(B, k, k, dtype=dt)
+    m, l = _running(B, W.device)
+    ybar, M = torch.zeros(B, k, dtype=F64), torch.zeros(B, k, k, dtype=F64)
     running = [_dl(x) for x in (m, l, ybar, M)]
     for Wc, Z, Y, b_c, _ in _capped_chunks(a, W, U, b, logits, C, softcap):
         c = Wc.shape[0]
         ext.softmax_fisher_quad_update(_dl(Z), _dl(b_c), _dl(Y), *running,
                                        _sweep_threads(B * c * (k + 1) * (k + 4) // 2))
     raise_nonfinite_normalizer(m + torch.log(l), logits is not None)
-    return M / l[:, None, None]  # symmetric by construction (both triangles written from one sum)
+    return (M / l[:, None, None]).to(W.dtype)  # symmetric by construction (both triangles written from one sum)
 
 
 def _normalizer(a, W, b, logits, C, softcap=None):
-    """(m, l) per token: one GEMM and one C++ sweep per chunk."""
+    """(m, l) per token (float64): one GEMM and one C++ sweep per chunk."""
     ext = _backends.cpu_extension()
     B = (logits if logits is not None else a).shape[0]
-    m, l = _running(B, W.dtype, W.device)
+    m, l = _running(B, W.device)
     running = [_dl(m), _dl(l)]
     for Wc, Z, _, b_c, _ in _capped_chunks(a, W, None, b, logits, C, softcap):
         ext.softmax_fisher_lse_update(_dl(Z), _dl(b_c), *running, _sweep_threads(4 * B * Wc.shape[0]))
@@ -163,9 +169,15 @@ def _normalizer(a, W, b, logits, C, softcap=None):
 
 def lm_logsumexp(a, W, b, chunk, softcap=None):
     m, l = _normalizer(a, W, b, None, chunk_size(W.shape[0], a.shape[0], chunk, LSE_CHUNK_ELEMENTS), softcap)
-    lse = m + torch.log(l)
+    lse = (m + torch.log(l)).to(W.dtype)
     raise_nonfinite_normalizer(lse, False)
     return lse
+
+
+def _norm(m, l, dt):
+    """The pass-2 normalizer (m, log l) in W's dtype, as the reference's pass 1
+    gives it (m is a logit, exact in dt)."""
+    return m.to(dt), torch.log(l).to(dt)
 
 
 def gram(a, W, b, logits, reduce, chunk, softcap=None):
@@ -174,7 +186,7 @@ def gram(a, W, b, logits, reduce, chunk, softcap=None):
     B = (logits if logits is not None else a).shape[0]
     m, l, mu, _ = _moments(a, W, None, b, logits, chunk_size(W.shape[0], 2 * B, chunk), softcap)
     pass2 = gram_none_chunked if reduce == "none" else gram_mean_chunked
-    return pass2(a, W, b, logits, chunk, (m, torch.log(l)), mu, softcap)
+    return pass2(a, W, b, logits, chunk, _norm(m, l, W.dtype), mu.to(W.dtype), softcap)
 
 
 def gram_topk(a, W, b, logits, reduce, tail_tol, chunk, softcap=None):
@@ -182,4 +194,4 @@ def gram_topk(a, W, b, logits, reduce, tail_tol, chunk, softcap=None):
     B = (logits if logits is not None else a).shape[0]
     m, l = _normalizer(a, W, b, logits, chunk_size(W.shape[0], B, chunk, LSE_CHUNK_ELEMENTS), softcap)
     raise_nonfinite_normalizer(m + torch.log(l), logits is not None)
-    return gram_truncated_chunked(a, W, b, logits, chunk, (m, torch.log(l)), tail_tol, reduce, softcap)
+    return gram_truncated_chunked(a, W, b, logits, chunk, _norm(m, l, W.dtype), tail_tol, reduce, softcap)

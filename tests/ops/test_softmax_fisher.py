@@ -482,17 +482,20 @@ def test_cpu_entry_points_check_their_tensor_views():
     from torch.utils.dlpack import to_dlpack as dl
 
     B, C = 3, 16
-    Z, m, l = torch.randn(B, C), torch.full((B,), -float("inf")), torch.zeros(B)
+    # The running (m, l) merged across chunks is float64 whatever Z's dtype.
+    Z = torch.randn(B, C)
+    m, l = torch.full((B,), -float("inf"), dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
     _C.softmax_fisher_lse_update(dl(Z), None, dl(m), dl(l), 1)
-    assert torch.allclose(m + l.log(), torch.logsumexp(Z, 1))
+    assert torch.allclose(m + l.log(), torch.logsumexp(Z, 1).double())
     cases = [
         ((Z.data_ptr(), None, dl(m), dl(l), 1), "Z must be a DLPack capsule"),
-        ((dl(Z), None, dl(m.double()), dl(l), 1), "m must be float32, got float64"),
+        ((dl(Z), None, dl(m.float()), dl(l), 1), "m must be float64, got float32"),
         ((dl(Z), None, dl(m[:2]), dl(l), 1), "m dimension 0 must be 3, got 2"),
         ((dl(Z), dl(torch.zeros(C + 1)), dl(m), dl(l), 1), "bias dimension 0 must be 16"),
         ((dl(Z.long()), None, dl(m), dl(l), 1), "Z must be float32 or float64"),
-        ((dl(Z.t()), None, dl(torch.zeros(C)), dl(torch.zeros(C)), 1), "Z must have unit last stride"),
-        ((dl(Z), None, dl(torch.zeros(B, 2)[:, 0]), dl(l), 1), "m must have unit last stride"),
+        ((dl(Z.t()), None, dl(torch.zeros(C, dtype=torch.float64)), dl(torch.zeros(C, dtype=torch.float64)), 1),
+         "Z must have unit last stride"),
+        ((dl(Z), None, dl(torch.zeros(B, 2, dtype=torch.float64)[:, 0]), dl(l), 1), "m must have unit last stride"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):

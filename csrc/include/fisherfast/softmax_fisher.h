@@ -18,7 +18,10 @@
 // vectorized float sum, ≤ kBlock/16 terms per lane) whose totals are added
 // in double, so a float32 chunk of any length keeps a few ulp of error
 // (plain float sums over 16 lanes of 3,000+ terms each lost 1e-5 – 1e-4 of
-// the normalizer on real heads).
+// the normalizer on real heads). The running state merged across chunks
+// (m, l, ȳ, μ, M) is double whatever T: merged in T, a float32 state took
+// one rounding per chunk, so short chunks (V/C merges) lost up to 1.7e-4 of
+// lse on real heads; in double the merge adds nothing at float32 accuracy.
 //
 // Soft-capping (optional s, the per-logit factor 1 − tanh²(z/c) of capped
 // logits z′ = c·tanh(z/c), given with z′ by the driver): the rows become
@@ -166,12 +169,12 @@ inline double blocked_dot(const T* x, const T* y, int64_t C) {
   return total;
 }
 
-// lm_logsumexp: merge one chunk of one token into (m, l). zb: C scratch.
+// lm_logsumexp: merge one chunk of one token into the double (m, l). zb: C scratch.
 template <typename T>
-inline void lse_token(const T* z, const T* bias, int64_t C, T* zb, T& m, T& l) {
+inline void lse_token(const T* z, const T* bias, int64_t C, T* zb, double& m, double& l) {
   const T m_c = shifted_max(z, bias, C, zb);
   const T l_c = exp_sum(zb, C, m_c);
-  merge_normalizer(m, l, m_c, l_c);
+  merge_normalizer(m, l, double(m_c), double(l_c));
 }
 
 // ȳ_c[j] = Σ e y_j / l_c for the k rows y_j = Y + j·ysj.
@@ -211,20 +214,20 @@ inline void matmat_token_chunk(const T* z, const T* bias, const T* S, const T* Y
 
 // matmat, merge half: A (k+1 rows of d) = X W_c; the chunk's centered
 // cross-moment M_c = A_{:k}ᵀ − μ_c t_cᵀ (d×k) with μ_c = A_k / l_c, merged
-// into the running (m, l, μ, ȳ, M (d×k)).
+// into the running double (m, l, μ, ȳ, M (d×k)).
 template <typename T>
-inline void matmat_token_merge(const T* A, int64_t d, int64_t k, T m_c, T l_c, const T* ybar_c, const T* t_c, T& m,
-                               T& l, T* mu, T* ybar, T* M) {
-  const Merge<T> g = merge_normalizer(m, l, m_c, l_c);
-  const T inv = l_c > 0 ? T(1) / l_c : T(0);
+inline void matmat_token_merge(const T* A, int64_t d, int64_t k, T m_c, T l_c, const T* ybar_c, const T* t_c,
+                               double& m, double& l, double* mu, double* ybar, double* M) {
+  const Merge<double> g = merge_normalizer(m, l, double(m_c), double(l_c));
+  const double inv = l_c > 0 ? 1.0 / double(l_c) : 0.0;
   const T* s = A + k * d;
   for (int64_t i = 0; i < d; ++i) {
-    const T mu_c = s[i] * inv;
-    const T dmu = mu_c - mu[i];
-    T* Mi = M + i * k;
+    const double mu_c = s[i] * inv;
+    const double dmu = mu_c - mu[i];
+    double* Mi = M + i * k;
     for (int64_t j = 0; j < k; ++j) {
-      const T Mc = A[j * d + i] - mu_c * t_c[j];
-      const T dy = ybar_c[j] - ybar[j];
+      const double Mc = A[j * d + i] - mu_c * t_c[j];
+      const double dy = ybar_c[j] - ybar[j];
       // β = 0 (masked chunk): its M_c is finite (A = 0), 0·M_c = 0.
       Mi[j] = g.a * Mi[j] + g.beta * Mc + g.kappa * dmu * dy;
     }
@@ -247,13 +250,13 @@ inline T* align64(T* p) {
   return reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(p) + 63) & ~std::uintptr_t(63));
 }
 
-// quad: one chunk of one token, merged into (m, l, ȳ, M (k×k)); M_c =
+// quad: one chunk of one token, merged into the double (m, l, ȳ, M (k×k)); M_c =
 // Σ e ŷ ŷᵀ is summed 16 columns at a time into 16-lane partial sums (one
 // vector FMA per pair and tile, the tile in L1), added into double totals
 // every kBlock columns (blocked sum) and reduced at the end.
 template <typename T>
 inline void quad_token(const T* z, const T* bias, const T* Y, int64_t ysj, int64_t C, int64_t k, T* scratch,
-                       double* tot, T* ybar_c, T& m, T& l, T* ybar, T* M) {
+                       double* tot, T* ybar_c, double& m, double& l, double* ybar, double* M) {
   T* e = scratch + k * C;
   T* acc = align64(e + C);
   T* ey = acc + k * (k + 1) / 2 * kLanes;
@@ -299,15 +302,14 @@ inline void quad_token(const T* z, const T* bias, const T* Y, int64_t ysj, int64
     }
   }
   for (int64_t q = 0; q < n_acc; ++q) tot[q] += acc[q];
-  const Merge<T> g = merge_normalizer(m, l, m_c, l_c);
+  const Merge<double> g = merge_normalizer(m, l, double(m_c), double(l_c));
   const double* a = tot;
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j <= i; ++j, a += kLanes) {
-      double sd = 0;
-      for (int64_t cc = 0; cc < kLanes; ++cc) sd += a[cc];
-      const T s = T(sd);
-      const T cross = g.kappa * (ybar_c[i] - ybar[i]) * (ybar_c[j] - ybar[j]);
-      const T v = g.a * M[i * k + j] + g.beta * s + cross;
+      double s = 0;
+      for (int64_t cc = 0; cc < kLanes; ++cc) s += a[cc];
+      const double cross = g.kappa * (ybar_c[i] - ybar[i]) * (ybar_c[j] - ybar[j]);
+      const double v = g.a * M[i * k + j] + g.beta * s + cross;
       M[i * k + j] = v;
       M[j * k + i] = v;
     }
