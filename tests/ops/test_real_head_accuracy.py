@@ -184,12 +184,12 @@ def smollm2_head():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("chunk", [None, 49_152, 1024, 64, 7, 1],
-                         ids=["default", "whole_vocabulary", "small", "64", "7", "1"])
+# chunk = 1 is left to the peaky head at V = 8,192 above (its cross-chunk merges are the same
+# code; on V = 49,152 one Python step per row takes 1–2.5 minutes per backend).
+@pytest.mark.parametrize("chunk", [None, 49_152, 1024, 64, 7],
+                         ids=["default", "whole_vocabulary", "small", "64", "7"])
 @pytest.mark.parametrize("name", ["reference", "cpu"])
 def test_smollm2_head_with_real_head_inputs(smollm2_head, name, chunk):
-    if name == "reference" and chunk == 1:  # 150 s; its float64 merges are covered by the tiny-chunk peaky test
-        pytest.skip("reference at chunk=1 on V = 49,152 is too slow for the suite")
     W, a, lse, G, U, topk = smollm2_head
     check_ops(a, W, lse, G, U, name, chunk, ops=ALL_OPS, topk=topk)
 
