@@ -24,16 +24,20 @@ from fisherfast.persist import atomic_write
 from fisherfast.cli._args import UsageError
 
 
-def _is_sketch_file(path: str) -> bool:
-    from safetensors import safe_open
+def safetensors_of_format(module: str) -> Callable[[str], bool]:
+    """A test "is ``path`` a safetensors file whose metadata format is ``module``'s ``FORMAT``"
+    (the module imported only when a file is tested; any unreadable or foreign file is not)."""
+    def test(path: str) -> bool:
+        import importlib
 
-    from fisherfast.sketch.state import FORMAT
+        from safetensors import safe_open
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:  # any unreadable or foreign file is "not a sketch"
-        return False
+        try:
+            with safe_open(path, framework="pt") as f:
+                return (f.metadata() or {}).get("format") == importlib.import_module(module).FORMAT
+        except Exception:
+            return False
+    return test
 
 
 _IMAGE_MAGIC = {".png": (b"\x89PNG\r\n\x1a\n",), ".pdf": (b"%PDF-",), ".svg": (b"<?xml", b"<svg")}
@@ -58,7 +62,7 @@ class OutputKind:
     is_same_kind: Callable[[str], bool]
 
 
-SKETCH = OutputKind("FisherSketch state", (".safetensors",), _is_sketch_file)
+SKETCH = OutputKind("FisherSketch state", (".safetensors",), safetensors_of_format("fisherfast.sketch.state"))
 PLOT = OutputKind("plot", (".png", ".pdf", ".svg"), _is_image_file)
 
 

@@ -17,21 +17,10 @@ import os
 import time
 
 from fisherfast.cli._args import UsageError, add_command, positive_int
-from fisherfast.cli._files import OutputKind, check_output, write_output
+from fisherfast.cli._files import OutputKind, check_output, safetensors_of_format, write_output
 
 
-def _is_index_file(path: str) -> bool:
-    from safetensors import safe_open
-
-    from fisherfast.sketch.index import FORMAT
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:  # any unreadable or foreign file is "not an index"
-        return False
-
-
+_is_index_file = safetensors_of_format("fisherfast.sketch.index")
 INDEX = OutputKind("signature index", (".safetensors",), _is_index_file)
 
 

@@ -18,24 +18,12 @@ import math
 import time
 
 from fisherfast.cli._args import UsageError, add_command, nonempty_str, nonnegative_int, open_unit_float
-from fisherfast.cli._files import OutputKind, check_output, write_output
+from fisherfast.cli._files import OutputKind, check_output, safetensors_of_format, write_output
 from fisherfast.cli._model import MODEL_HELP, load_model, model_shape
 from fisherfast.cli._progress import steps, working
 
 METHODS = ("fishback", "euclidean")
 READINGS = ("sequence", "alternatives")
-
-
-def _is_vectors_file(path: str) -> bool:
-    from safetensors import safe_open
-
-    from fisherfast.steer.vectors import FORMAT
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:  # any unreadable or foreign file is "not steering vectors"
-        return False
 
 
 def _is_lm_eval_file(path: str) -> bool:
@@ -48,7 +36,7 @@ def _is_lm_eval_file(path: str) -> bool:
     return isinstance(config, dict) and all(isinstance(v, dict) and "steering_vector" in v for v in config.values())
 
 
-VECTORS = OutputKind("steering vectors", (".safetensors",), _is_vectors_file)
+VECTORS = OutputKind("steering vectors", (".safetensors",), safetensors_of_format("fisherfast.steer.vectors"))
 LM_EVAL = OutputKind("lm-eval steering", (".pt", ".pth"), _is_lm_eval_file)
 
 
