@@ -17,8 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fisherfast.split import decoder_blocks
 from fisherfast.steer import steering
+from plain_hooks import column_hook  # tests/
 
 D, LAYERS, NEW = 32, 3, 6
 PROMPT = [3, 14, 15, 9, 2, 6, 7]
@@ -49,27 +49,6 @@ def models():
 
 def vector(scale=1.0, seed=1, shape=(D,)):
     return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def column_hook(model, layer, v, columns):
-    """Adds v at the given columns (a function of the call's width T) of every row."""
-    blocks = decoder_blocks(model)
-
-    def add(h):
-        h = h.clone()
-        for p in columns(h.shape[1]):
-            if p < h.shape[1]:
-                h[:, p] += v
-        return h
-
-    if layer < len(blocks):
-        def pre(module, args, kwargs):
-            if args:
-                return (add(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": add(kwargs["hidden_states"])}
-        return blocks[layer].register_forward_pre_hook(pre, with_kwargs=True)
-    return blocks[-1].register_forward_hook(lambda m, a, out: (add(out[0]), *out[1:]) if isinstance(out, tuple)
-                                            else add(out))
 
 
 def run(model, ids=None, seed=0, **kw):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tiny_models import TINY_ARCHS  # noqa: E402
-from fisherfast.split import decoder_blocks
+from plain_hooks import column_hook  # noqa: E402  (tests/)
 from fisherfast.steer import steering
 
 D, LAYERS, NEW = 32, 3, 5
@@ -45,31 +45,11 @@ def vector(scale=1.0, seed=1):
     return scale * torch.randn(D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def edit_hook(model, layer, v, where):
-    """A plain hook adding v at the absolute positions ``where`` of the layer-ℓ state."""
-    blocks = decoder_blocks(model)
-
-    def add(h):
-        h = h.clone()
-        for p in where:
-            if p < h.shape[1]:
-                h[0, p] += v
-        return h
-
-    if layer < len(blocks):
-        def pre(module, args, kwargs):
-            if args:
-                return (add(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": add(kwargs["hidden_states"])}
-        return blocks[layer].register_forward_pre_hook(pre, with_kwargs=True)
-    return blocks[-1].register_forward_hook(lambda m, a, out: add(out))
-
-
 def reference_generate(model, prompt, layer, v, chosen, new=NEW):
     """Greedy tokens, recomputing the full sequence each step with a plain hook."""
     seq = list(prompt)
     for _ in range(new):
-        handle = edit_hook(model, layer, v, chosen(len(prompt), len(seq)))
+        handle = column_hook(model, layer, v, lambda T: chosen(len(prompt), len(seq)))
         try:
             logits = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
         finally:
@@ -140,7 +120,7 @@ def test_independent_forward_calls_in_one_block_are_separate_prompts(models):
     with steering(model, {2: v}, positions="prompt_last"):
         got = [model(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS]
     for p, logits in zip(PROMPTS, got):
-        handle = edit_hook(model, 2, v, {len(p) - 1})
+        handle = column_hook(model, 2, v, lambda T: {len(p) - 1})
         try:
             expected = model(input_ids=torch.tensor([p])).logits[0]
         finally:

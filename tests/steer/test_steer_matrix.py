@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tiny_models import MATRIX_TYPES
+from plain_hooks import column_hook  # noqa: E402  (tests/)
 from fisherfast.split import architecture
 from fisherfast.steer import SteeringVectors, steering
 
@@ -30,18 +31,6 @@ def build(model_type):
     model = tiny_causal_lm(model_type, layers=2, head_scale=10.0, seed=3)
     model.generation_config.eos_token_id = None
     return model
-
-
-def column_hook(model, layer, v, columns):
-    def pre(module, args, kwargs):
-        h = (args[0] if args else kwargs["hidden_states"]).clone()
-        for p in columns(h.shape[1]):
-            if p < h.shape[1]:
-                h[:, p] += v
-        if args:
-            return (h, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": h}
-    return architecture(model).blocks[layer].register_forward_pre_hook(pre, with_kwargs=True)
 
 
 def greedy(model, **kw):
