@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import markdown_table, write_results  # noqa: E402
+from head_transfer import finetune_head, mean_cross_entropy  # noqa: E402
 
 from fisherfast.sketch import SketchSpec, rank_sources  # noqa: E402
 from fisherfast.sketch.model import sketch_tasks  # noqa: E402
@@ -102,21 +103,6 @@ def head_data(model, tokenizer, task: PromptTask) -> tuple[torch.Tensor, torch.T
     return torch.stack(rows).double(), torch.tensor(task.label_ids(tokenizer))
 
 
-def loss(W, b, a, y) -> torch.Tensor:
-    z = a @ W.T + (0 if b is None else b)
-    return torch.nn.functional.cross_entropy(z, y)
-
-
-def finetune(W0, b, a, y, steps: int, step: float) -> torch.Tensor:
-    """``steps`` gradient steps of Frobenius length ``step`` on the source's mean cross-entropy (head only)."""
-    W = W0.clone().requires_grad_(True)
-    for _ in range(steps):
-        (g,) = torch.autograd.grad(loss(W, b, a, y), W)
-        with torch.no_grad():
-            W -= step * g / g.norm()
-    return W.detach()
-
-
 def errors(W, b, a, y) -> torch.Tensor:
     e = torch.softmax(a @ W.T + (0 if b is None else b), -1)
     e[torch.arange(len(y)), y] -= 1
@@ -155,7 +141,7 @@ def run(model, tokenizer, *, n: int, m: int, steps: int, step_sizes) -> tuple[li
     states = sketch_tasks(model, tokenizer, [target, *candidates], spec=spec, progress=False)
     scores = {s.name: s for s in rank_sources(states[target.name], {c.name: states[c.name] for c in candidates})}
     a_t, y_t = head_data(model, tokenizer, target)
-    base = float(loss(W0, b, a_t, y_t))
+    base = mean_cross_entropy(W0, b, a_t, y_t)
     e_t = errors(W0, b, a_t, y_t)
     g_t = e_t.T @ a_t
     rows = []
@@ -169,9 +155,9 @@ def run(model, tokenizer, *, n: int, m: int, steps: int, step_sizes) -> tuple[li
                "CKA": cov_cosine(a_s, a_t), "grad cos": float((g_s * g_t).sum() / (g_s.norm() * g_t.norm())),
                "G": s.G, "G stderr": s.G_stderr}
         for size in step_sizes:
-            W = finetune(W0, b, a_s, y_s, steps, size)
-            row[f"transfer@{size:g}"] = base - float(loss(W, b, a_t, y_t))
-            row[f"source drop@{size:g}"] = float(loss(W0, b, a_s, y_s) - loss(W, b, a_s, y_s))
+            W = finetune_head(W0, b, a_s, y_s, steps, size)
+            row[f"transfer@{size:g}"] = base - mean_cross_entropy(W, b, a_t, y_t)
+            row[f"source drop@{size:g}"] = mean_cross_entropy(W0, b, a_s, y_s) - mean_cross_entropy(W, b, a_s, y_s)
         rows.append(row)
     rows.sort(key=lambda r: -r[f"transfer@{step_sizes[0]:g}"])
     summary = {"target base loss": base, "n": n, "m": m, "steps": steps, "step_sizes": list(step_sizes),
