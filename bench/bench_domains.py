@@ -435,7 +435,8 @@ def main(argv=None):
         if not os.path.isdir(FORTUNES):
             print(f"skipped: the fortunes package is not installed ({FORTUNES}); install it with: {INSTALL}")
             return None
-        domains = {**fortune_domains(args.min_items), **license_domain(), **stdlib_domains(STDLIB_PACKAGES)}
+        # the few non-fortune domains first, so --max-domains drops fortune categories
+        domains = {**license_domain(), **stdlib_domains(STDLIB_PACKAGES), **fortune_domains(args.min_items)}
     split = dict(list(split_domains(domains, n_sketch, n_query, args.seed).items())[:args.max_domains])
     from fisherfast.sketch import SignatureIndex, SketchSpec, SketchState
     from fisherfast.sketch.model import model_head
