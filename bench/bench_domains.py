@@ -421,12 +421,31 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     quick = args.quick
-    n_sketch = args.sketch or (8 if quick else 16)
-    n_query = args.queries or (4 if quick else 30)
-    max_length = args.max_length or (24 if quick else 48)
-    m = args.m or (256 if quick else 4096)
-    n_target = args.targets or (2 if quick else 8)
-    steps = args.steps or (3 if quick else 10)
+
+    def pick(value, quick_default, default):
+        return value if value is not None else quick_default if quick else default
+
+    n_sketch, n_query = pick(args.sketch, 8, 16), pick(args.queries, 4, 30)
+    max_length, m = pick(args.max_length, 24, 48), pick(args.m, 256, 4096)
+    n_target, steps = pick(args.targets, 2, 8), pick(args.steps, 3, 10)
+    for flag, value, least in (("--sketch", n_sketch, 1), ("--queries", n_query, 1), ("--targets", n_target, 1),
+                               ("--steps", steps, 1), ("--max-length", max_length, 2), ("--m", m, 1),
+                               ("--batch-size", args.batch_size, 1), ("--max-domains", args.max_domains, 3)):
+        if value < least:
+            p.error(f"{flag}: expected an int ≥ {least}, got {value}")
+    if n_target > n_query:
+        p.error(f"--targets: expected at most --queries ({n_query}) held-out prompts, got {n_target}")
+    if not all(0 < step < float("inf") for step in args.step):
+        p.error(f"--step: expected finite lengths > 0, got {args.step}")
+    if args.bergson_python:
+        import subprocess
+
+        try:
+            failed = subprocess.run([args.bergson_python, "-c", "import bergson"], capture_output=True).returncode
+        except OSError:
+            failed = True
+        if failed:
+            p.error(f"--bergson-python: expected a Python that imports bergson, got {args.bergson_python}")
     torch.manual_seed(args.seed)
 
     if quick:

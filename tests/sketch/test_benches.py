@@ -133,3 +133,18 @@ def test_gemma3_270m_shape_has_its_parameter_count():
     n = sum(p.numel() for p in model.parameters())  # tied head: counted once
     assert model.get_output_embeddings().weight.shape == (262_144, 640)
     assert n == pytest.approx(268e6, rel=0.01)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-domains", "2"], "--max-domains: expected an int ≥ 3, got 2"),
+    (["--targets", "5"], "--targets: expected at most --queries (4) held-out prompts, got 5"),
+    (["--step", "0.01", "-1"], "--step: expected finite lengths > 0"),
+    (["--sketch", "0"], "--sketch: expected an int ≥ 1, got 0"),
+    (["--bergson-python", "/nonexistent/python"], "--bergson-python: expected a Python that imports bergson"),
+])
+def test_bench_domains_names_a_bad_argument_before_any_work(argv, message, capsys):
+    import bench_domains
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_domains.main(["--quick", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
