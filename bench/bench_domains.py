@@ -1,6 +1,7 @@
 """FisherSketch over many real text domains (issue 21.3): retrieval of held-out
-prompts to their domain through a SignatureIndex, and the cost of one domain's
-signature against the model's own forward.
+prompts to their domain through a SignatureIndex, source selection against
+head-only fine-tuning transfer (with bergson's ranking beside), and the cost of
+one domain's signature against the model's own forward.
 
 Domains (full run): the categories of Debian's ``fortunes`` package (those with
 at least --min-items entries), the license texts of /usr/share/common-licenses
@@ -207,8 +208,8 @@ def retrieval(index, domain_means: torch.Tensor, names: list[str], queries: dict
         truth = names.index(true_name)
         for state, mean_a in zip(states, means):
             for key, s in similarities(index, domain_means, state, mean_a).items():
-                s = torch.nan_to_num(s, nan=-2.0)
-                ranks[key].append(int((s > s[truth]).sum()))  # 0 = retrieved first
+                s = torch.nan_to_num(s, nan=-float("inf"))
+                ranks[key].append(int((s >= s[truth]).sum()) - 1)  # 0 = retrieved first; ties and NaN count against
     return {key: {"top1": sum(r == 0 for r in rs) / len(rs), "top5": sum(r < 5 for r in rs) / len(rs),
                   "n": len(rs)} for key, rs in ranks.items()}
 
@@ -234,7 +235,7 @@ def selection_summary(T: torch.Tensor, scores: dict[str, torch.Tensor]) -> dict[
     D = T.shape[0]
     out = {}
     for key, S in scores.items():
-        rhos, hits, regrets = [], [], []
+        rhos, hits, regrets = [], [], []  # rho is NaN where a score or the transfer is constant over sources
         for t in range(D):
             others = [s for s in range(D) if s != t]
             transfer, score = T[others, t], torch.nan_to_num(S[others, t], nan=-2.0)
@@ -242,7 +243,10 @@ def selection_summary(T: torch.Tensor, scores: dict[str, torch.Tensor]) -> dict[
             picked, best = int(score.argmax()), int(transfer.argmax())
             hits.append(picked == best)
             regrets.append(float(transfer[best] - transfer[picked]))
-        out[key] = {"spearman": statistics.fmean(rhos), "spearman_stderr": statistics.stdev(rhos) / D ** 0.5,
+        defined = [rho for rho in rhos if rho == rho]
+        out[key] = {"spearman": statistics.fmean(defined) if defined else float("nan"),
+                    "spearman_stderr": statistics.stdev(defined) / len(defined) ** 0.5 if len(defined) > 1
+                    else float("nan"), "spearman_targets": len(defined),
                     "top1": sum(hits) / D, "regret": statistics.fmean(regrets)}
     return out
 
@@ -384,6 +388,8 @@ def gemma3_cost(args, split, max_length: int, m: int, quick: bool) -> dict:
     head = model_head(model)
     spec = SketchSpec(d=shape["hidden_size"], K=shape["vocab_size"], m=m, seed=args.seed)
     items = encode(tokenizer, next(iter(split.values()))[0], max_length)
+    print(f"cost rows only: random-init Gemma-3 (V = {shape['vocab_size']:,}, d = {shape['hidden_size']}), "
+          f"{len(items)} samples of {next(iter(split))}, m = {m}, {torch.get_num_threads()} thread(s)", flush=True)
     cost = cost_rows(model, head, spec, items, args.batch_size)
     table = markdown_table(cost, ["path", "tokens", "median_s", "tokens_per_s", "peak_extra_MB", "vs_forward"])
     print(table)
@@ -401,7 +407,7 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=None, help="held-out prompts per domain (default 30; quick 4)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per item (default 48; quick 24)")
     p.add_argument("--min-items", type=int, default=60, help="fortune categories with at least this many entries")
-    p.add_argument("--max-domains", type=int, default=40)
+    p.add_argument("--max-domains", type=int, default=40, help="at most this many domains (≥ 3; default 40)")
     p.add_argument("--m", type=int, default=None, help="features (default 4096; quick 256)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--index-domains", type=int, default=None,
@@ -411,7 +417,7 @@ def main(argv=None):
                         "quick 2)")
     p.add_argument("--steps", type=int, default=None, help="head fine-tuning steps per source (default 10; quick 3)")
     p.add_argument("--step", type=float, nargs="+", default=[0.01, 0.03],
-                   help="Frobenius length of each head update (one fine-tuning run per value)")
+                   help="Frobenius length of each head update (one fine-tuning run per value; default 0.01 0.03)")
     p.add_argument("--bergson-python", default=None,
                    help="a Python with bergson installed (default: this one if it imports bergson; else no row)")
     p.add_argument("--bergson-projection", type=int, default=16, help="bergson build --projection_dim")
@@ -428,15 +434,20 @@ def main(argv=None):
     n_sketch, n_query = pick(args.sketch, 8, 16), pick(args.queries, 4, 30)
     max_length, m = pick(args.max_length, 24, 48), pick(args.m, 256, 4096)
     n_target, steps = pick(args.targets, 2, 8), pick(args.steps, 3, 10)
+    index_domains = pick(args.index_domains, 200, 10_000)
     for flag, value, least in (("--sketch", n_sketch, 1), ("--queries", n_query, 1), ("--targets", n_target, 1),
                                ("--steps", steps, 1), ("--max-length", max_length, 2), ("--m", m, 1),
-                               ("--batch-size", args.batch_size, 1), ("--max-domains", args.max_domains, 3)):
+                               ("--batch-size", args.batch_size, 1), ("--max-domains", args.max_domains, 3),
+                               ("--index-domains", index_domains, 1),
+                               ("--bergson-projection", args.bergson_projection, 1)):
         if value < least:
             p.error(f"{flag}: expected an int ≥ {least}, got {value}")
     if n_target > n_query:
         p.error(f"--targets: expected at most --queries ({n_query}) held-out prompts, got {n_target}")
     if not all(0 < step < float("inf") for step in args.step):
         p.error(f"--step: expected finite lengths > 0, got {args.step}")
+    if len(set(args.step)) != len(args.step):
+        p.error(f"--step: expected distinct lengths, got {args.step}")
     if args.bergson_python:
         import subprocess
 
@@ -457,6 +468,9 @@ def main(argv=None):
         # the few non-fortune domains first, so --max-domains drops fortune categories
         domains = {**license_domain(), **stdlib_domains(STDLIB_PACKAGES), **fortune_domains(args.min_items)}
     split = dict(list(split_domains(domains, n_sketch, n_query, args.seed).items())[:args.max_domains])
+    if len(split) < (1 if args.gemma3_shape else 3):
+        p.error(f"--sketch, --queries: only {len(split)} domains have ≥ {n_sketch + n_query} items; "
+                f"need {1 if args.gemma3_shape else 3}")
     from fisherfast.sketch import SignatureIndex, SketchSpec, SketchState
     from fisherfast.sketch.model import model_head
 
@@ -499,7 +513,7 @@ def main(argv=None):
     first = next(iter(split.values()))[0]
     cost = cost_rows(model, head, spec, encode(tokenizer, first, max_length), args.batch_size)
     latency = [index_latency(spec, D, k=min(10, D)),
-               index_latency(spec, args.index_domains or (200 if quick else 10_000), k=10)]
+               index_latency(spec, index_domains, k=10)]
 
     # Source selection: domain t's first --targets held-out prompts are a target task; every other
     # domain's sketching samples a candidate source. S[key][s, t] scores source s for target t.
@@ -532,7 +546,8 @@ def main(argv=None):
         markdown_table(retrieval_rows, ["similarity", "top1", "top5"]),
         markdown_table(cost, ["path", "tokens", "median_s", "tokens_per_s", "peak_extra_MB", "vs_forward"]),
         markdown_table(latency, ["domains", "m", "k", "index_MB", "query_ms", "scores_ms"]),
-        markdown_table(selection_rows, ["step", "similarity", "spearman", "spearman_stderr", "top1", "regret"])])
+        markdown_table(selection_rows, ["step", "similarity", "spearman", "spearman_stderr", "spearman_targets",
+                                         "top1", "regret"])])
     print(table)
     print(f"(sketching {D} domains and {sum(len(q[0]) for q in queries.values())} prompts took {sketch_s:.0f} s)")
     meta = {"model": model_name, "domains": names, "n_sketch": n_sketch, "n_query": n_query,

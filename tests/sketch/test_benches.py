@@ -148,3 +148,31 @@ def test_bench_domains_names_a_bad_argument_before_any_work(argv, message, capsy
     with pytest.raises(SystemExit) as exit_info:
         bench_domains.main(["--quick", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--index-domains", "-5"], "--index-domains: expected an int ≥ 1, got -5"),
+    (["--bergson-projection", "0"], "--bergson-projection: expected an int ≥ 1, got 0"),
+    (["--step", "0.01", "0.01"], "--step: expected distinct lengths"),
+    (["--sketch", "100000"], "only 0 domains have ≥ 100004 items; need 3"),
+    (["--sketch", "100000", "--gemma3-shape"], "only 0 domains have ≥ 100004 items; need 1"),
+])
+def test_bench_domains_names_too_few_domains_and_other_late_failures(argv, message, capsys):
+    import bench_domains
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_domains.main(["--quick", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_selection_summary_skips_undefined_spearman():
+    """A score constant over a target's sources has no Spearman (NaN): that target is left out of the mean and
+    counted in spearman_targets; top-1 and regret still count it."""
+    import bench_domains
+
+    T = torch.tensor([[9.0, 1.0, 2.0, 4.0], [3.0, 9.0, 5.0, 1.0], [2.0, 4.0, 9.0, 3.0], [1.0, 2.0, 3.0, 9.0]])
+    S = T.clone()
+    S[:, 0] = 7.0  # target 0: every source scores the same
+    out = bench_domains.selection_summary(T, {"partly constant": S})["partly constant"]
+    assert out["spearman_targets"] == 3 and out["spearman"] == pytest.approx(1)
+    assert 0 <= out["top1"] <= 1 and out["regret"] >= 0
