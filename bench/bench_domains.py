@@ -239,7 +239,8 @@ def selection_summary(T: torch.Tensor, scores: dict[str, torch.Tensor]) -> dict[
         for t in range(D):
             others = [s for s in range(D) if s != t]
             transfer, score = T[others, t], torch.nan_to_num(S[others, t], nan=-2.0)
-            rhos.append(float(spearmanr(transfer.numpy(), score.numpy()).statistic))
+            constant = min(transfer.unique().numel(), score.unique().numel()) < 2
+            rhos.append(float("nan") if constant else float(spearmanr(transfer.numpy(), score.numpy()).statistic))
             picked, best = int(score.argmax()), int(transfer.argmax())
             hits.append(picked == best)
             regrets.append(float(transfer[best] - transfer[picked]))
