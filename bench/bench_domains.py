@@ -39,7 +39,9 @@ Scored by A (target state against the index), G, S_a, mean-a, and — when a
 Python with bergson is given (its own environment: it asks for torchvision
 and torchaudio, which the pinned CPU torch does not take) — bergson's ranking:
 the cosine of mean projected per-example gradients of every linear layer but
-the head (`bergson build --projection_dim 16`, its defaults otherwise).
+the head (`bergson build --projection_dim 16`, its defaults otherwise: each
+example's loss summed over its tokens, so longer items weigh more in a domain's
+mean, where A weighs every token alike).
 Reported per similarity: mean Spearman with transfer over targets (± stderr),
 top-1 (picks the best-transfer source; chance 1/(D−1)) and mean regret
 (best transfer − picked source's transfer).
