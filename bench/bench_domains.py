@@ -552,7 +552,7 @@ def main(argv=None):
         markdown_table(selection_rows, ["step", "similarity", "spearman", "spearman_stderr", "spearman_targets",
                                          "top1", "regret"])])
     print(table)
-    print(f"(sketching {D} domains and {sum(len(q[0]) for q in queries.values())} prompts took {sketch_s:.0f} s)")
+    print(f"(sketching {D} domains and {sum(len(q[0]) for q in queries.values())} prompts took {sketch_s:.1f} s)")
     meta = {"model": model_name, "domains": names, "n_sketch": n_sketch, "n_query": n_query,
             "max_length": max_length, "spec": spec.to_json(), "threads": torch.get_num_threads(), "quick": quick,
             "sketch_seconds": sketch_s, "targets": n_target, "steps": steps, "bergson": bergson_info,

@@ -87,6 +87,10 @@ def run_add(args) -> int:
         if not _good_name(name):
             raise UsageError(f"STATE {path}: its file name gives the domain name {name!r}; expected a non-empty "
                              f"name without surrounding spaces (give --name)")
+        clash = next((other for other, other_name, _ in sources if other_name == name), None)
+        if clash is not None:
+            raise UsageError(f"STATE {path}: gives the domain name {name!r}, as does STATE {clash}; "
+                             f"expected one name per domain (rename a file, or add them one at a time with --name)")
         sources.append((path, name, _load_state(path)))
     exists = os.path.exists(out)
     index = _load_index(args.index) if exists else None

@@ -70,6 +70,9 @@ def _items(signatures_or_states) -> tuple[list[str], list]:
     if not items:
         raise ValueError("need at least one signature or state")
     if all(isinstance(x, SketchState) for x in items):
+        empty = [name for name, x in zip(names, items) if x.count == 0]
+        if empty:
+            raise ValueError(f"states: expected at least one sample in every state, got none in {empty}")
         specs = {x.spec for x in items}
         if len(specs) != 1:
             raise ValueError(f"cannot align states of different specs: {sorted(map(str, specs))}")
@@ -91,8 +94,6 @@ def _contributions(items, kind: str, debiased: bool) -> tuple[torch.Tensor, torc
     """(μ (n, m), diag (n, m)): per-feature terms of ⟨μ_i, μ_j⟩ (μ_if μ_jf, i ≠ j) and of ‖·‖²
     (μ_if², or the U-statistic term (S_if² − Q_if)/(n(n−1)) when debiased)."""
     if isinstance(items[0], SketchState):
-        if any(s.count == 0 for s in items):
-            raise ValueError("every state must hold at least one sample")
         mu = torch.stack([s.sums[kind].double().cpu() / s.count for s in items])
     else:
         mu = torch.stack([x.double().cpu() for x in items])

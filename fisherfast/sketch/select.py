@@ -89,6 +89,11 @@ def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
         raise ValueError("candidates must hold at least one SketchState")
     if not all(isinstance(s, SketchState) for s in states):
         raise TypeError("every candidate must be a SketchState")
+    if target.count == 0:
+        raise ValueError("target: expected a state with at least one sample, got an empty one")
+    empty = [name for name, s in zip(names, states) if s.count == 0]
+    if empty:
+        raise ValueError(f"candidates: expected at least one sample in every state, got none in {empty}")
     if target.count and not bool(target.sums["joint"].any()):
         raise ValueError("the target's joint sketch is zero (zero head Fisher: every e = 0), so its alignment "
                          "with any candidate is undefined")

@@ -287,6 +287,12 @@ def test_index_add_list_query_on_the_tiny_model(work, run_cli, tiny_model_dir):
     again = run_cli("index", "add", "i.safetensors", "a.safetensors")
     assert again.code == 2 and again.err.count("\n") == 1 and "already holds a domain named 'a'" in again.err
     assert (work / "i.safetensors").read_bytes() == before
+    (work / "other").mkdir()  # two STATEs of one command that give one domain name
+    (work / "other" / "e.safetensors").write_bytes((work / "d.safetensors").read_bytes())
+    (work / "e.safetensors").write_bytes((work / "c.safetensors").read_bytes())
+    clash = run_cli("index", "add", "i.safetensors", "e.safetensors", os.path.join("other", "e.safetensors"))
+    assert clash.code == 2 and clash.err.count("\n") == 1 and "gives the domain name 'e', as does STATE" in clash.err
+    assert (work / "i.safetensors").read_bytes() == before
     listed = run_cli("index", "list", "i.safetensors")
     assert listed.code == 0 and "4 domains under SketchSpec(d=32, K=64, m=256" in listed.out
     assert [line.split()[0] for line in listed.out.splitlines()[1:]] == ["a", "b", "numbers", "d"]

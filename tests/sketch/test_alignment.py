@@ -152,6 +152,9 @@ def test_alignment_bad_inputs():
         alignment([torch.randn(16)], kind="both")
     with pytest.raises(ValueError, match="at least one"):
         alignment([])
+    empty = FisherSketcher(spec).state  # never updated: count 0, named in the error
+    with pytest.raises(ValueError, match=r"at least one sample in every state, got none in \['empty'\]"):
+        alignment({"full": sketch(spec, a, z, y), "empty": empty})
 
 
 def test_stderr_is_calibrated_over_sketch_seeds():
@@ -241,6 +244,11 @@ def test_rank_sources_puts_undefined_alignments_last_whatever_the_order():
         assert ranked[0].undefined == ranked[1].undefined == ""
     with pytest.raises(ValueError, match="target's joint sketch is zero"):
         rank_sources(zero, good)
+    empty = FisherSketcher(spec).state  # no samples at all: named, not ranked
+    with pytest.raises(ValueError, match=r"candidates: .* got none in \['never'\]"):
+        rank_sources(target, {**good, "never": empty})
+    with pytest.raises(ValueError, match="target: expected a state with at least one sample"):
+        rank_sources(empty, good)
 
 
 def test_bad_signatures_and_marginals_of_signatures_are_rejected():
