@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from fisherfast.sketch.state import ALL_KINDS, KINDS, SketchState
+from fisherfast.sketch.state import ALL_KINDS, KINDS, SketchState, check_nonempty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +70,7 @@ def _items(signatures_or_states) -> tuple[list[str], list]:
     if not items:
         raise ValueError("need at least one signature or state")
     if all(isinstance(x, SketchState) for x in items):
-        empty = [name for name, x in zip(names, items) if x.count == 0]
-        if empty:
-            raise ValueError(f"states: expected at least one sample in every state, got none in {empty}")
+        check_nonempty("states", names, items)
         specs = {x.spec for x in items}
         if len(specs) != 1:
             raise ValueError(f"cannot align states of different specs: {sorted(map(str, specs))}")

@@ -25,7 +25,7 @@ import dataclasses
 import math
 
 from fisherfast.sketch.alignment import alignment, coupling_stderr
-from fisherfast.sketch.state import SketchState
+from fisherfast.sketch.state import SketchState, check_nonempty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +91,8 @@ def rank_sources(target: SketchState, candidates) -> list[SourceScore]:
         raise TypeError("every candidate must be a SketchState")
     if target.count == 0:
         raise ValueError("target: expected a state with at least one sample, got an empty one")
-    empty = [name for name, s in zip(names, states) if s.count == 0]
-    if empty:
-        raise ValueError(f"candidates: expected at least one sample in every state, got none in {empty}")
-    if target.count and not bool(target.sums["joint"].any()):
+    check_nonempty("candidates", names, states)
+    if not bool(target.sums["joint"].any()):
         raise ValueError("the target's joint sketch is zero (zero head Fisher: every e = 0), so its alignment "
                          "with any candidate is undefined")
     everything = [target, *states]  # row 0 is the target

@@ -55,6 +55,13 @@ def check_sum_buffers(path, tensors: dict[str, torch.Tensor], names: set[str], m
         raise ValueError(f"{path} is corrupted: negative count or sum of squares")
 
 
+def check_nonempty(argument: str, names, states) -> None:
+    """Raise ValueError naming ``argument`` and the states (by ``names``) that hold no samples."""
+    empty = [name for name, state in zip(names, states) if state.count == 0]
+    if empty:
+        raise ValueError(f"{argument}: expected at least one sample in every state, got none in {empty}")
+
+
 def _check_kind(kind: str) -> None:
     if kind not in ALL_KINDS:
         raise ValueError(f"kind: expected one of {ALL_KINDS}, got {kind!r}")
